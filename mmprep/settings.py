@@ -1,0 +1,69 @@
+"""One settings object carries every option from the CLI down; defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+DEFAULT_CACHE_DIR = "mmprep-cache"
+
+
+def default_decode_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How rows are fetched and decoded: URL policy, limits, decoder options."""
+
+    concurrency: int = 32  # rows being fetched/decoded at once; also the HTTP pool size
+    per_host: int = 8  # concurrent requests to one host, on top of `concurrency`
+    timeout: float = 30.0  # total deadline per row (seconds), retries excluded
+    connect_timeout: float = 10.0
+    read_timeout: float = 15.0  # between two reads of the body
+    max_bytes: int = 20 * MiB  # per body, streamed; data URLs: per decoded payload
+    max_redirects: int = 3
+    retries: int = 2  # extra attempts for timeouts, connection errors, 429 and 5xx
+    retry_backoff: float = 0.5  # first backoff (seconds); doubles per attempt, with jitter
+    allow_http: bool = False
+    allow_local_dirs: tuple[Path, ...] = ()
+    allow_private_network: bool = False
+    allow_hosts: tuple[str, ...] = ()
+    deny_hosts: tuple[str, ...] = ()
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    alpha_background: tuple[int, int, int] | None = None  # None: PIL convert("RGB")
+    exif_transpose: bool = False
+    max_pixels: int = 64_000_000
+    max_side: int | None = None
+    decode_workers: int = field(default_factory=default_decode_workers)
+    user_agent: str | None = None  # None: mmprep/<version>
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model encodes the images, and where."""
+
+    name: str  # hub id, local directory, or builtin:<name>
+    revision: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one `mmprep encode` run needs."""
+
+    out: Path
+    model: ModelSettings
+    load: LoadSettings = field(default_factory=LoadSettings)
+    shard_bytes: int = 256 * MiB  # a shard is closed once it holds this many tensor bytes
+    flush_seconds: float = 30.0  # ... or once its oldest entry waited this long
+    retry_failed: bool = False  # rerun rows that failed before with a retryable kind
+    json: bool = False
+    progress: str = "auto"  # auto | bar | log | none
+    log_every: float = 10.0  # seconds between plain progress lines (non-TTY)
