@@ -1,0 +1,249 @@
+"""The `mmprep` command line: a thin layer that turns flags into `Settings` and calls the stages.
+
+Every option can also be set through an `MMPREP_<NAME>` environment variable (e.g. MMPREP_BATCH_SIZE).
+Exit codes: 0 all rows encoded or cached · 1 some rows failed · 2 usage/configuration error ·
+130 interrupted (SIGINT) · 143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmprep import __version__
+from mmprep.errors import MmprepError, UsageError
+from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings
+
+app = typer.Typer(
+    name="mmprep",
+    help="Precompute vision-model embeddings for JSONL image manifests into a safetensors cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+_D = LoadSettings()  # defaults shown in --help come from the one place they are defined
+
+
+def _env(name: str) -> str:
+    return "MMPREP_" + name.upper().replace("-", "_")
+
+
+def _opt(name: str, help: str, **kw: object) -> object:
+    return typer.Option(f"--{name}", envvar=_env(name), help=help, **kw)  # type: ignore[arg-type]
+
+
+def parse_size(text: str) -> int:
+    """'20MiB', '20M', '512k', '1048576' → bytes (binary multiples)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise typer.BadParameter(f"not a size: {text!r} (examples: 20MiB, 512k, 1048576)")
+    unit = m.group(2).lower()
+    factor = 1024 ** ("kmgt".find(unit) + 1) if unit else 1
+    return int(float(m.group(1)) * factor)
+
+
+def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        rgb = tuple(int(p) for p in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise typer.BadParameter(f"expected R,G,B with values 0-255, got {text!r}")
+    return rgb  # type: ignore[return-value]
+
+
+def resolve_model(model: str | None, out: Path) -> str:
+    """--model, else $MMPREP_MODEL (handled by the option), else the cache's only model; never a builtin."""
+    if model:
+        return model
+    from mmprep.store.index import CacheIndex
+
+    index_path = out / "index.sqlite"
+    names: list[str] = []
+    if index_path.is_file():
+        index = CacheIndex(index_path, readonly=True)
+        try:
+            names = sorted({row["name"] for row in index.models()})
+        finally:
+            index.close()
+    if len(names) == 1:
+        return names[0]
+    if names:
+        raise UsageError(
+            f"the cache {out} holds several models ({', '.join(names)}); choose one with --model or MMPREP_MODEL"
+        )
+    raise UsageError(
+        "no model given: pass --model (a Hugging Face id, a local directory, or builtin:tiny-clip for a "
+        "smoke test) or set MMPREP_MODEL"
+    )
+
+
+@app.command()
+def encode(
+    manifests: Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")],
+    model: Annotated[Optional[str], _opt("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")] = None,
+    out: Annotated[Optional[Path], _opt("out", f"Cache directory [env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}].")] = None,
+    revision: Annotated[Optional[str], _opt("revision", "Hub revision (branch, tag or commit).")] = None,
+    device: Annotated[str, _opt("device", "auto | cpu | cuda | cuda:N.")] = "auto",
+    dtype: Annotated[str, _opt("dtype", "auto | float32 | float16 | bfloat16.")] = "auto",
+    batch_size: Annotated[int, _opt("batch-size", "Images per forward pass.", min=1)] = 32,
+    concurrency: Annotated[int, _opt("concurrency", "Rows loading at once (also the HTTP pool size).", min=1)] = _D.concurrency,
+    per_host: Annotated[int, _opt("per-host", "Concurrent requests to one host.", min=1)] = _D.per_host,
+    timeout: Annotated[float, _opt("timeout", "Total deadline per row and attempt, seconds.")] = _D.timeout,
+    max_bytes: Annotated[str, _opt("max-bytes", "Largest body accepted (e.g. 20MiB).")] = "20MiB",
+    max_redirects: Annotated[int, _opt("max-redirects", "Redirect hops followed.", min=0)] = _D.max_redirects,
+    retries: Annotated[int, _opt("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", min=0)] = _D.retries,
+    allow_http: Annotated[bool, _opt("allow-http", "Allow plain http:// URLs.")] = _D.allow_http,
+    allow_local_dir: Annotated[Optional[list[Path]], _opt("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).")] = None,
+    allow_private_network: Annotated[bool, _opt("allow-private-network", "Allow loopback/private/link-local destinations.")] = False,
+    allow_host: Annotated[Optional[list[str]], _opt("allow-host", "Allow this host or IP even if it is in a blocked range (repeatable).")] = None,
+    deny_host: Annotated[Optional[list[str]], _opt("deny-host", "Always refuse this host (repeatable).")] = None,
+    formats: Annotated[str, _opt("formats", "Allowed image formats, comma-separated.")] = ",".join(_D.formats),
+    alpha_background: Annotated[Optional[str], _opt("alpha-background", "Composite alpha onto R,G,B instead of convert('RGB').")] = None,
+    exif_transpose: Annotated[bool, _opt("exif-transpose", "Apply EXIF orientation before encoding.")] = False,
+    max_pixels: Annotated[int, _opt("max-pixels", "Largest image (width x height) decoded.", min=1)] = _D.max_pixels,
+    max_side: Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)] = None,
+    decode_workers: Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)] = None,
+    shard_size: Annotated[str, _opt("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
+    retry_failed: Annotated[bool, _opt("retry-failed", "Only retry rows that failed before with a retryable kind.")] = False,
+    progress: Annotated[str, _opt("progress", "auto | bar | log | none.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
+) -> None:
+    """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
+    try:
+        out_dir = out or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
+        from mmprep.manifest import check_readable
+
+        check_readable(manifests)
+        load_kw: dict[str, object] = {}
+        if decode_workers:
+            load_kw["decode_workers"] = decode_workers
+        load = LoadSettings(
+            concurrency=concurrency,
+            per_host=per_host,
+            timeout=timeout,
+            max_bytes=parse_size(max_bytes),
+            max_redirects=max_redirects,
+            retries=retries,
+            allow_http=allow_http,
+            allow_local_dirs=tuple(p.resolve() for p in allow_local_dir or ()),
+            allow_private_network=allow_private_network,
+            allow_hosts=tuple(allow_host or ()),
+            deny_hosts=tuple(deny_host or ()),
+            formats=tuple(f.strip().upper() for f in formats.split(",") if f.strip()),
+            alpha_background=parse_rgb(alpha_background),
+            exif_transpose=exif_transpose,
+            max_pixels=max_pixels,
+            max_side=max_side,
+            **load_kw,  # type: ignore[arg-type]
+        )
+        settings = Settings(
+            out=out_dir,
+            model=ModelSettings(
+                name=resolve_model(model, out_dir), revision=revision, device=device, dtype=dtype, batch_size=batch_size
+            ),
+            load=load,
+            shard_bytes=parse_size(shard_size),
+            retry_failed=retry_failed,
+            json=json_out,
+            progress=progress,
+        )
+        from mmprep.models import load_encoder
+        from mmprep.pipeline import EncodeRun
+        from mmprep.report import Reporter, print_run_summary
+
+        encoder = load_encoder(settings.model)
+        summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
+    except MmprepError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        print_run_summary(summary, err)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def stats(
+    cache_dir: Annotated[Optional[Path], typer.Argument(help="Cache directory [default: $MMPREP_CACHE_DIR or ./mmprep-cache].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (stable, documented shape).")] = False,
+) -> None:
+    """Show what a cache directory holds: models, entries, shards, failures, recent runs."""
+    from mmprep.store.stats import cache_stats
+
+    root = cache_dir or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    try:
+        data = cache_stats(root)
+    except MmprepError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(data, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold]{data['cache_dir']}[/bold]: {data['entries']} entries, {_human(data['bytes_on_disk'])} on disk")
+    models = Table(title="models")
+    for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "shapes"):
+        models.add_column(col)
+    for m in data["models"]:
+        shapes = ", ".join(f"{s['dtype']}{s['shape']}×{s['entries']}" for s in m["shapes"])
+        models.add_row(
+            m["name"], m["family"], m["fingerprint"][:16], str(m["dtype"]), str(m["entries"]),
+            str(m["shards"]), _human(m["shard_bytes"]), shapes,
+        )
+    out.print(models)
+    if data["failures_by_kind"]:
+        fails = Table(title="failing rows by kind")
+        fails.add_column("kind")
+        fails.add_column("rows")
+        for kind, n in data["failures_by_kind"].items():
+            fails.add_row(kind, str(n))
+        out.print(fails)
+    runs = Table(title="recent runs")
+    for col in ("run", "status", "exit", "rows", "encoded", "cached", "failed", "img/s"):
+        runs.add_column(col)
+    for r in data["runs"]:
+        runs.add_row(
+            r["run_id"], r["status"], str(r["exit_code"]), str(r["rows"]), str(r["encoded"]),
+            str(r["cached"]), str(r["failed"]), str(r["images_per_s"]),
+        )
+    out.print(runs)
+
+
+@app.command()
+def version() -> None:
+    """Print mmprep's version."""
+    print(__version__)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _fail(exc: MmprepError) -> None:
+    err.print(f"[red]error:[/red] {exc}")
+    code = 75 if type(exc).__name__ == "CacheLockedError" else 2
+    raise typer.Exit(code if isinstance(exc, UsageError) or code == 75 else 1)
+
+
+def main() -> None:
+    app(prog_name="mmprep")
+
+
+if __name__ == "__main__":
+    main()

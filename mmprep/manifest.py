@@ -1,0 +1,168 @@
+"""Manifest reading: JSONL files (or stdin, or .gz) streamed into `Record`s, one line at a time.
+
+Accepted line forms (README: "Manifest format"):
+  {"url": "...", "id": "..."}            the plain form; `id` is the caller's own key
+  {"image_url": "..."} / {"image_url": {"url": "..."}}
+  {"custom_id": ..., "body": {"messages": [...]}} or {"messages": [...]}
+                                         an OpenAI chat / batch-API request: one record per
+                                         `image_url` content part, id = "<custom_id>:<part index>"
+  "https://..."                          a bare JSON string
+A line that fits none of them becomes a `BadLine`; reading goes on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from mmprep.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image to encode, with where it came from."""
+
+    url: str
+    id: str | None
+    source: str  # manifest path, or "-" for stdin
+    line: int  # 1-based line number in `source`
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A manifest line that could not be understood."""
+
+    source: str
+    line: int
+    message: str
+
+
+def read_manifests(paths: Iterable[str]) -> Iterator[Record | BadLine]:
+    """Yield every record of every manifest in order, streaming (never the whole file in memory)."""
+    for path in paths:
+        with _open(path) as stream:
+            for number, raw in enumerate(stream, start=1):
+                text = raw.strip()
+                if text:
+                    yield from parse_line(text, path, number)
+
+
+def check_readable(paths: Iterable[str]) -> None:
+    """Fail early (UsageError, exit 2) when a manifest cannot be opened."""
+    for path in paths:
+        if path == "-":
+            continue
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"manifest not found or not a file: {path}")
+        try:
+            with p.open("rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
+
+
+def parse_line(text: str, source: str, line: int) -> list[Record | BadLine]:
+    """Parse one non-blank manifest line into its records (or one `BadLine`)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [BadLine(source, line, f"invalid JSON: {exc.msg} at column {exc.colno}")]
+    try:
+        found = list(_records_of(obj))
+    except _Malformed as exc:
+        return [BadLine(source, line, str(exc))]
+    if not found and not _is_chat(obj):  # a text-only chat request simply has no images
+        return [BadLine(source, line, "no image URL found (expected url, image_url, messages or a string)")]
+    return [Record(url=url, id=rid, source=source, line=line) for url, rid in found]
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _records_of(obj: Any) -> Iterator[tuple[str, str | None]]:
+    if isinstance(obj, str):
+        yield _url(obj, "line"), None
+        return
+    if not isinstance(obj, dict):
+        raise _Malformed(f"expected a JSON object or string, got {type(obj).__name__}")
+    rid = _id(obj.get("id"), "id")
+    if "url" in obj:
+        yield _url(obj["url"], "url"), rid
+    elif "image_url" in obj:
+        yield _image_url(obj["image_url"]), rid
+    elif _is_chat(obj):
+        body = obj.get("body", obj)
+        if not isinstance(body, dict):
+            raise _Malformed("body must be an object")
+        base = _id(obj.get("custom_id"), "custom_id") or rid
+        yield from _chat_images(body.get("messages"), base)
+
+
+def _is_chat(obj: Any) -> bool:
+    return isinstance(obj, dict) and ("body" in obj or "messages" in obj)
+
+
+def _chat_images(messages: Any, base_id: str | None) -> Iterator[tuple[str, str | None]]:
+    """Every `image_url` content part of an OpenAI chat request, numbered across the request."""
+    if not isinstance(messages, list):
+        raise _Malformed("messages must be a list")
+    index = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            raise _Malformed("each message must be an object")
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue  # plain-text content has no images
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = _image_url(part.get("image_url"))
+                yield url, (f"{base_id}:{index}" if base_id is not None else None)
+                index += 1
+
+
+def _image_url(value: Any) -> str:
+    if isinstance(value, dict):
+        return _url(value.get("url"), "image_url.url")
+    return _url(value, "image_url")
+
+
+def _url(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(f"{field} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _Malformed(f"{field} is empty")
+    return value
+
+
+def _id(value: Any, field: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Malformed(f"{field} must be a string or integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _open(path: str) -> IO[str]:
+    """Open a manifest for text reading; `-` is stdin, gzip is detected by its magic bytes."""
+    if path == "-":
+        raw: IO[bytes] = sys.stdin.buffer
+        buffered = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw  # type: ignore[arg-type]
+        if buffered.peek(2)[:2] == b"\x1f\x8b":
+            return io.TextIOWrapper(gzip.GzipFile(fileobj=buffered), encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(buffered, encoding="utf-8", errors="replace")
+    try:
+        with open(path, "rb") as probe:
+            magic = probe.read(2)
+        if magic == b"\x1f\x8b":
+            return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc

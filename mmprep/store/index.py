@@ -1,0 +1,223 @@
+"""The SQLite index of a cache directory: entries, shards, models, failures and runs.
+
+The index is derived data (shards describe themselves); it exists so that lookups are fast.
+It runs in WAL mode, so readers never block the single writer and never see partial state.
+An entry row is committed only after its shard is durable on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmprep.store.shards import WrittenShard
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, family TEXT NOT NULL,
+    info TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, run_id TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    fingerprint TEXT NOT NULL, key TEXT NOT NULL, url TEXT NOT NULL, caller_id TEXT,
+    shard TEXT NOT NULL, tensors TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL, etag TEXT, last_modified TEXT,
+    run_id TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (fingerprint, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_shard ON entries (shard);
+CREATE TABLE IF NOT EXISTS failures (
+    fingerprint TEXT NOT NULL, key TEXT NOT NULL, url TEXT, caller_id TEXT,
+    source TEXT, line INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL,
+    status INTEGER, retryable INTEGER NOT NULL, attempts INTEGER NOT NULL,
+    run_id TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    PRIMARY KEY (fingerprint, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, model TEXT NOT NULL,
+    started REAL NOT NULL, finished REAL, status TEXT NOT NULL, exit_code INTEGER,
+    summary TEXT);
+"""
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One failed row, as stored in the index and in errors.jsonl."""
+
+    key: str  # entry key, or "line:<sha256>" for a manifest line that had no URL
+    url: str | None
+    caller_id: str | None
+    source: str | None
+    line: int | None
+    kind: str
+    message: str
+    retryable: bool
+    attempts: int
+    status: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "line": self.line,
+            "url": self.url,
+            "id": self.caller_id,
+            "key": self.key,
+            "kind": self.kind,
+            "message": self.message,
+            "status": self.status,
+            "retryable": self.retryable,
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """What the index knows about one key for one model."""
+
+    cached: bool
+    run_id: str | None  # run that encoded it, or that last failed it
+    failed_kind: str | None = None
+    failed_retryable: bool = False
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the index with the settings every connection needs (WAL, busy timeout)."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class CacheIndex:
+    """Read and write access to one cache directory's index. One instance per thread."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = connect(path, readonly=readonly)
+        if not readonly:
+            with self.conn:
+                self.conn.executescript(_SCHEMA)
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def key_states(self, fingerprint: str, keys: Sequence[str]) -> dict[str, KeyState]:
+        """Batched lookup: the state of every key that is cached or has failed before."""
+        states: dict[str, KeyState] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT key, kind, retryable, run_id FROM failures WHERE fingerprint=? AND key IN ({marks})",
+                (fingerprint, *chunk),
+            ):
+                states[row[0]] = KeyState(False, row[3], row[1], bool(row[2]))
+            for row in self.conn.execute(
+                f"SELECT key, run_id FROM entries WHERE fingerprint=? AND key IN ({marks})",
+                (fingerprint, *chunk),
+            ):
+                states[row[0]] = KeyState(True, row[1])
+        return states
+
+    def models(self) -> list[sqlite3.Row]:
+        return list(self.conn.execute("SELECT * FROM models ORDER BY created"))
+
+    def entry(self, fingerprint: str, key: str) -> sqlite3.Row | None:
+        return self.conn.execute(
+            "SELECT * FROM entries WHERE fingerprint=? AND key=?", (fingerprint, key)
+        ).fetchone()
+
+    # -- writes (one writer thread) --------------------------------------------------------
+
+    def register_model(self, fingerprint: str, name: str, family: str, info: dict[str, Any]) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?)",
+                (fingerprint, name, family, json.dumps(info, default=str, sort_keys=True), time.time()),
+            )
+
+    def start_run(self, run_id: str, fingerprint: str, model: str) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO runs (run_id, fingerprint, model, started, status) VALUES (?, ?, ?, ?, 'running')",
+                (run_id, fingerprint, model, time.time()),
+            )
+
+    def finish_run(self, run_id: str, status: str, exit_code: int, summary: dict[str, Any]) -> None:
+        with self.conn:
+            self.conn.execute(
+                "UPDATE runs SET finished=?, status=?, exit_code=?, summary=? WHERE run_id=?",
+                (time.time(), status, exit_code, json.dumps(summary, sort_keys=True), run_id),
+            )
+
+    def commit_shard(self, shard: WrittenShard, fingerprint: str, run_id: str) -> None:
+        """Index a durable shard's entries in one transaction; healed failures are dropped."""
+        now = time.time()
+        rows = [
+            (
+                fingerprint,
+                e.key,
+                e.url,
+                e.caller_id,
+                shard.name,
+                json.dumps(e.tensor_names),
+                str(e.embeddings.dtype).removeprefix("torch."),
+                json.dumps(list(e.embeddings.shape)),
+                e.content_sha256,
+                e.etag,
+                e.last_modified,
+                run_id,
+                e.created,
+            )
+            for e in shard.entries
+        ]
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (shard.name, fingerprint, len(rows), shard.nbytes, shard.sha256, run_id, now),
+            )
+            self.conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self.conn.executemany(
+                "DELETE FROM failures WHERE fingerprint=? AND key=?", [(fingerprint, r[1]) for r in rows]
+            )
+
+    def record_failures(self, fingerprint: str, run_id: str, failures: Iterable[FailureRecord]) -> None:
+        """Upsert the latest failure of each key; `attempts` accumulates across runs."""
+        now = time.time()
+        rows = [
+            (
+                fingerprint, f.key, f.url, f.caller_id, f.source, f.line, f.kind, f.message, f.status,
+                int(f.retryable), f.attempts, run_id, now, now,
+            )
+            for f in failures
+        ]
+        with self.conn:
+            self.conn.executemany(
+                """INSERT INTO failures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT (fingerprint, key) DO UPDATE SET
+                     url=excluded.url, caller_id=excluded.caller_id, source=excluded.source,
+                     line=excluded.line, kind=excluded.kind, message=excluded.message,
+                     status=excluded.status, retryable=excluded.retryable,
+                     attempts=failures.attempts + excluded.attempts,
+                     run_id=excluded.run_id, last_seen=excluded.last_seen""",
+                rows,
+            )

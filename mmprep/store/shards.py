@@ -1,0 +1,161 @@
+"""Safetensors shards: entries accumulate in memory and land on disk atomically, one file at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from mmprep import __version__
+from mmprep.store.layout import (
+    GRID_SUFFIX,
+    SHARD_FORMAT,
+    SHARD_FORMAT_VERSION,
+    SHARD_SUFFIX,
+    TMP_SUFFIX,
+    CacheLayout,
+)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One encoded image waiting for (or written to) a shard."""
+
+    key: str
+    url: str  # as stored: data URLs are replaced by "data:sha256=<hex>"
+    caller_id: str | None
+    embeddings: torch.Tensor
+    image_grid_thw: torch.Tensor | None
+    content_sha256: str
+    created: float
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def tensor_names(self) -> list[str]:
+        names = [self.key]
+        if self.image_grid_thw is not None:
+            names.append(self.key + GRID_SUFFIX)
+        return names
+
+    @property
+    def nbytes(self) -> int:
+        n = self.embeddings.numel() * self.embeddings.element_size()
+        if self.image_grid_thw is not None:
+            n += self.image_grid_thw.numel() * self.image_grid_thw.element_size()
+        return n
+
+    def describe(self) -> dict[str, object]:
+        """The entry's self-description stored in the shard metadata (enough to rebuild the index)."""
+        return {
+            "key": self.key,
+            "url": self.url,
+            "id": self.caller_id,
+            "content_sha256": self.content_sha256,
+            "created": self.created,
+            "tensors": self.tensor_names,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+        }
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """A shard that is durable on disk, ready to be committed to the index."""
+
+    name: str  # relative to shards/
+    entries: list[ShardEntry]
+    nbytes: int
+    sha256: str
+
+
+@dataclass
+class ShardWriter:
+    """Collects entries of one model and writes them as `shards/<fp16>/<run>-<seq>.safetensors`.
+
+    Each shard is serialised in memory, written to a temporary name, fsynced and renamed into
+    place, so a reader never sees a partial shard and a crash leaves at most a `.tmp` file.
+    """
+
+    layout: CacheLayout
+    fingerprint: str
+    model_name: str
+    run_id: str
+    _pending: list[ShardEntry] = field(default_factory=list)
+    _pending_bytes: int = 0
+    _oldest: float | None = None
+    _seq: int = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def pending_age(self) -> float:
+        """Seconds since the oldest pending entry was added (0 when empty)."""
+        return 0.0 if self._oldest is None else time.monotonic() - self._oldest
+
+    def add(self, entry: ShardEntry) -> None:
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        self._pending.append(entry)
+        self._pending_bytes += entry.nbytes
+
+    def flush(self) -> WrittenShard | None:
+        """Write the pending entries as one durable shard; None when nothing is pending."""
+        if not self._pending:
+            return None
+        entries, self._pending, self._pending_bytes, self._oldest = self._pending, [], 0, None
+        tensors: dict[str, torch.Tensor] = {}
+        for e in entries:
+            tensors[e.key] = e.embeddings.contiguous()
+            if e.image_grid_thw is not None:
+                tensors[e.key + GRID_SUFFIX] = e.image_grid_thw.contiguous()
+        metadata = {
+            "format": SHARD_FORMAT,
+            "format_version": SHARD_FORMAT_VERSION,
+            "mmprep_version": __version__,
+            "model_fingerprint": self.fingerprint,
+            "model": self.model_name,
+            "run_id": self.run_id,
+            "entries": json.dumps([e.describe() for e in entries], separators=(",", ":")),
+        }
+        blob = save(tensors, metadata=metadata)
+        self._seq += 1
+        directory = self.layout.shard_dir(self.fingerprint)
+        name = f"{directory.name}/{self.run_id}-{self._seq:05d}{SHARD_SUFFIX}"
+        write_atomic(self.layout.shard_path(name), blob)
+        return WrittenShard(name=name, entries=entries, nbytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that it appears whole or not at all, and survives a power cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

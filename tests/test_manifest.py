@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+
+import pytest
+
+from mmprep.errors import UsageError
+from mmprep.manifest import BadLine, Record, check_readable, parse_line, read_manifests
+
+
+def urls(items):
+    return [(i.url, i.id) for i in items if isinstance(i, Record)]
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"url": "https://a/x.png"}', [("https://a/x.png", None)]),
+        ('{"url": "https://a/x.png", "id": "k1"}', [("https://a/x.png", "k1")]),
+        ('{"url": "https://a/x.png", "id": 7}', [("https://a/x.png", "7")]),
+        ('{"image_url": "https://a/y.png"}', [("https://a/y.png", None)]),
+        ('{"image_url": {"url": "https://a/z.png"}, "id": "z"}', [("https://a/z.png", "z")]),
+        ('"https://a/bare.png"', [("https://a/bare.png", None)]),
+    ],
+)
+def test_simple_forms(line, expected):
+    assert urls(parse_line(line, "m.jsonl", 3)) == expected
+
+
+def test_openai_batch_line_yields_every_image_part_with_numbered_ids():
+    line = json.dumps(
+        {
+            "custom_id": "req-1",
+            "method": "POST",
+            "body": {
+                "model": "x",
+                "messages": [
+                    {"role": "system", "content": "be nice"},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "compare"},
+                            {"type": "image_url", "image_url": {"url": "https://a/1.png"}},
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                        ],
+                    },
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://a/3.png"}}]},
+                ],
+            },
+        }
+    )
+    assert urls(parse_line(line, "m", 1)) == [
+        ("https://a/1.png", "req-1:0"),
+        ("data:image/png;base64,AAAA", "req-1:1"),
+        ("https://a/3.png", "req-1:2"),
+    ]
+
+
+def test_bare_chat_request_and_text_only_request():
+    bare = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://a/b"}]}]})
+    assert urls(parse_line(bare, "m", 1)) == [("https://a/b", None)]
+    text_only = json.dumps({"messages": [{"role": "user", "content": "hello"}]})
+    assert parse_line(text_only, "m", 1) == []  # no images: nothing to encode, not an error
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"url": 5}', "url must be a string"),
+        ('{"url": ""}', "url is empty"),
+        ('{"id": "x"}', "no image URL"),
+        ("[1, 2]", "expected a JSON object or string"),
+        ("42", "expected a JSON object or string"),
+        ('{"url": "https://a", "id": [1]}', "id must be a string or integer"),
+        ('{"image_url": {"uri": "x"}}', "image_url.url must be a string"),
+        ('{"messages": "hi"}', "messages must be a list"),
+        ('{"body": []}', "body must be an object"),
+    ],
+)
+def test_malformed_lines_become_bad_lines_with_position(line, fragment):
+    [bad] = parse_line(line, "m.jsonl", 12)
+    assert isinstance(bad, BadLine)
+    assert (bad.source, bad.line) == ("m.jsonl", 12)
+    assert fragment in bad.message
+
+
+def test_read_manifests_streams_files_gzip_and_blank_lines(tmp_path):
+    plain = tmp_path / "a.jsonl"
+    plain.write_text('{"url": "https://a/1"}\n\n   \n{bad\n"https://a/2"\n')
+    packed = tmp_path / "b.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"url": "https://b/1"}\n'))
+    items = list(read_manifests([str(plain), str(packed)]))
+    assert [(type(i).__name__, i.source, i.line) for i in items] == [
+        ("Record", str(plain), 1),
+        ("BadLine", str(plain), 4),
+        ("Record", str(plain), 5),
+        ("Record", str(packed), 1),
+    ]
+
+
+def test_gzip_detected_by_magic_not_name(tmp_path):
+    odd = tmp_path / "manifest.txt"
+    odd.write_bytes(gzip.compress(b'"https://x/1"\n'))
+    assert urls(read_manifests([str(odd)])) == [("https://x/1", None)]
+
+
+def test_stdin(monkeypatch):
+    fake = io.TextIOWrapper(io.BytesIO(b'"https://s/1"\n{"url": "https://s/2"}\n'))
+    monkeypatch.setattr(sys, "stdin", fake)
+    assert urls(read_manifests(["-"])) == [("https://s/1", None), ("https://s/2", None)]
+
+
+def test_check_readable(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        check_readable([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(UsageError, match="not a file"):
+        check_readable([str(tmp_path)])
+    check_readable(["-"])
