@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -470,7 +472,7 @@ class EncodeRun:
         elif self._stop_signal == signal.SIGTERM:
             status, code = "interrupted", EXIT_SIGTERM
         else:
-            status, code = "completed", (EXIT_ROWS_FAILED if c.failed else EXIT_OK)
+            status, code = "completed", (EXIT_ROWS_FAILED if c.failed or c.skipped_failed else EXIT_OK)
         errors_path = self.layout.run_errors(self.run_id)
         _publish_latest(errors_path, self.layout.latest_errors)
         summary = RunSummary(
@@ -518,13 +520,12 @@ def _drain(q: queue.Queue[Any]) -> None:
         pass
 
 
-def _publish_latest(run_errors: Any, latest: Any) -> None:
+def _publish_latest(run_errors: Path, latest: Path) -> None:
     """Make errors.jsonl a copy of this run's error records (atomically replaced)."""
     tmp = latest.with_name(latest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
     try:
         os.link(run_errors, tmp)
     except OSError:
-        import shutil
-
         shutil.copyfile(run_errors, tmp)
     os.replace(tmp, latest)

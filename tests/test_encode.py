@@ -1,0 +1,261 @@
+"""End-to-end `mmprep encode` / `mmprep stats` against a real local HTTP server and real tiny models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from conftest import image_bytes
+from mmprep import cache_key
+from mmprep.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+NET = ["--allow-http", "--allow-host", "127.0.0.1"]  # the test server lives on loopback
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None):
+    result = CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=False)
+    return result
+
+
+def encode_json(*args: str, **kw):
+    result = run_cli("encode", *args, "--json", "--progress", "none", **kw)
+    assert result.stdout.strip().startswith("{"), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def write_manifest(path: Path, rows: list[object]) -> str:
+    path.write_text("".join((r if isinstance(r, str) and r.startswith("{") else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def stored(cache: Path, url: str) -> dict[str, torch.Tensor]:
+    """Read an entry back the way serving code would: index row → shard → tensors."""
+    db = sqlite3.connect(cache / "index.sqlite")
+    shard, names = db.execute("SELECT shard, tensors FROM entries WHERE key=?", (cache_key(url),)).fetchone()
+    db.close()
+    with safe_open(str(cache / "shards" / shard), "pt") as f:
+        return {n: f.get_tensor(n) for n in json.loads(names)}
+
+
+@pytest.fixture()
+def served(image_server):
+    """Six distinct images of different modes/formats/sizes on the server."""
+    specs = [
+        ("/a.png", image_bytes("RGB", (48, 40), "PNG", 1), "image/png"),
+        ("/b.jpg", image_bytes("RGB", (64, 32), "JPEG", 2), "image/jpeg"),
+        ("/c.webp", image_bytes("RGB", (30, 50), "WEBP", 3), "image/webp"),
+        ("/d.png", image_bytes("RGBA", (40, 40), "PNG", 4), "image/png"),
+        ("/e.png", image_bytes("L", (33, 47), "PNG", 5), "image/png"),
+        ("/F.png", image_bytes("RGB", (50, 50), "PNG", 6), "image/png"),
+    ]
+    return {path: image_server.add(path, body, ctype) for path, body, ctype in specs}
+
+
+def test_encode_http_manifest_end_to_end(tmp_path, image_server, served):
+    cache = tmp_path / "cache"
+    urls = list(served.values())
+    rows = [
+        {"url": urls[0], "id": "first"},
+        {"image_url": urls[1]},
+        {"image_url": {"url": urls[2]}},
+        urls[3],
+        {"custom_id": "req", "body": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": urls[4]}},
+            {"type": "image_url", "image_url": {"url": urls[0]}},  # duplicate of row 1
+        ]}]}},
+        {"url": urls[5]},
+        {"url": image_server.url("/missing.png")},  # 404
+        "{this is not json",
+        {"url": urls[1]},  # duplicate
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    code, summary = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--batch-size", "4")
+    assert code == 1
+    assert summary["rows"] == 10
+    assert (summary["encoded"], summary["duplicates"], summary["failed"], summary["cached"]) == (6, 2, 2, 0)
+    assert summary["failures_by_kind"] == {"bad_manifest_line": 1, "http_status": 1}
+    for path in served:
+        assert image_server.hits[path] == 1, f"{path} fetched {image_server.hits[path]} times"
+
+    errors = [json.loads(line) for line in (cache / "errors.jsonl").read_text().splitlines()]
+    by_kind = {e["kind"]: e for e in errors}
+    assert by_kind["http_status"]["status"] == 404 and by_kind["http_status"]["line"] == 7
+    assert by_kind["bad_manifest_line"]["line"] == 8 and "invalid JSON" in by_kind["bad_manifest_line"]["message"]
+
+    db = sqlite3.connect(cache / "index.sqlite")
+    assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 6
+    assert db.execute("SELECT caller_id FROM entries WHERE key=?", (cache_key(urls[0]),)).fetchone()[0] == "first"
+    assert db.execute("SELECT caller_id FROM entries WHERE key=?", (cache_key(urls[4]),)).fetchone()[0] == "req:0"
+    shapes = {row[0] for row in db.execute("SELECT shape FROM entries")}
+    assert shapes == {"[16]"}  # tiny-clip projection dim: one pooled vector per image
+    db.close()
+
+    # Second run: nothing fetched again, every good row cached, the 404 skipped as a permanent failure.
+    hits_before = image_server.total_hits
+    code2, again = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET)
+    assert image_server.total_hits == hits_before
+    assert (again["encoded"], again["cached"], again["skipped_failed"]) == (0, 6, 1)
+    assert again["failures_by_kind"] == {"bad_manifest_line": 1}
+    assert code2 == 1  # rows still failing: the cron job should notice
+
+
+def test_all_good_rows_exit_zero_and_model_defaults_to_the_caches_only_model(tmp_path, image_server, served):
+    cache = tmp_path / "cache"
+    manifest = write_manifest(tmp_path / "m.jsonl", list(served.values())[:3])
+    code, first = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET)
+    assert code == 0 and first["encoded"] == 3
+    more = write_manifest(tmp_path / "more.jsonl", list(served.values()))
+    env = {"MMPREP_CACHE_DIR": str(cache), "MMPREP_ALLOW_HTTP": "1", "MMPREP_ALLOW_HOST": "127.0.0.1"}
+    code, second = encode_json(more, env=env)  # the cron line: no --model, no --out
+    assert code == 0
+    assert (second["model"], second["encoded"], second["cached"]) == ("builtin:tiny-clip", 3, 3)
+
+
+def test_pooled_embeddings_equal_a_direct_transformers_forward(tmp_path, image_server, served):
+    from transformers import AutoImageProcessor, CLIPModel
+
+    from mmprep.models.builtin import builtin_model_dir
+
+    cache = tmp_path / "cache"
+    manifest = write_manifest(tmp_path / "m.jsonl", list(served.values()))
+    code, _ = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--batch-size", "3")
+    assert code == 0
+    model_dir = builtin_model_dir("tiny-clip")
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    for path, url in served.items():
+        image = Image.open(io.BytesIO(image_server.routes[path].body)).convert("RGB")
+        with torch.inference_mode():
+            out = model.get_image_features(**processor(images=image, return_tensors="pt"))
+        expected = getattr(out, "pooler_output", out)[0]
+        got = stored(cache, url)[cache_key(url)]
+        assert got.shape == expected.shape
+        assert torch.max(torch.abs(got - expected)).item() <= 1e-5, path
+
+
+def test_qwen2_vl_entries_carry_grid_and_equal_direct_forward(tmp_path, image_server, served):
+    from transformers import AutoImageProcessor, Qwen2VLForConditionalGeneration
+
+    from mmprep.models.builtin import builtin_model_dir
+
+    cache = tmp_path / "cache"
+    urls = [served["/a.png"], served["/b.jpg"], served["/c.webp"]]
+    manifest = write_manifest(tmp_path / "m.jsonl", urls)
+    code, summary = encode_json(manifest, "--model", "builtin:tiny-qwen2-vl", "--out", str(cache), *NET)
+    assert code == 0 and summary["encoded"] == 3
+    model_dir = builtin_model_dir("tiny-qwen2-vl")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    merge = model.config.vision_config.spatial_merge_size
+    for path, url in zip(["/a.png", "/b.jpg", "/c.webp"], urls):
+        image = Image.open(io.BytesIO(image_server.routes[path].body)).convert("RGB")
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        expected = getattr(out, "pooler_output", out)
+        tensors = stored(cache, url)
+        grid = tensors[cache_key(url) + ".image_grid_thw"]
+        assert torch.equal(grid.reshape(-1, 3), inputs["image_grid_thw"])
+        got = tensors[cache_key(url)]
+        assert got.shape[0] == int(inputs["image_grid_thw"].prod()) // merge**2
+        assert torch.max(torch.abs(got - expected)).item() <= 1e-5, path
+
+
+def test_local_files_data_urls_and_scheme_errors(tmp_path):
+    allowed = tmp_path / "imgs"
+    allowed.mkdir()
+    (allowed / "x.png").write_bytes(image_bytes("RGB", (20, 20), "PNG", 9))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(image_bytes("RGB", (20, 20), "PNG", 10))
+    data = "data:image/png;base64," + base64.b64encode(image_bytes("LA", (16, 16), "PNG", 11)).decode()
+    rows = [
+        {"url": str(allowed / "x.png")},
+        {"url": (allowed / "x.png").as_uri()},
+        {"url": data},
+        {"url": str(outside)},
+        {"url": "ftp://example.com/a.png"},
+        {"url": "data:text/html;base64,PGgxPmhpPC9oMT4="},
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    cache = tmp_path / "cache"
+    code, s = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), "--allow-local-dir", str(allowed))
+    assert code == 1
+    assert s["encoded"] == 3
+    assert s["failures_by_kind"] == {"bad_data_url": 1, "bad_path": 1, "bad_scheme": 1}
+    db = sqlite3.connect(cache / "index.sqlite")
+    urls = {row[0] for row in db.execute("SELECT url FROM entries")}
+    db.close()
+    assert data not in urls and any(u.startswith("data:sha256=") for u in urls)  # data URLs stored by hash
+    errors = (cache / "errors.jsonl").read_text()
+    assert "PGgxPmhpPC9oMT4=" not in errors
+
+
+def test_stdin_manifest_and_env_options(tmp_path, image_server, served):
+    cache = tmp_path / "cache"
+    env = {"MMPREP_MODEL": "builtin:tiny-clip", "MMPREP_OUT": str(cache), "MMPREP_BATCH_SIZE": "2",
+           "MMPREP_ALLOW_HTTP": "true", "MMPREP_ALLOW_HOST": "127.0.0.1"}
+    stdin = "\n".join(json.dumps(u) for u in list(served.values())[:2]) + "\n"
+    code, s = encode_json("-", env=env, input=stdin)
+    assert code == 0 and s["encoded"] == 2 and s["cache_dir"] == str(cache)
+
+
+def test_usage_errors_exit_2(tmp_path, image_server, served):
+    manifest = write_manifest(tmp_path / "m.jsonl", list(served.values())[:1])
+    missing = run_cli("encode", str(tmp_path / "nope.jsonl"), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"))
+    assert missing.exit_code == 2 and "manifest not found" in missing.output
+    no_model = run_cli("encode", manifest, "--out", str(tmp_path / "empty"), env={"MMPREP_MODEL": ""})
+    assert no_model.exit_code == 2 and "--model" in no_model.output
+    bad_model = run_cli("encode", manifest, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "c"))
+    assert bad_model.exit_code == 2
+    bad_flag = run_cli("encode", manifest, "--model", "builtin:tiny-clip", "--max-bytes", "lots")
+    assert bad_flag.exit_code == 2
+    assert not (tmp_path / "c" / "index.sqlite").exists()  # nothing started
+
+
+def test_stats_table_and_json(tmp_path, image_server, served):
+    cache = tmp_path / "cache"
+    rows = list(served.values())[:3] + [image_server.url("/gone.png")]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET)
+    result = run_cli("stats", str(cache), "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["entries"] == 3 and data["failures_by_kind"] == {"http_status": 1}
+    [model] = data["models"]
+    assert model["name"] == "builtin:tiny-clip" and model["entries"] == 3 and model["shards"] >= 1
+    assert model["shapes"] == [{"dtype": "float32", "shape": [16], "entries": 3}]
+    assert data["runs"][0]["encoded"] == 3 and data["runs"][0]["status"] == "completed"
+    assert data["bytes_on_disk"] > model["shard_bytes"] > 0
+    table = run_cli("stats", str(cache))
+    assert table.exit_code == 0
+    assert "builtin:tiny-clip" in table.stdout and "http_status" in table.stdout
+    missing = run_cli("stats", str(tmp_path / "nothing"))
+    assert missing.exit_code == 2 and "not an mmprep cache" in missing.output
+
+
+def test_quick_start_commands_work_as_written(tmp_path):
+    """README quick start (1), run in a subprocess from the repository root like a user would."""
+    env = {**os.environ, "MMPREP_CACHE_DIR": str(tmp_path / "cache")}
+    enc = subprocess.run(
+        [sys.executable, "-m", "mmprep", "encode", "sample_inputs/manifest.jsonl", "--model", "builtin:tiny-clip",
+         "--allow-local-dir", "sample_inputs"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert enc.returncode == 1, enc.stderr  # the sample manifest has one intentionally bad row
+    assert "bad_data_url" in enc.stderr and "encoded" in enc.stderr
+    assert "mmprep:" in enc.stderr  # not a TTY: plain progress log lines
+    st = subprocess.run([sys.executable, "-m", "mmprep", "stats"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "5 entries" in st.stdout.replace("\n", " ")
