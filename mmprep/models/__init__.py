@@ -1,0 +1,92 @@
+"""Vision encoders: load a model by name and turn preprocessed images into embeddings.
+
+One module per model family; the registry below maps a checkpoint's architecture to its family.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mmprep.errors import ModelLoadError
+from mmprep.models import llava, pooled, qwen2_vl
+from mmprep.models.base import (
+    OUTPUT_FORMAT_VERSION,
+    Encoder,
+    reason_of,
+    load_config,
+    load_image_processor,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
+from mmprep.models.builtin import BUILTIN_MODELS, NOTE, builtin_model_dir
+from mmprep.settings import ModelSettings
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "FAMILIES",
+    "OUTPUT_FORMAT_VERSION",
+    "Encoder",
+    "builtin_model_dir",
+    "load_encoder",
+    "supported_architectures",
+]
+
+logger = logging.getLogger("mmprep.models")
+
+# architecture (config.architectures[0]) -> encoder class
+FAMILIES: dict[str, type[Any]] = {
+    **{arch: pooled.PooledEncoder for arch in pooled.ARCHITECTURES},
+    **{arch: qwen2_vl.Qwen2VLEncoder for arch in qwen2_vl.ARCHITECTURES},
+    **{arch: llava.LlavaEncoder for arch in llava.ARCHITECTURES},
+}
+# config.model_type -> architecture, for configs saved without `architectures`
+_BY_MODEL_TYPE = {
+    "clip": "CLIPModel",
+    "siglip": "SiglipModel",
+    "siglip2": "Siglip2Model",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
+
+
+def supported_architectures() -> list[str]:
+    return list(FAMILIES)
+
+
+def load_encoder(settings: ModelSettings) -> Encoder:
+    """Load the model named by settings.name (hub id + revision, local directory, or builtin:<name>); raise ModelLoadError."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    try:
+        source = resolve_source(settings.name, settings.revision)
+        if source.builtin:
+            logger.warning("%s is a %s: its embeddings are meaningless", settings.name, NOTE)
+        config = load_config(source)
+        architecture = _architecture_of(config)
+        family = FAMILIES.get(architecture)
+        if family is None:
+            raise ModelLoadError(
+                f"{settings.name!r} is a {architecture}, which mmprep does not support; "
+                f"supported architectures: {', '.join(FAMILIES)}"
+            )
+        image_processor = load_image_processor(source)
+        return family.load(source, config, image_processor, architecture, device, dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # corrupt weights, incompatible config, out of memory, ...
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {reason_of(exc)}") from exc
+
+
+def _architecture_of(config: Any) -> str:
+    """The checkpoint's architecture: config.architectures[0], else guessed from model_type."""
+    for architecture in getattr(config, "architectures", None) or ():
+        if architecture in FAMILIES:
+            return architecture
+    architectures = getattr(config, "architectures", None) or ()
+    if architectures:
+        return architectures[0]
+    model_type = getattr(config, "model_type", "")
+    return _BY_MODEL_TYPE.get(model_type, model_type or "model without architectures or model_type")

@@ -1,0 +1,368 @@
+"""What every model family shares: the Encoder interface, where a model comes from, device/dtype, fingerprint.
+
+Each family module (pooled, qwen2_vl, llava) only says how to load its modules and how to run one
+batched forward; resolving the name, the device, the dtype, the image processor and the fingerprint
+happens here, once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from mmprep.errors import ErrorKind, ModelLoadError, RowError
+from mmprep.settings import ModelSettings
+
+logger = logging.getLogger("mmprep.models")
+
+# Bump when the tensors an encoder stores change for the same model (keys, shapes, post-processing),
+# so entries written by an older mmprep are not mistaken for current ones.
+OUTPUT_FORMAT_VERSION = 1
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Config keys that say where/when/how a model was saved or loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "_name_or_path",
+        "_commit_hash",
+        "dtype",
+        "torch_dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "attn_implementation",
+        "_experts_implementation",
+    }
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+_SAMPLE_BYTES = 1024 * 1024
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a local directory, or a hub repo pinned to one commit."""
+
+    name: str  # as the user gave it
+    location: str  # what from_pretrained gets: a directory path or a hub repo id
+    revision: str | None  # hub commit hash; None for a local directory
+    builtin: bool = False  # one of mmprep's random-weight smoke-test models
+
+    @property
+    def is_local(self) -> bool:
+        return self.revision is None
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """Arguments that make every from_pretrained call read the very same files."""
+        return {} if self.revision is None else {"revision": self.revision}
+
+
+def resolve_source(name: str, revision: str | None = None) -> ModelSource:
+    """Turn a model name into a local directory or a hub id pinned to the commit its config came from."""
+    if name.startswith("builtin:"):
+        from mmprep.models.builtin import builtin_model_dir
+
+        return ModelSource(name, str(builtin_model_dir(name.removeprefix("builtin:"))), None, builtin=True)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ModelLoadError(f"--revision applies to hub models only; {name!r} is a local directory")
+        return ModelSource(name, str(path.resolve()), None)
+    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
+        raise ModelLoadError(f"model directory not found: {name}")
+    from transformers.utils import cached_file
+
+    try:
+        config_file = cached_file(name, "config.json", revision=revision)
+    except Exception as exc:  # offline and not cached, unknown repo, bad revision, network down
+        raise ModelLoadError(f"cannot load model {name!r}: {reason_of(exc)}") from exc
+    if config_file is None:
+        raise ModelLoadError(f"cannot load model {name!r}: the repository has no config.json")
+    snapshot = Path(config_file).parent
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else revision
+    if commit is None or not _COMMIT_RE.match(commit):
+        raise ModelLoadError(f"cannot pin model {name!r} to a commit (config at {config_file})")
+    return ModelSource(name, name, commit)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda'/'cuda:N' must exist, so a typo fails before any work."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", spec):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {spec!r} requested but CUDA is not available (use --device cpu or auto)")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
+    raise ModelLoadError(f"unknown device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU, bfloat16 on CUDA where supported, else float16."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if spec not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {spec!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def load_config(source: ModelSource) -> Any:
+    """The model's transformers config, or ModelLoadError with the reason."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs())
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model config of {source.name!r}: {reason_of(exc)}") from exc
+
+
+def load_image_processor(source: ModelSource) -> Any:
+    """The model's image processor via AutoImageProcessor, as transformers itself would pick it.
+
+    Without torchvision transformers v5 falls back to the PIL backend anyway; asking for it explicitly
+    only silences the fallback warning. With torchvision the default (torchvision) backend is used, like
+    a direct `AutoImageProcessor.from_pretrained` would; its class name is part of the fingerprint.
+    """
+    import transformers
+    from transformers import AutoImageProcessor
+    from transformers.utils import is_torchvision_available
+
+    kwargs = source.pretrained_kwargs()
+    if int(transformers.__version__.split(".")[0]) >= 5 and not is_torchvision_available():
+        kwargs["backend"] = "pil"
+    try:
+        return AutoImageProcessor.from_pretrained(source.location, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the image processor of {source.name!r}: {reason_of(exc)}") from exc
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report while loading a part of a checkpoint (we check missing keys ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def canonical_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the keys that say where/when it was saved; nested sub-configs too."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(config_dict)
+
+
+def weights_identity(source: ModelSource) -> dict[str, Any]:
+    """What names the weights: the hub commit, or for a directory a sampled hash of each weight file.
+
+    The sampled hash covers, per weight file (sorted by name): its name, its size, its safetensors
+    header (the JSON with every tensor's name, dtype, shape and offsets) and the sha256 of its first
+    and last 1 MiB. Reading whole multi-GB files on every start would cost seconds to minutes; the
+    sample still changes with any retraining, re-export, dtype change or truncation, though an edit
+    confined to the middle of a file that keeps the size and header would go unnoticed.
+    """
+    if source.revision is not None:
+        return {"hub": source.location, "commit": source.revision}
+    files = []
+    for path in sorted(Path(source.location).iterdir()):
+        if path.is_file() and path.name.endswith(_WEIGHT_SUFFIXES):
+            files.append(_sampled_file_hash(path))
+    if not files:
+        raise ModelLoadError(f"no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {source.location}")
+    return {"files": files}
+
+
+def _sampled_file_hash(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors" and size >= 8:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, size - 8)))
+            f.seek(0)
+        digest.update(f.read(_SAMPLE_BYTES))
+        if size > _SAMPLE_BYTES:
+            f.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+            digest.update(f.read(_SAMPLE_BYTES))
+    return {"name": path.name, "size": size, "sha256_sampled": digest.hexdigest()}
+
+
+def fingerprint(
+    *,
+    family: str,
+    architecture: str,
+    config: Any,
+    image_processor: Any,
+    dtype: torch.dtype,
+    weights: dict[str, Any],
+) -> str:
+    """sha256 of everything that determines the stored tensors, so a cache never mixes two models' outputs."""
+    facts = {
+        "output_format": OUTPUT_FORMAT_VERSION,
+        "family": family,
+        "architecture": architecture,
+        "config": canonical_config(config.to_dict()),
+        "image_processor_class": type(image_processor).__name__,
+        "image_processor": canonical_config(image_processor.to_dict()),
+        "dtype": dtype_name(dtype),
+        "weights": weights,
+    }
+    blob = json.dumps(facts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def output_of(result: Any) -> Any:
+    """The features from a get_image_features-like call: a tensor (older transformers) or `.pooler_output`."""
+    if isinstance(result, torch.Tensor):
+        return result
+    pooled = getattr(result, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"cannot find image features in a {type(result).__name__}")
+    return pooled
+
+
+def owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that owns its storage (a view of a batch would pin the whole batch in memory)."""
+    return tensor.to("cpu").clone(memory_format=torch.contiguous_format)
+
+
+class Encoder(ABC):
+    """A loaded vision model: per-image preprocessing on worker threads, batched encoding on the model thread."""
+
+    family: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        source: ModelSource,
+        config: Any,
+        image_processor: Any,
+        architecture: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.name = source.name
+        self.source = source
+        self.config = config
+        self.architecture = architecture
+        self.device = device
+        self.dtype = dtype
+        self._image_processor = image_processor
+        self._local = threading.local()
+        self.fingerprint = fingerprint(
+            family=self.family,
+            architecture=architecture,
+            config=config,
+            image_processor=image_processor,
+            dtype=dtype,
+            weights=weights_identity(source),
+        )
+
+    # -- worker threads --------------------------------------------------------------------------
+
+    def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """Run the model's image processor on one RGB image (CPU, thread-safe; called from decode worker threads)."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
+            processor = self._local.processor = copy.deepcopy(self._image_processor)
+        try:
+            batch = processor(images=image, return_tensors="pt")
+            return {key: batch[key] for key in self.input_names(batch)}
+        except Exception as exc:
+            raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
+
+    def input_names(self, processed: Any) -> Sequence[str]:
+        """Which of the processor's outputs the forward needs (default: all of them)."""
+        return list(processed.keys())
+
+    # -- model thread ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One batched forward under torch.inference_mode(); per image {"embeddings": T, ...} as owned CPU tensors."""
+
+    def to_device(self, tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Concatenate per-image tensors on dim 0 and move them to the model's device (pinned, non-blocking on CUDA)."""
+        if self.device.type == "cuda":
+            shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+            staged = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True)
+            torch.cat(tensors, out=staged)
+            batch = staged.to(self.device, non_blocking=True)
+        else:
+            batch = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        return batch.to(dtype) if dtype is not None and batch.is_floating_point() else batch
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def output_shape(self) -> list[int | str]:
+        """The per-image "embeddings" shape, symbolic where it depends on the image (e.g. ["n_tokens", 3584])."""
+
+    def describe(self) -> dict[str, object]:
+        """JSON-able facts for the index's models table."""
+        facts: dict[str, object] = {
+            "name": self.name,
+            "family": self.family,
+            "architecture": self.architecture,
+            "revision": self.source.revision,
+            "dtype": dtype_name(self.dtype),
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+            "output": {"embeddings": {"shape": self.output_shape(), "dtype": dtype_name(self.dtype)}},
+            "image_processor": type(self._image_processor).__name__,
+            "output_format": OUTPUT_FORMAT_VERSION,
+        }
+        if self.source.builtin:
+            facts["note"] = "smoke-test model with random weights"
+        return facts
+
+
+def reason_of(exc: BaseException) -> str:
+    """A one-paragraph reason from an exception (hub errors carry long multi-line texts)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}"

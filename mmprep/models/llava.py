@@ -1,0 +1,80 @@
+"""LLaVA: vision tower + multi-modal projector, i.e. the image tokens the language model would see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmprep.models.base import Encoder, ModelSource, dtype_kwargs, output_of, owned
+
+ARCHITECTURES = ("LlavaForConditionalGeneration",)
+
+
+class LlavaEncoder(Encoder):
+    """Per image "embeddings" [n_tokens, text_hidden]: `get_image_features` with the config's
+    vision_feature_layer and vision_feature_select_strategy.
+
+    The whole checkpoint is read on the CPU (LLaVA keeps tower and projector in one model), then the
+    language model is dropped before anything moves to the device.
+    """
+
+    family = "llava"
+
+    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.feature_layer = self.config.vision_feature_layer
+        self.select_strategy = self.config.vision_feature_select_strategy
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+    ) -> LlavaEncoder:
+        import transformers
+
+        model = getattr(transformers, architecture).from_pretrained(
+            source.location, **source.pretrained_kwargs(), **dtype_kwargs(dtype)
+        )
+        _drop_language_model(model)
+        return cls(
+            model=model.to(device).eval(),
+            source=source,
+            config=config,
+            image_processor=image_processor,
+            architecture=architecture,
+            device=device,
+            dtype=dtype,
+        )
+
+    def input_names(self, processed: Any) -> list[str]:
+        return ["pixel_values"]
+
+    def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One batched forward; per image {"embeddings": [n_tokens, hidden]} in the model dtype."""
+        pixel_values = self.to_device([item["pixel_values"] for item in items], self.dtype)
+        with torch.inference_mode():
+            features = output_of(
+                self.model.get_image_features(
+                    pixel_values=pixel_values,
+                    vision_feature_layer=self.feature_layer,
+                    vision_feature_select_strategy=self.select_strategy,
+                )
+            )
+            # [batch, n_tokens, hidden] (older transformers) or a list of [n_tokens, hidden] (v5)
+            features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+            features = features.to("cpu")
+        return [{"embeddings": owned(tokens)} for tokens in features]
+
+    def output_shape(self) -> list[int | str]:
+        return ["n_tokens", int(self.config.text_config.hidden_size)]
+
+
+def _drop_language_model(model: torch.nn.Module) -> None:
+    """Free the language model and LM head: only the tower and projector are used (v5 nests them in `.model`)."""
+    for owner in (model, getattr(model, "model", None)):
+        if owner is None:
+            continue
+        for name in ("language_model", "lm_head"):
+            if owner._modules.get(name) is not None:  # a registered submodule, not a forwarding property
+                owner._modules[name] = None
