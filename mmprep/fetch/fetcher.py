@@ -1,0 +1,322 @@
+"""Loading one URL's bytes: http(s) with limits and retries, data: URLs, and allowed local files."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import math
+import random
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import httpx
+
+from mmprep import __version__
+from mmprep.errors import ErrorKind, RowError
+from mmprep.fetch.local import read_file
+from mmprep.fetch.policy import DataTarget, HttpTarget, UrlPolicy
+from mmprep.fetch.transport import GuardedTransport
+from mmprep.keys import display_url
+from mmprep.settings import LoadSettings
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_RETRY_AFTER = 60.0  # seconds; a server asking for longer fails the row (retryable by a later run)
+SNIFF_BYTES = 512  # how much of an error page / text body is read for the message
+_NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """The bytes of one URL, and what the server said about them."""
+
+    data: bytes  # the body (decoded transfer encoding), at most max_bytes
+    url: str  # final URL after redirects (input URL for data:/file)
+    content_type: str | None
+    etag: str | None
+    last_modified: str | None
+    attempts: int  # 1 + retries used
+
+
+class Fetcher:
+    """One per run: the shared httpx.AsyncClient, the URL policy, per-host limits, retries."""
+
+    def __init__(self, settings: LoadSettings) -> None:
+        self.settings = settings
+        self.policy = UrlPolicy.from_settings(settings)
+        self.requests_sent = 0  # HTTP requests whose headers actually went out
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._client = httpx.AsyncClient(
+            # The pool is as wide as the pipeline's fan-out, so a fetch never waits for a connection.
+            transport=GuardedTransport(self.policy, max_connections=settings.concurrency),
+            follow_redirects=False,  # we follow them, re-checking every hop
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
+            headers={"User-Agent": settings.user_agent or f"mmprep/{__version__}"},
+            event_hooks={"response": [self._vet_redirect]},
+            trust_env=False,  # no proxies from the environment: the policy must see the real peer
+        )
+
+    async def __aenter__(self) -> Fetcher:
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its connections."""
+        await self._client.aclose()
+
+    async def fetch(self, url: str, *, etag: str | None = None, last_modified: str | None = None) -> Fetched | None:
+        """Load `url`; None only when `etag`/`last_modified` were given and the server said 304.
+
+        Raises RowError for anything that goes wrong, with `.attempts` set.
+        """
+        if _is_http(url):
+            target = self.policy.check_url(url)  # no I/O for http(s)
+        else:  # a local path (disk) or a data URL (possibly megabytes to decode): off the event loop
+            target = await asyncio.to_thread(self.policy.check_url, url)
+        if isinstance(target, HttpTarget):
+            return await self._fetch_http(target.url, _conditional_headers(etag, last_modified))
+        if isinstance(target, DataTarget):
+            return Fetched(target.data, url, target.media_type, None, None, attempts=1)
+        data = await asyncio.to_thread(read_file, target.path, self.settings.max_bytes)
+        return Fetched(data, url, None, None, None, attempts=1)
+
+    async def _fetch_http(self, url: httpx.URL, headers: dict[str, str]) -> Fetched | None:
+        """Try, and retry with backoff what may succeed later (timeouts, connection errors, 429, 5xx)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                fetched = await self._attempt(url, headers)
+                return None if fetched is None else dataclasses.replace(fetched, attempts=attempt)
+            except RowError as error:
+                error.attempts = attempt
+                delay = self._retry_delay(error, attempt)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
+    def _retry_delay(self, error: RowError, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None when there is none to make."""
+        if not error.retryable or attempt > self.settings.retries:
+            return None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            return retry_after if retry_after <= min(MAX_RETRY_AFTER, self.settings.timeout) else None
+        return self.settings.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+
+    async def _attempt(self, url: httpx.URL, headers: dict[str, str]) -> Fetched | None:
+        """One try, redirects included, under one deadline a slow-drip server cannot stretch."""
+        try:
+            with anyio.fail_after(None) as deadline:  # armed once the first host slot is ours
+                return await self._follow(url, headers, deadline)
+        except TimeoutError:
+            raise RowError(
+                ErrorKind.TIMEOUT, f"no complete response within the {self.settings.timeout:g}s deadline"
+            ) from None
+        except httpx.RequestError as exc:
+            raise self._request_error(exc) from None
+
+    async def _follow(self, url: httpx.URL, headers: dict[str, str], deadline: anyio.CancelScope) -> Fetched | None:
+        for _ in range(self.settings.max_redirects + 1):
+            async with self._host_slot(url.host):
+                if math.isinf(deadline.deadline):  # time spent queueing for the host is not the row's
+                    deadline.deadline = anyio.current_time() + self.settings.timeout
+                extensions = {"trace": self._count_sent}
+                async with self._client.stream("GET", url, headers=headers, extensions=extensions) as response:
+                    next_url = response.extensions.get(_NEXT_URL)
+                    if next_url is None:
+                        return await self._read(response, conditional=bool(headers))
+            url = next_url
+        raise RowError(
+            ErrorKind.TOO_MANY_REDIRECTS,
+            f"more than {self.settings.max_redirects} redirects (the last to {display_url(str(url))})",
+        )
+
+    async def _vet_redirect(self, response: httpx.Response) -> None:
+        """Response hook: vet a redirect's target, and note it on the response for `_follow`.
+
+        It must be a hook: even with follow_redirects=False httpx parses the Location itself right
+        after the hooks (for `next_request`), and raises on junk; we refuse junk first.
+        """
+        location = response.headers.get("location")
+        if response.status_code not in REDIRECT_STATUSES or location is None:
+            return
+        try:
+            target = response.url.join(location)
+        except (httpx.InvalidURL, ValueError):
+            raise RowError(ErrorKind.BAD_SCHEME, f"redirected to an invalid URL {location[:200]!r}") from None
+        try:
+            response.extensions[_NEXT_URL] = self.policy.check_http(target).url
+        except RowError as error:
+            raise RowError(error.kind, f"redirected to {display_url(str(target))}: {error.message}") from None
+
+    async def _read(self, response: httpx.Response, *, conditional: bool) -> Fetched | None:
+        """The body of a final response, if it is a success that may be an image."""
+        if response.status_code == 304 and conditional:
+            return None
+        if not 200 <= response.status_code < 300:
+            raise await _status_error(response)
+        content_type = response.headers.get("content-type")
+        media_type = _media_type(content_type)
+        if _is_text_type(media_type):
+            snippet = _snippet(await _read_prefix(response))
+            raise RowError(ErrorKind.NOT_AN_IMAGE, f"server sent {media_type} instead of an image: {snippet!r}")
+        limit = self.settings.max_bytes
+        declared = _content_length(response)
+        if declared is not None and declared > limit:
+            raise RowError(ErrorKind.TOO_LARGE, f"Content-Length {declared:,} is over max_bytes={limit:,}")
+        data = await _read_capped(response, limit)
+        if _looks_like_markup(data) and media_type != "image/svg+xml":
+            shown = f"{media_type} body" if media_type else "body"
+            raise RowError(ErrorKind.NOT_AN_IMAGE, f"{shown} looks like HTML/JSON, not an image: {_snippet(data)!r}")
+        return Fetched(
+            data=data,
+            url=str(response.url),
+            content_type=content_type,
+            etag=response.headers.get("etag"),
+            last_modified=response.headers.get("last-modified"),
+            attempts=1,
+        )
+
+    def _host_slot(self, host: str) -> asyncio.Semaphore:
+        """The semaphore that caps concurrent requests to `host` at settings.per_host."""
+        slot = self._host_slots.get(host)
+        if slot is None:
+            slot = self._host_slots[host] = asyncio.Semaphore(self.settings.per_host)
+        return slot
+
+    async def _count_sent(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: count requests whose headers went out on the wire."""
+        if event.endswith("send_request_headers.complete"):
+            self.requests_sent += 1
+
+    def _request_error(self, exc: httpx.RequestError) -> RowError:
+        """The row error for a failure below HTTP (connect, TLS, read, framing, timeouts)."""
+        if isinstance(exc, httpx.ConnectTimeout):
+            return RowError(ErrorKind.TIMEOUT, f"connecting took longer than {self.settings.connect_timeout:g}s")
+        if isinstance(exc, httpx.ReadTimeout):
+            return RowError(ErrorKind.TIMEOUT, f"the server sent nothing for {self.settings.read_timeout:g}s")
+        if isinstance(exc, httpx.TimeoutException):
+            return RowError(ErrorKind.TIMEOUT, str(exc) or type(exc).__name__)
+        if isinstance(exc, httpx.DecodingError):  # corrupt gzip/deflate: trying again will not help
+            return RowError(ErrorKind.CONNECTION_ERROR, f"body could not be decoded: {exc}", retryable=False)
+        return RowError(ErrorKind.CONNECTION_ERROR, str(exc) or type(exc).__name__)
+
+
+class _StatusError(RowError):
+    """An http_status error that also carries the server's Retry-After, in seconds."""
+
+    def __init__(self, message: str, *, status: int, retryable: bool, retry_after: float | None) -> None:
+        super().__init__(ErrorKind.HTTP_STATUS, message, status=status, retryable=retryable)
+        self.retry_after = retry_after
+
+
+async def _status_error(response: httpx.Response) -> _StatusError:
+    """The row error for an error status, naming the code and quoting an HTML error page."""
+    status = response.status_code
+    retryable = status == 429 or status >= 500
+    message = f"HTTP {status} {response.reason_phrase}".rstrip()
+    prefix = await _read_prefix(response)
+    media_type = _media_type(response.headers.get("content-type"))
+    if media_type == "text/html" or prefix.lstrip()[:1] == b"<":
+        message += f" (an HTML page: {_snippet(prefix)!r})"
+    retry_after = _retry_after(response.headers.get("retry-after")) if retryable else None
+    if retry_after is not None:
+        message += f"; Retry-After {retry_after:g}s"
+    return _StatusError(message, status=status, retryable=retryable, retry_after=retry_after)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The decoded body, failing once it passes `limit` bytes (so gzip bombs stop early too)."""
+    body = bytearray()
+    async with aclosing(response.aiter_bytes()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > limit:
+                raise RowError(ErrorKind.TOO_LARGE, f"body is over max_bytes={limit:,} (stopped reading)")
+    return bytes(body)
+
+
+async def _read_prefix(response: httpx.Response) -> bytes:
+    """The first SNIFF_BYTES of the decoded body, for error messages."""
+    prefix = bytearray()
+    async with aclosing(response.aiter_bytes()) as chunks:
+        async for chunk in chunks:
+            prefix += chunk
+            if len(prefix) >= SNIFF_BYTES:
+                break
+    return bytes(prefix[:SNIFF_BYTES])
+
+
+def _is_http(url: str) -> bool:
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+def _conditional_headers(etag: str | None, last_modified: str | None) -> dict[str, str]:
+    """If-None-Match / If-Modified-Since for what an earlier run stored (skipping unsendable values)."""
+    headers = {}
+    if etag and _sendable(etag):
+        headers["If-None-Match"] = etag
+    if last_modified and _sendable(last_modified):
+        headers["If-Modified-Since"] = last_modified
+    return headers
+
+
+def _sendable(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def _media_type(content_type: str | None) -> str | None:
+    """`image/png` from `image/png; charset=...`; None when there is no Content-Type."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type or None
+
+
+def _is_text_type(media_type: str | None) -> bool:
+    """Whether a Content-Type says the body is a page or a document rather than an image."""
+    if media_type is None:
+        return False
+    return (
+        media_type.startswith("text/")
+        or media_type in ("application/json", "application/xml", "application/xhtml+xml")
+        or media_type.endswith("+json")
+    )
+
+
+def _looks_like_markup(data: bytes) -> bool:
+    """Whether a body starts like HTML, XML or JSON (no image format starts with `<`, `{` or `[`)."""
+    head = data[:64].removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1] in (b"<", b"{", b"[")
+
+
+def _snippet(body: bytes, limit: int = 160) -> str:
+    """A one-line excerpt of a text body for an error message."""
+    text = " ".join(body[: limit * 4].decode("utf-8", "replace").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, from either form (delta-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
