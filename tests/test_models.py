@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -43,7 +44,7 @@ def encode_all(encoder: Encoder) -> list[dict[str, torch.Tensor]]:
 
 def assert_owned_cpu(tensor: torch.Tensor) -> None:
     """What the shard writer needs: a contiguous CPU tensor that does not keep a whole batch alive."""
-    assert tensor.device.type == "cpu" and tensor.is_contiguous()
+    assert tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_inference()
     assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
@@ -240,6 +241,7 @@ def test_builtin_is_created_once_and_loads_like_a_directory(name: str, caplog: p
     assert first.fingerprint == second.fingerprint == load(directory).fingerprint
     assert load(f"builtin:{name}", dtype="bfloat16").fingerprint != first.fingerprint
     assert first.describe()["note"] == "smoke-test model with random weights"
+    assert json.loads(json.dumps(first.describe())) == first.describe()
     assert first.name == f"builtin:{name}"
 
     outputs = encode_all(first)
@@ -304,3 +306,44 @@ def test_cuda_without_cuda_is_a_load_error() -> None:
 def test_unknown_device_or_dtype_is_a_load_error(field: str, value: str) -> None:
     with pytest.raises(ModelLoadError, match=f"unknown {field}"):
         load("builtin:tiny-clip", **{field: value})
+
+
+# -- hub models and fingerprints across processes -------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+_IN_FRESH_PROCESS = """
+import json, sys
+from mmprep.models import load_encoder
+from mmprep.settings import ModelSettings
+local = load_encoder(ModelSettings(name=sys.argv[1]))
+hub = load_encoder(ModelSettings(name="mmprep-test/tiny-clip"))
+pinned = load_encoder(ModelSettings(name="mmprep-test/tiny-clip", revision=sys.argv[2]))
+print(json.dumps({"local": local.fingerprint, "hub": hub.describe(), "pinned": pinned.fingerprint}))
+"""
+
+
+def test_hub_model_is_pinned_to_its_commit_and_fingerprints_match_across_processes(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A hub repo in the HF cache (offline) loads pinned to its snapshot's commit, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--mmprep-test--tiny-clip"
+    shutil.copytree(models["clip"], repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    run = subprocess.run(
+        [sys.executable, "-c", _IN_FRESH_PROCESS, str(models["clip"]), COMMIT],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+
+    local = load(models["clip"])
+    assert facts["local"] == local.fingerprint  # stable across processes
+    assert facts["hub"]["revision"] == COMMIT and facts["hub"]["name"] == "mmprep-test/tiny-clip"
+    assert facts["pinned"] == facts["hub"]["fingerprint"]
+    assert facts["hub"]["fingerprint"] != local.fingerprint  # weights named by commit, not by file samples

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmprep.errors import ModelLoadError
+from mmprep.models.base import quiet_transformers
 
 SEED = 0
 MARKER = "mmprep-builtin.json"  # written into each builtin model directory
@@ -38,7 +39,8 @@ def builtin_model_dir(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        build(staging)
+        with quiet_transformers():  # e.g. "falling back to the PIL backend" while constructing the processor
+            build(staging)
         (staging / MARKER).write_text(json.dumps({"name": f"builtin:{name}", "note": NOTE, "seed": SEED}) + "\n")
         try:
             os.rename(staging, target)  # atomic; fails if a concurrent first use already renamed its copy
