@@ -77,6 +77,8 @@ def resolve_source(name: str, revision: str | None = None) -> ModelSource:
     if name.startswith("builtin:"):
         from mmprep.models.builtin import builtin_model_dir
 
+        if revision is not None:
+            raise ModelLoadError(f"--revision applies to hub models only; {name!r} is a builtin model")
         return ModelSource(name, str(builtin_model_dir(name.removeprefix("builtin:"))), None, builtin=True)
     path = Path(name).expanduser()
     if path.is_dir():

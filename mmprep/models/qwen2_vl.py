@@ -54,7 +54,7 @@ class Qwen2VLEncoder(Encoder):
         return ["pixel_values", "image_grid_thw"]
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """One forward over the concatenated patches of all images, split back per image by its grid."""
+        """One forward over the concatenated patches of all images, split back per image by its grid (model dtype)."""
         grids = [item["image_grid_thw"].to(torch.int64) for item in items]
         sizes = [int(grid.prod()) // self.merge_size**2 for grid in grids]
         pixel_values = self.to_device([item["pixel_values"] for item in items], self.dtype)
