@@ -63,10 +63,6 @@ class ModelSource:
     revision: str | None  # hub commit hash; None for a local directory
     builtin: bool = False  # one of mmprep's random-weight smoke-test models
 
-    @property
-    def is_local(self) -> bool:
-        return self.revision is None
-
     def pretrained_kwargs(self) -> dict[str, Any]:
         """Arguments that make every from_pretrained call read the very same files."""
         return {} if self.revision is None else {"revision": self.revision}
