@@ -12,14 +12,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mmprep import __version__
-from mmprep.errors import MmprepError, UsageError
+from mmprep.errors import CacheLockedError, MmprepError, UsageError
 from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings
 
 app = typer.Typer(
@@ -62,6 +62,18 @@ def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise typer.BadParameter(f"expected R,G,B with values 0-255, got {text!r}")
     return rgb  # type: ignore[return-value]
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'jpeg,png' → ('JPEG', 'PNG'), checked against the formats Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    names = tuple(f.strip().upper() for f in text.split(",") if f.strip())
+    unknown = [n for n in names if n not in Image.OPEN]
+    if not names or unknown:
+        raise typer.BadParameter(f"unknown image format(s) {unknown or text!r}; Pillow knows e.g. JPEG, PNG, WEBP, GIF")
+    return names
 
 
 def resolve_model(model: str | None, out: Path) -> str:
@@ -117,6 +129,7 @@ def encode(
     max_side: Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)] = None,
     decode_workers: Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)] = None,
     shard_size: Annotated[str, _opt("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
+    wait_lock: Annotated[float, _opt("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
     retry_failed: Annotated[bool, _opt("retry-failed", "Only retry rows that failed before with a retryable kind.")] = False,
     progress: Annotated[str, _opt("progress", "auto | bar | log | none.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
@@ -142,7 +155,7 @@ def encode(
             allow_private_network=allow_private_network,
             allow_hosts=tuple(allow_host or ()),
             deny_hosts=tuple(deny_host or ()),
-            formats=tuple(f.strip().upper() for f in formats.split(",") if f.strip()),
+            formats=parse_formats(formats),
             alpha_background=parse_rgb(alpha_background),
             exif_transpose=exif_transpose,
             max_pixels=max_pixels,
@@ -157,6 +170,7 @@ def encode(
             load=load,
             shard_bytes=parse_size(shard_size),
             retry_failed=retry_failed,
+            wait_lock=None if wait_lock == float("inf") else wait_lock,
             json=json_out,
             progress=progress,
         )
@@ -164,6 +178,7 @@ def encode(
         from mmprep.pipeline import EncodeRun
         from mmprep.report import Reporter, print_run_summary
 
+        _quiet_transformers()
         encoder = load_encoder(settings.model)
         summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
     except MmprepError as exc:
@@ -191,7 +206,7 @@ def stats(
     if json_out:
         print(json.dumps(data, indent=2))
         return
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole lines
     out.print(f"[bold]{data['cache_dir']}[/bold]: {data['entries']} entries, {_human(data['bytes_on_disk'])} on disk")
     models = Table(title="models")
     for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "shapes"):
@@ -227,6 +242,13 @@ def version() -> None:
     print(__version__)
 
 
+def _quiet_transformers() -> None:
+    """Our own progress output replaces transformers' per-load progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -235,10 +257,12 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _fail(exc: MmprepError) -> None:
+EXIT_USAGE, EXIT_LOCKED = 2, 75  # 75 = EX_TEMPFAIL: try again later
+
+
+def _fail(exc: MmprepError) -> NoReturn:
     err.print(f"[red]error:[/red] {exc}")
-    code = 75 if type(exc).__name__ == "CacheLockedError" else 2
-    raise typer.Exit(code if isinstance(exc, UsageError) or code == 75 else 1)
+    raise typer.Exit(EXIT_LOCKED if isinstance(exc, CacheLockedError) else EXIT_USAGE)
 
 
 def main() -> None:

@@ -18,6 +18,11 @@ def is_data_url(url: str) -> bool:
     return url[:5].lower() == "data:"
 
 
+def stored_url(url: str) -> str:
+    """The URL as written to the index and error records: data URLs become `data:sha256=<hex>`."""
+    return f"data:sha256={cache_key(url)}" if is_data_url(url) else url
+
+
 def display_url(url: str, limit: int = 200) -> str:
     """A short, loggable form of `url`: data URLs become `data:<hash>`, long URLs are cut."""
     if is_data_url(url):

@@ -35,12 +35,14 @@ import torch
 from mmprep.decode import decode_image
 from mmprep.errors import ErrorKind, RowError
 from mmprep.fetch import Fetcher
-from mmprep.keys import cache_key, display_url, is_data_url
+from mmprep.keys import cache_key, stored_url
 from mmprep.manifest import BadLine, Record, read_manifests
 from mmprep.models import Encoder
 from mmprep.settings import Settings
 from mmprep.store.index import CacheIndex, FailureRecord, KeyState
 from mmprep.store.layout import CacheLayout
+from mmprep.store.lock import WriterLock
+from mmprep.store.rebuild import adopt_orphans
 from mmprep.store.shards import ShardEntry, ShardWriter
 
 MANIFEST_CHUNK = 512  # records read and looked up in the index at a time
@@ -151,17 +153,24 @@ class EncodeRun:
         self._writer_q: queue.Queue[Any] = queue.Queue(maxsize=4 * batch + settings.load.concurrency)
         self._stop_signal: int | None = None
         self._writer_error: BaseException | None = None
+        self.adopted: list[str] = []
 
     # -- public ------------------------------------------------------------------------------
 
     def run(self) -> RunSummary:
         """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        self.layout.errors.mkdir(exist_ok=True)
+        with WriterLock(self.layout.root, wait=self.settings.wait_lock):
+            return self._run_locked()
+
+    def _run_locked(self) -> RunSummary:
+        self.layout.errors.mkdir(parents=True, exist_ok=True)
         index = CacheIndex(self.layout.index)
-        index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, self.encoder.describe())
-        index.start_run(self.run_id, self.fingerprint, self.encoder.name)
-        index.close()
+        try:
+            self.adopted = adopt_orphans(index, self.layout)  # a crashed run's written-but-unindexed shards
+            index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, self.encoder.describe())
+            index.start_run(self.run_id, self.fingerprint, self.encoder.name)
+        finally:
+            index.close()
 
         writer = threading.Thread(target=self._writer_loop, name="mmprep-writer", daemon=True)
         model = threading.Thread(target=self._model_loop, name="mmprep-model", daemon=True)
@@ -309,7 +318,7 @@ class EncodeRun:
     async def _fail_row(self, record: Record, key: str, exc: RowError) -> None:
         failure = FailureRecord(
             key=key,
-            url=display_url(record.url, limit=2048) if is_data_url(record.url) else record.url,
+            url=stored_url(record.url),
             caller_id=record.id,
             source=record.source,
             line=record.line,
@@ -388,7 +397,7 @@ class EncodeRun:
 
     def _failure_of(self, row: _Prepared, kind: ErrorKind, message: str) -> FailureRecord:
         r = row.record
-        url = display_url(r.url, limit=2048) if is_data_url(r.url) else r.url
+        url = stored_url(r.url)
         return FailureRecord(row.key, url, r.id, r.source, r.line, kind.value, message, False, 1)
 
     # -- writer thread ---------------------------------------------------------------------------
@@ -431,7 +440,7 @@ class EncodeRun:
         r = item.row.record
         return ShardEntry(
             key=item.row.key,
-            url=display_url(r.url, limit=2048) if is_data_url(r.url) else r.url,
+            url=stored_url(r.url),
             caller_id=r.id,
             embeddings=item.outputs["embeddings"],
             image_grid_thw=item.outputs.get("image_grid_thw"),

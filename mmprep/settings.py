@@ -63,7 +63,8 @@ class Settings:
     load: LoadSettings = field(default_factory=LoadSettings)
     shard_bytes: int = 256 * MiB  # a shard is closed once it holds this many tensor bytes
     flush_seconds: float = 30.0  # ... or once its oldest entry waited this long
-    retry_failed: bool = False  # rerun rows that failed before with a retryable kind
+    retry_failed: bool = False  # only rerun rows that failed before with a retryable kind
+    wait_lock: float | None = 0.0  # seconds to wait for another writer of the cache dir (None: forever)
     json: bool = False
     progress: str = "auto"  # auto | bar | log | none
     log_every: float = 10.0  # seconds between plain progress lines (non-TTY)
