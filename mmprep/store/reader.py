@@ -1,0 +1,354 @@
+"""The serving-side reader: look embeddings up by URL in a cache directory, cheaply and thread-safely.
+
+It opens the index read-only (WAL: it never blocks the writer and sees each commit whole) and
+reads tensors from memory-mapped shards. A byte-bounded LRU keeps recently returned entries in
+memory. Returned tensors are shared with that LRU: treat them as read-only.
+
+Concurrent maintenance is safe: `mmprep gc` writes compacted shards under new names, repoints the
+index rows in one transaction and only then deletes the old file; a shard already open here keeps
+working (POSIX keeps an unlinked file's data while it is mapped), and a shard that vanished before
+it was opened is looked up again in the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mmprep.errors import UsageError
+from mmprep.keys import cache_key
+from mmprep.store.index import connect
+from mmprep.store.layout import GRID_SUFFIX, CacheLayout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BYTES = 256 << 20
+MAX_OPEN_SHARDS = 32
+_CHUNK = 500
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class CachedEmbedding:
+    """One cached entry: the model's output for one image URL."""
+
+    key: str
+    url: str
+    shard: str
+    fingerprint: str
+    embeddings: torch.Tensor
+    image_grid_thw: torch.Tensor | None  # Qwen2-VL only, shape [1, 3]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.embeddings.numel() * self.embeddings.element_size()
+        if self.image_grid_thw is not None:
+            n += self.image_grid_thw.numel() * self.image_grid_thw.element_size()
+        return n
+
+
+@dataclass(frozen=True)
+class ReaderStats:
+    """Counters of one EmbeddingCache. A hit is an entry found (in memory or on disk)."""
+
+    hits: int
+    misses: int
+    memory_hits: int  # the hits served from the in-memory LRU
+    evictions: int
+    entries_in_memory: int
+    bytes_in_memory: int
+    capacity: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def utilisation(self) -> float:
+        return self.bytes_in_memory / self.capacity if self.capacity else 0.0
+
+
+@dataclass(frozen=True)
+class _Row:
+    url: str
+    shard: str
+    tensors: list[str]
+
+
+def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
+    """The models row meant by `model` (fingerprint, fingerprint prefix or name); None = the only
+    model that has entries. ValueError, listing the models, when that is not exactly one."""
+    rows = list(
+        conn.execute(
+            "SELECT fingerprint, name, family, EXISTS (SELECT 1 FROM entries e "
+            "WHERE e.fingerprint = models.fingerprint) AS used FROM models ORDER BY created"
+        )
+    )
+    if model is None:
+        matches = [r for r in rows if r["used"]] or rows
+    else:
+        matches = [r for r in rows if model in (r["fingerprint"], r["name"])]
+        matches = matches or [r for r in rows if r["fingerprint"].startswith(model.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    listing = ", ".join(f"{r['name']} ({r['fingerprint'][:16]})" for r in rows) or "none"
+    if not matches:
+        what = "the cache holds no model" if model is None else f"no model matches {model!r}"
+    elif model is None:
+        what = f"the cache holds {len(matches)} models; choose one"
+    else:
+        what = f"{model!r} matches {len(matches)} models; give more of the fingerprint"
+    raise ValueError(f"{what} (models: {listing})")
+
+
+class EmbeddingCache:
+    """Read embeddings of one model from a cache directory by URL. Safe to share between threads."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        model: str | None = None,
+        *,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        max_open_shards: int = MAX_OPEN_SHARDS,
+    ) -> None:
+        """`model`: fingerprint, fingerprint prefix or model name (None: the cache's only model)."""
+        self.layout = CacheLayout(Path(root))
+        if not self.layout.index.is_file():
+            raise UsageError(f"not an mmprep cache directory (no {self.layout.index.name}): {root}")
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        row = resolve_model(self._conn(), model)
+        self.fingerprint: str = row["fingerprint"]
+        self.model_name: str = row["name"]
+        self.family: str = row["family"]
+        self.capacity = max(0, memory_bytes)
+        self._memory: OrderedDict[str, CachedEmbedding] = OrderedDict()
+        self._memory_bytes = 0
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._max_handles = max(1, max_open_shards)
+        self._hits = self._misses = self._memory_hits = self._evictions = 0
+
+    # -- public ------------------------------------------------------------------------------
+
+    def get(self, url: str) -> CachedEmbedding | None:
+        """The cached entry for `url`, or None when it is not cached for this model."""
+        return self.get_keys([cache_key(url)])[0]
+
+    def get_many(self, urls: Sequence[str]) -> list[CachedEmbedding | None]:
+        """Entries for many URLs (in order, None where not cached), with one batched index query."""
+        return self.get_keys([cache_key(u) for u in urls])
+
+    def get_key(self, key: str) -> CachedEmbedding | None:
+        """Like `get`, by entry key (`mmprep.cache_key(url)`)."""
+        return self.get_keys([key])[0]
+
+    def get_keys(self, keys: Sequence[str]) -> list[CachedEmbedding | None]:
+        """Like `get_many`, by entry keys."""
+        results: list[CachedEmbedding | None] = [None] * len(keys)
+        wanted: dict[str, list[int]] = {}
+        memory_hits = 0
+        with self._lock:
+            for i, key in enumerate(keys):
+                found = self._memory.get(key)
+                if found is not None:
+                    self._memory.move_to_end(key)
+                    results[i] = found
+                    memory_hits += 1
+                else:
+                    wanted.setdefault(key, []).append(i)
+        rows = self._lookup(list(wanted)) if wanted else {}
+        loaded = []
+        for key, positions in wanted.items():
+            row = rows.get(key)
+            found = self._load(key, row) if row is not None else None
+            if found is not None:
+                loaded.append(found)
+                for i in positions:
+                    results[i] = found
+        hits = sum(r is not None for r in results)
+        with self._lock:
+            self._hits += hits
+            self._misses += len(keys) - hits
+            self._memory_hits += memory_hits
+            for found in loaded:
+                self._remember(found)
+        return results
+
+    @property
+    def stats(self) -> ReaderStats:
+        with self._lock:
+            return ReaderStats(
+                hits=self._hits, misses=self._misses, memory_hits=self._memory_hits,
+                evictions=self._evictions, entries_in_memory=len(self._memory),
+                bytes_in_memory=self._memory_bytes, capacity=self.capacity,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+            self._memory.clear()
+            self._memory_bytes = 0
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.layout.index, readonly=True)
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def _lookup(self, keys: list[str]) -> dict[str, _Row]:
+        conn = self._conn()
+        rows: dict[str, _Row] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            for r in conn.execute(
+                f"SELECT key, url, shard, tensors FROM entries WHERE fingerprint=? AND key IN "
+                f"({','.join('?' * len(chunk))})",
+                (self.fingerprint, *chunk),
+            ):
+                rows[r[0]] = _Row(r[1], r[2], json.loads(r[3]))
+        return rows
+
+    def _load(self, key: str, row: _Row) -> CachedEmbedding | None:
+        """Read an entry's tensors; if its shard vanished (gc moved it), look the key up again once."""
+        for attempt in range(2):
+            try:
+                handle = self._handle(row.shard)
+                grid_name = key + GRID_SUFFIX
+                grid = handle.get_tensor(grid_name) if grid_name in row.tensors else None
+                return CachedEmbedding(key, row.url, row.shard, self.fingerprint, handle.get_tensor(key), grid)
+            except (OSError, SafetensorError) as exc:
+                with self._lock:
+                    self._handles.pop(row.shard, None)
+                again = self._lookup([key]).get(key) if attempt == 0 else None
+                if again is None or again.shard == row.shard:
+                    log.warning("cannot read entry %s from shard %s: %s", key, row.shard, exc)
+                    return None
+                row = again
+        return None
+
+    def _handle(self, shard: str) -> Any:
+        with self._lock:
+            handle = self._handles.get(shard)
+            if handle is not None:
+                self._handles.move_to_end(shard)
+                return handle
+        handle = safe_open(str(self.layout.shard_path(shard)), "pt")
+        with self._lock:
+            self._handles[shard] = handle
+            while len(self._handles) > self._max_handles:
+                self._handles.popitem(last=False)
+        return handle
+
+    def _remember(self, entry: CachedEmbedding) -> None:
+        """Keep `entry` in the LRU (caller holds the lock); entries larger than capacity are not kept."""
+        n = entry.nbytes
+        if n > self.capacity or entry.key in self._memory:
+            return
+        self._memory[entry.key] = entry
+        self._memory_bytes += n
+        while self._memory_bytes > self.capacity:
+            _key, old = self._memory.popitem(last=False)
+            self._memory_bytes -= old.nbytes
+            self._evictions += 1
+
+
+def to_vllm(entry: CachedEmbedding) -> dict[str, torch.Tensor]:
+    """A Qwen2-VL entry as vLLM's precomputed-embedding input: multi_modal_data={"image": to_vllm(e)}."""
+    if entry.image_grid_thw is None:
+        raise ValueError(f"entry {entry.key[:16]} has no image_grid_thw (not a Qwen2-VL entry)")
+    return {"image_embeds": entry.embeddings, "image_grid_thw": entry.image_grid_thw}
+
+
+def show_entry(root: Path | str, url_or_key: str, model: str | None = None) -> dict[str, Any]:
+    """What the cache holds for one URL or key: index rows (every model unless `model` is given),
+    the tensors' dtypes and shapes as stored in the shard, and the recorded failure if any."""
+    layout = CacheLayout(Path(root))
+    if not layout.index.is_file():
+        raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}")
+    key = url_or_key if _KEY_RE.fullmatch(url_or_key) else cache_key(url_or_key)
+    conn = connect(layout.index, readonly=True)
+    try:
+        where, args = "key=?", [key]
+        if model is not None:
+            where, args = "key=? AND fingerprint=?", [key, resolve_model(conn, model)["fingerprint"]]
+        names = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT fingerprint, name, family FROM models")}
+        entries = []
+        for r in conn.execute(f"SELECT * FROM entries WHERE {where} ORDER BY created", args):
+            row = dict(r)
+            row["tensors"], row["shape"] = json.loads(row["tensors"]), json.loads(row["shape"])
+            row["model"], row["family"] = names.get(row["fingerprint"], (None, None))
+            row["stored"] = _stored_tensors(layout, row["shard"], row["tensors"])
+            entries.append(row)
+        failures = [dict(r) for r in conn.execute(f"SELECT * FROM failures WHERE {where}", args)]
+    finally:
+        conn.close()
+    return {"query": url_or_key, "key": key, "cached": bool(entries), "entries": entries, "failures": failures}
+
+
+def _stored_tensors(layout: CacheLayout, shard: str, names: list[str]) -> dict[str, Any]:
+    try:
+        with safe_open(str(layout.shard_path(shard)), "pt") as f:
+            present = set(f.keys())
+            return {
+                n: {"dtype": f.get_slice(n).get_dtype(), "shape": f.get_slice(n).get_shape()} if n in present
+                else {"error": "missing from shard"}
+                for n in names
+            }  # fmt: skip
+    except (OSError, SafetensorError) as exc:
+        return {"error": f"shard unreadable: {exc}"}
+
+
+def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
+    """Write an entry to `path`: .safetensors (tensors "embeddings" and "image_grid_thw"), or .npy
+    (embeddings; bfloat16 becomes float32; a grid goes to "<stem>.image_grid_thw.npy"). Returns the
+    files written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        import numpy as np
+
+        emb = entry.embeddings
+        np.save(path, (emb.float() if emb.dtype == torch.bfloat16 else emb).numpy())
+        written = [path]
+        if entry.image_grid_thw is not None:
+            grid_path = path.with_name(path.stem + ".image_grid_thw.npy")
+            np.save(grid_path, entry.image_grid_thw.numpy())
+            written.append(grid_path)
+        return written
+    tensors = {"embeddings": entry.embeddings.contiguous()}
+    if entry.image_grid_thw is not None:
+        tensors["image_grid_thw"] = entry.image_grid_thw.contiguous()
+    meta = {"key": entry.key, "url": entry.url, "model_fingerprint": entry.fingerprint, "shard": entry.shard}
+    save_file(tensors, str(path), metadata=meta)
+    return [path]
