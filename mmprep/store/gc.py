@@ -1,0 +1,204 @@
+"""Garbage collection: drop entries nobody needs any more and give their disk space back.
+
+Order of operations, so that readers never break and a crash never loses a live entry:
+1. entry rows are deleted from the index (one transaction);
+2. a shard whose live bytes fell under `live_threshold` is rewritten with only its live tensors
+   under a NEW name (written atomically), its index rows are repointed in one transaction, and
+   only then is the old file deleted; a shard with no live entry loses its row, then its file.
+A reader that already mapped the old file keeps reading it (POSIX keeps an unlinked file's data
+while it is open); a reader that looks the entry up afterwards gets the new shard. A crash between
+writing the new shard and the commit leaves an orphan whose entries are all indexed elsewhere:
+`adopt_orphans` indexes it with no live entry and the next gc deletes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save
+
+from mmprep import __version__
+from mmprep.errors import UsageError
+from mmprep.store.index import CacheIndex
+from mmprep.store.layout import SHARD_SUFFIX, CacheLayout
+from mmprep.store.lock import WriterLock
+from mmprep.store.reader import resolve_model
+from mmprep.store.rebuild import ShardInfo, ShardUnreadable, read_shard
+from mmprep.store.shards import fsync_dir, write_atomic
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (examples: 30d, 12h, 90m, 45s)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass
+class GcReport:
+    """What `collect_garbage` did (or, with dry_run, would do)."""
+
+    dry_run: bool
+    entries_dropped: int = 0
+    shards_deleted: list[str] = field(default_factory=list)  # no live entry left
+    shards_compacted: list[tuple[str, str | None]] = field(default_factory=list)  # (old, new); new None in dry run
+    bytes_freed: int = 0  # estimated in a dry run
+    models_removed: list[str] = field(default_factory=list)  # fingerprints with nothing left
+    skipped: list[str] = field(default_factory=list)  # shards not compacted (missing/unreadable: run verify)
+
+
+@dataclass(frozen=True)
+class _Doomed:
+    fingerprint: str
+    key: str
+    shard: str
+
+
+def collect_garbage(
+    root: Path | str,
+    *,
+    model: str | None = None,
+    older_than: float | None = None,
+    keep_last_runs: int | None = None,
+    dry_run: bool = False,
+    live_threshold: float = 0.5,
+    wait: float | None = 0,
+) -> GcReport:
+    """Drop entries, then compact or delete the shards they leave mostly or wholly dead.
+
+    Entries are dropped when they match every given filter: `model` (fingerprint, prefix or name),
+    `older_than` (seconds since encoded), `keep_last_runs` (not written by the model's N newest
+    runs that wrote entries). With no filter nothing is dropped and gc only compacts.
+    """
+    layout = CacheLayout(Path(root))
+    if not layout.index.is_file():
+        raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}")
+    report = GcReport(dry_run=dry_run)
+    with WriterLock(layout.root, wait):
+        index = CacheIndex(layout.index)
+        try:
+            db = index.conn
+            fingerprint = resolve_model(db, model)["fingerprint"] if model is not None else None
+            doomed = _select(index, fingerprint, older_than, keep_last_runs)
+            report.entries_dropped = len(doomed)
+            if not dry_run:
+                with db:
+                    db.executemany(
+                        "DELETE FROM entries WHERE fingerprint=? AND key=?", [(d.fingerprint, d.key) for d in doomed]
+                    )
+            gone = {(d.fingerprint, d.key) for d in doomed} if dry_run else set()
+            _sweep_shards(index, layout, gone, live_threshold, report)
+            if fingerprint is not None:
+                left = db.execute("SELECT count(*) FROM entries WHERE fingerprint=?", (fingerprint,)).fetchone()[0]
+                if left - (len(doomed) if dry_run else 0) == 0:
+                    report.models_removed.append(fingerprint)
+                    if not dry_run:
+                        with db:
+                            db.execute("DELETE FROM failures WHERE fingerprint=?", (fingerprint,))
+                            db.execute("DELETE FROM models WHERE fingerprint=?", (fingerprint,))
+        finally:
+            index.close()
+    return report
+
+
+def _select(
+    index: CacheIndex, fingerprint: str | None, older_than: float | None, keep_last_runs: int | None
+) -> list[_Doomed]:
+    if fingerprint is None and older_than is None and keep_last_runs is None:
+        return []
+    where, args = ["1"], []
+    if fingerprint is not None:
+        where.append("fingerprint=?")
+        args.append(fingerprint)
+    if older_than is not None:
+        where.append("created < ?")
+        args.append(time.time() - older_than)
+    kept: set[tuple[str, str]] | None = None
+    if keep_last_runs is not None:
+        ranked: dict[str, list[tuple[float, str]]] = {}
+        for fp, run_id, started in index.conn.execute(
+            "SELECT e.fingerprint, e.run_id, coalesce(r.started, min(e.created)) FROM entries e "
+            "LEFT JOIN runs r ON r.run_id = e.run_id GROUP BY e.fingerprint, e.run_id"
+        ):
+            ranked.setdefault(fp, []).append((started, run_id))
+        kept = {(fp, run) for fp, runs in ranked.items() for _t, run in sorted(runs, reverse=True)[:keep_last_runs]}
+    rows = index.conn.execute(
+        f"SELECT fingerprint, key, shard, run_id FROM entries WHERE {' AND '.join(where)}", args
+    )
+    return [_Doomed(fp, key, shard) for fp, key, shard, run in rows if kept is None or (fp, run) not in kept]
+
+
+def _sweep_shards(
+    index: CacheIndex, layout: CacheLayout, gone: set[tuple[str, str]], threshold: float, report: GcReport
+) -> None:
+    """Delete shards without live entries; compact those whose live fraction (live tensor bytes /
+    all tensor bytes of the shard) is under `threshold`."""
+    db = index.conn
+    live: dict[str, list[str]] = {}
+    for shard, fp, key in db.execute("SELECT shard, fingerprint, key FROM entries ORDER BY shard"):
+        if (fp, key) not in gone:
+            live.setdefault(shard, []).append(key)
+    for name, stored_entries, nbytes, run_id in list(db.execute("SELECT name, entries, bytes, run_id FROM shards")):
+        keys = live.get(name, [])
+        if not keys:
+            report.shards_deleted.append(name)
+            report.bytes_freed += nbytes
+            if not report.dry_run:
+                with db:
+                    db.execute("DELETE FROM shards WHERE name=?", (name,))
+                layout.shard_path(name).unlink(missing_ok=True)
+            continue
+        if len(keys) >= stored_entries:
+            continue
+        try:
+            info = read_shard(layout, name)
+        except ShardUnreadable:
+            report.skipped.append(name)
+            continue
+        described = {d["key"]: d for d in info.entries}
+        live_bytes = sum(info.tensor_bytes(t) for k in keys for t in described[k]["tensors"])
+        if live_bytes >= threshold * sum(info.tensor_bytes(t) for t in info.tensors):
+            continue
+        if report.dry_run:
+            report.shards_compacted.append((name, None))
+            report.bytes_freed += info.nbytes - live_bytes
+            continue
+        new, new_bytes = _compact(index, layout, info, [described[k] for k in keys], run_id)
+        report.shards_compacted.append((name, new))
+        report.bytes_freed += info.nbytes - new_bytes
+
+
+def _compact(
+    index: CacheIndex, layout: CacheLayout, info: ShardInfo, keep: list[dict[str, object]], run_id: str
+) -> tuple[str, int]:
+    """Rewrite `info` with only the `keep` entries under a new name; repoint the index; delete the old."""
+    with safe_open(str(info.path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {t: f.get_tensor(t) for d in keep for t in d["tensors"]}  # type: ignore[attr-defined]
+    meta.update(
+        entries=json.dumps(keep, separators=(",", ":")), compacted_from=info.name, mmprep_version=__version__
+    )
+    blob = save(tensors, metadata=meta)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
+    new = f"{layout.shard_dir(info.fingerprint).name}/{run_id}-gc{stamp}{SHARD_SUFFIX}"
+    write_atomic(layout.shard_path(new), blob)
+    with index.conn as db:
+        db.execute(
+            "INSERT INTO shards VALUES (?,?,?,?,?,?,?)",
+            (new, info.fingerprint, len(keep), len(blob), hashlib.sha256(blob).hexdigest(), run_id, time.time()),
+        )
+        db.execute("UPDATE entries SET shard=? WHERE shard=?", (new, info.name))
+        db.execute("DELETE FROM shards WHERE name=?", (info.name,))
+    info.path.unlink()
+    fsync_dir(info.path.parent)
+    return new, len(blob)
