@@ -36,8 +36,8 @@ from mmprep.fetch.addresses import IPAddress, parse_ip
 
 @pytest.mark.parametrize(
     "url",
-    ["", "ftp://example.com/cat.png", "gopher://example.com/", "javascript:alert(1)", "images/cat.png",
-     "cat.png", "C:\\images\\cat.png", " https://example.com/cat.png", "http:cat.png", "mailto:a@b.c"],
+    ["", "ftp://example.com/cat.png", "gopher://example.com/", "javascript:alert(1)", "C:\\images\\cat.png",
+     "http:cat.png", "https:///cat.png", "mailto:a@b.c", "blob:https://example.com/1234"],
 )
 def test_unsupported_urls_are_bad_scheme(url: str) -> None:
     assert fetch_error(settings(), url).kind is ErrorKind.BAD_SCHEME
@@ -109,6 +109,15 @@ def test_local_files_inside_the_allowed_dir(image_dir: Path) -> None:
         assert got is not None and got.data == PNG and got.url == url, url
 
 
+def test_relative_paths_resolve_against_the_current_directory(image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(image_dir.parent)
+    s = settings(allow_local_dirs=(Path("allowed"),))
+    assert fetch(s, "allowed/cat.png").data == PNG  # type: ignore[union-attr]
+    assert fetch(s, "./allowed/sub/../cat.png").data == PNG  # type: ignore[union-attr]
+    for url in ["secret.png", "allowed/../secret.png", "example.com/cat.png"]:
+        assert fetch_error(s, url).kind is ErrorKind.BAD_PATH, url
+
+
 def test_local_files_outside_the_allowed_dir(image_dir: Path) -> None:
     s = settings(allow_local_dirs=(image_dir,))
     (image_dir / "escape.png").symlink_to(image_dir.parent / "secret.png")
@@ -145,9 +154,10 @@ def test_local_file_problems(image_dir: Path) -> None:
 
 
 def test_local_files_need_an_allowed_dir(image_dir: Path) -> None:
-    error = fetch_error(settings(), str(image_dir / "cat.png"))
-    assert error.kind is ErrorKind.BAD_PATH
-    assert "--allow-local-dir" in error.message
+    for url in [str(image_dir / "cat.png"), f"file://{image_dir}/cat.png", "cat.png", "images.example.com/cat.png"]:
+        error = fetch_error(settings(), url)
+        assert error.kind is ErrorKind.BAD_PATH
+        assert "local files are not allowed (see --allow-local-dir)" in error.message
 
 
 def test_local_file_over_max_bytes(image_dir: Path) -> None:

@@ -24,7 +24,7 @@ from mmprep.keys import display_url
 from mmprep.settings import LoadSettings
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-MAX_RETRY_AFTER = 60.0  # seconds; a server asking for longer fails the row (retryable by a later run)
+MAX_RETRY_AFTER = 60.0  # seconds (and at most settings.timeout); a server asking for longer fails the row
 SNIFF_BYTES = 512  # how much of an error page / text body is read for the message
 _NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
 
@@ -105,9 +105,9 @@ class Fetcher:
         """Seconds to wait before the next attempt, or None when there is none to make."""
         if not error.retryable or attempt > self.settings.retries:
             return None
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            return retry_after if retry_after <= min(MAX_RETRY_AFTER, self.settings.timeout) else None
+        if isinstance(error, _StatusError) and error.retry_after is not None:
+            longest = min(MAX_RETRY_AFTER, self.settings.timeout)
+            return error.retry_after if error.retry_after <= longest else None
         return self.settings.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
 
     async def _attempt(self, url: httpx.URL, headers: dict[str, str]) -> Fetched | None:

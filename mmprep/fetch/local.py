@@ -1,4 +1,5 @@
-"""Local files: absolute paths and `file://` URLs, readable only inside the allowed directories.
+"""Local files: paths (relative ones against the current directory) and `file://` URLs, readable
+only inside the allowed directories.
 
 Everything here blocks on the disk; the fetcher calls it from a worker thread.
 """
@@ -13,10 +14,13 @@ from mmprep.errors import ErrorKind, RowError
 
 
 def path_of(url: str) -> str:
-    """The filesystem path an absolute path or a `file://` URL names (percent-escapes decoded for URLs)."""
-    if url.startswith("/"):
+    """The filesystem path a plain path or a `file://` URL names (percent-escapes decoded for URLs)."""
+    if url[:5].lower() != "file:":
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host part
+        raise _bad(f"not a valid file URL: {exc}") from None
     if parts.netloc not in ("", "localhost"):
         raise _bad(f"file URL names another host ({parts.netloc!r}); only local files can be read")
     path = unquote(parts.path)
@@ -31,7 +35,7 @@ def resolve_inside(path: str, allowed_dirs: tuple[str, ...]) -> str:
     `allowed_dirs` must already be resolved with os.path.realpath.
     """
     if not allowed_dirs:
-        raise _bad("local files are not allowed (no allowed local directory configured, see --allow-local-dir)")
+        raise _bad(f"{path!r} is a local path, and local files are not allowed (see --allow-local-dir)")
     try:
         real = os.path.realpath(path)
     except (ValueError, OSError) as exc:  # NUL byte, or an OS error while resolving

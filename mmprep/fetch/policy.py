@@ -103,7 +103,7 @@ class UrlPolicy:
             return DataTarget(media_type=decoded.media_type, data=decoded.data)
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else None
-        if url.startswith("/") or scheme == "file":
+        if scheme is None or scheme == "file":  # a path (relative ones against the current directory)
             return FileTarget(path=resolve_inside(path_of(url), self.local_dirs))
         if scheme in ("http", "https"):
             try:
@@ -111,8 +111,6 @@ class UrlPolicy:
             except (httpx.InvalidURL, ValueError) as exc:  # ValueError: IDNA errors
                 raise RowError(ErrorKind.BAD_SCHEME, f"not a valid URL: {exc}") from None
             return self.check_http(parsed)
-        if scheme is None:
-            raise RowError(ErrorKind.BAD_SCHEME, "not a URL or an absolute path (relative paths are not supported)")
         raise RowError(ErrorKind.BAD_SCHEME, f"unsupported scheme {scheme!r}: {_SUPPORTED}")
 
     def check_http(self, url: httpx.URL) -> HttpTarget:
@@ -124,6 +122,8 @@ class UrlPolicy:
         host = url.raw_host.decode("ascii")
         if not host:
             raise RowError(ErrorKind.BAD_SCHEME, "URL has no host")
+        if url.port is not None and not 0 < url.port < 65536:
+            raise RowError(ErrorKind.BAD_SCHEME, f"invalid port {url.port}")
         ip = parse_ip(host)
         if ip is not None:
             self.check_address(host, ip)
