@@ -174,14 +174,14 @@ def test_rebuild_keeps_runs_failures_models_of_a_readable_index(cache: CacheLayo
 
 
 def test_rebuild_skips_unreadable_shard_and_indexes_newest_duplicate(cache: CacheLayout) -> None:
-    add_shard(cache, ["https://h/p0"], run="rp2", created=99.0)  # re-encoded later: the newest copy wins
+    add_shard(cache, ["https://h/p0"], run="rp0", created=99.0)  # re-encoded later (name sorts first): newest wins
     bad = cache.shards / "bbbbbbbbbbbbbbbb" / "broken.safetensors"
     bad.write_bytes(b"\x00" * 50)
     Path(cache.index).unlink()
     report = rebuild_index(cache.root)
     assert report.unreadable == ["bbbbbbbbbbbbbbbb/broken.safetensors"] and report.duplicates == 1
     row = CacheIndex(cache.index, readonly=True).entry(POOLED, cache_key("https://h/p0"))
-    assert row["run_id"] == "rp2" and row["created"] == 99.0
+    assert row["run_id"] == "rp0" and row["created"] == 99.0
 
 
 def test_rebuild_needs_the_writer_lock(cache: CacheLayout) -> None:

@@ -18,6 +18,7 @@ import json
 import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,8 +97,7 @@ def collect_garbage(
                     db.executemany(
                         "DELETE FROM entries WHERE fingerprint=? AND key=?", [(d.fingerprint, d.key) for d in doomed]
                     )
-            gone = {(d.fingerprint, d.key) for d in doomed} if dry_run else set()
-            _sweep_shards(index, layout, gone, live_threshold, report)
+            _sweep_shards(index, layout, doomed if dry_run else [], live_threshold, report)
             if fingerprint is not None:
                 left = db.execute("SELECT count(*) FROM entries WHERE fingerprint=?", (fingerprint,)).fetchone()[0]
                 if left - (len(doomed) if dry_run else 0) == 0:
@@ -139,18 +139,16 @@ def _select(
 
 
 def _sweep_shards(
-    index: CacheIndex, layout: CacheLayout, gone: set[tuple[str, str]], threshold: float, report: GcReport
+    index: CacheIndex, layout: CacheLayout, gone: list[_Doomed], threshold: float, report: GcReport
 ) -> None:
     """Delete shards without live entries; compact those whose live fraction (live tensor bytes /
     all tensor bytes of the shard) is under `threshold`."""
     db = index.conn
-    live: dict[str, list[str]] = {}
-    for shard, fp, key in db.execute("SELECT shard, fingerprint, key FROM entries ORDER BY shard"):
-        if (fp, key) not in gone:
-            live.setdefault(shard, []).append(key)
+    live = Counter(dict(db.execute("SELECT shard, count(*) FROM entries GROUP BY shard")))
+    live.subtract(d.shard for d in gone)  # dry run: the entries that would have been dropped
+    gone_keys = {(d.fingerprint, d.key) for d in gone}
     for name, stored_entries, nbytes, run_id in list(db.execute("SELECT name, entries, bytes, run_id FROM shards")):
-        keys = live.get(name, [])
-        if not keys:
+        if live[name] <= 0:
             report.shards_deleted.append(name)
             report.bytes_freed += nbytes
             if not report.dry_run:
@@ -158,8 +156,10 @@ def _sweep_shards(
                     db.execute("DELETE FROM shards WHERE name=?", (name,))
                 layout.shard_path(name).unlink(missing_ok=True)
             continue
-        if len(keys) >= stored_entries:
+        if live[name] >= stored_entries:
             continue
+        keys = [k for fp, k in db.execute("SELECT fingerprint, key FROM entries WHERE shard=?", (name,))
+                if (fp, k) not in gone_keys]  # fmt: skip
         try:
             info = read_shard(layout, name)
         except ShardUnreadable:
