@@ -7,6 +7,7 @@ Exit codes: 0 all rows encoded or cached · 1 some rows failed · 2 usage/config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -198,9 +199,8 @@ def stats(
     """Show what a cache directory holds: models, entries, shards, failures, recent runs."""
     from mmprep.store.stats import cache_stats
 
-    root = cache_dir or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
     try:
-        data = cache_stats(root)
+        data = cache_stats(_cache_dir(cache_dir))
     except MmprepError as exc:
         _fail(exc)
     if json_out:
@@ -234,6 +234,120 @@ def stats(
             str(r["cached"]), str(r["failed"]), str(r["images_per_s"]),
         )
     out.print(runs)
+
+
+def _cache_dir(path: Path | None) -> Path:
+    return path or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
+CacheDirArg = Annotated[Optional[Path], typer.Argument(help="Cache directory [default: $MMPREP_CACHE_DIR or ./mmprep-cache].")]
+
+
+@app.command()
+def verify(
+    cache_dir: CacheDirArg = None,
+    deep: Annotated[bool, typer.Option("--deep", help="Also re-hash every shard against its recorded sha256.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Drop dangling index rows, adopt or remove orphan shards, delete temp files.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check that the index and the shards agree; exit 0 clean, 1 problems found (even if repaired)."""
+    from mmprep.store.verify import verify_cache
+
+    try:
+        report = verify_cache(_cache_dir(cache_dir), deep=deep, repair=repair)
+    except MmprepError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
+        raise typer.Exit(report.exit_code)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    if report.writer_active:
+        out.print(f"[yellow]a writer is running ({report.writer_active}): orphan and temp-file checks skipped[/yellow]")
+    for p in report.problems:
+        out.print(f"[red]{p.kind}[/red] {p.shard or '-'} {p.key or '-'} {p.detail}")
+    for r in report.repairs:
+        out.print(f"[green]repaired[/green] {r}")
+    verdict = "clean" if report.ok else f"{len(report.problems)} problem(s): {report.counts()}"
+    out.print(f"{report.shards_checked} shards, {report.entries_checked} entries checked{' (deep)' if deep else ''}: {verdict}")
+    raise typer.Exit(report.exit_code)
+
+
+index_app = typer.Typer(help="Index maintenance.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("rebuild")
+def index_rebuild(cache_dir: CacheDirArg = None) -> None:
+    """Rebuild index.sqlite from the self-describing shards alone (the index is derived data)."""
+    from mmprep.store.rebuild import rebuild_index
+
+    try:
+        report = rebuild_index(_cache_dir(cache_dir))
+    except MmprepError as exc:
+        _fail(exc)
+    err.print(
+        f"rebuilt index: {report.shards} shards, {report.entries} entries, {len(report.models)} model(s); "
+        f"old index {report.old_index} (kept {report.kept_runs} runs, {report.kept_failures} failures)"
+    )
+    if report.duplicates:
+        err.print(f"{report.duplicates} entries were in more than one shard: the newest is indexed")
+    for name in report.unreadable:
+        err.print(f"[yellow]warning:[/yellow] unreadable shard left on disk: {name} (see mmprep verify)")
+
+
+@app.command()
+def gc(
+    cache_dir: CacheDirArg = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Only entries of this model (name or fingerprint).")] = None,
+    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Only entries created before this age (30d, 12h, 90m).")] = None,
+    keep_last_runs: Annotated[Optional[int], typer.Option("--keep-last-runs", help="Only entries not written by the model's last N runs.", min=0)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would happen; change nothing.")] = False,
+) -> None:
+    """Drop entries matching every filter given, then compact shards that are mostly dead."""
+    from mmprep.store.gc import collect_garbage, parse_duration
+
+    try:
+        age = parse_duration(older_than) if older_than else None
+        report = collect_garbage(
+            _cache_dir(cache_dir), model=model, older_than=age, keep_last_runs=keep_last_runs, dry_run=dry_run
+        )
+    except ValueError as exc:
+        _fail(UsageError(str(exc)))
+    except MmprepError as exc:
+        _fail(exc)
+    tag = " (dry run)" if dry_run else ""
+    err.print(
+        f"gc{tag}: {report.entries_dropped} entries dropped, {len(report.shards_deleted)} shards deleted, "
+        f"{len(report.shards_compacted)} compacted, {_human(report.bytes_freed)} freed"
+    )
+    for name in report.skipped:
+        err.print(f"[yellow]skipped[/yellow] {name} (missing or unreadable: run mmprep verify)")
+
+
+@app.command()
+def show(
+    cache_dir: Annotated[Path, typer.Argument(help="Cache directory.")],
+    url_or_key: Annotated[str, typer.Argument(help="The URL as given in the manifest, or its 64-hex key.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="Model name or fingerprint (default: all).")] = None,
+    export: Annotated[Optional[Path], typer.Option("--export", help="Write the tensors to a .safetensors or .npy file.")] = None,
+) -> None:
+    """Show what is cached (or failed) for one entry; exit 0 when cached, 1 when not."""
+    from mmprep.store.reader import EmbeddingCache, export_entry, show_entry
+
+    try:
+        info = show_entry(cache_dir, url_or_key, model=model)
+        if export is not None and info["cached"]:
+            with EmbeddingCache(cache_dir, model=info["entries"][-1]["fingerprint"], memory_bytes=0) as cache:
+                entry = cache.get_key(info["key"])
+            if entry is None:
+                raise UsageError("the entry vanished while reading it (a concurrent gc?); try again")
+            info["exported"] = [str(p) for p in export_entry(entry, export)]
+    except ValueError as exc:
+        _fail(UsageError(str(exc)))
+    except MmprepError as exc:
+        _fail(exc)
+    print(json.dumps(info, indent=2, default=str))
+    raise typer.Exit(0 if info["cached"] else 1)
 
 
 @app.command()

@@ -1,0 +1,120 @@
+"""`mmprep verify / index rebuild / gc / show`, the writer lock and the reader, on caches made by `encode`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import image_bytes
+from mmprep import EmbeddingCache, cache_key
+from mmprep.cli import app
+from mmprep.store.lock import WriterLock
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture()
+def cache(tmp_path) -> tuple[Path, list[str]]:
+    """A cache with 6 local images in 3 shards (two rows per shard: --shard-size tiny)."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    urls = []
+    for i in range(6):
+        path = images / f"{i}.png"
+        path.write_bytes(image_bytes("RGB", (24 + i, 30), "PNG", i))
+        urls.append(str(path))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(u) + "\n" for u in urls))
+    out = tmp_path / "cache"
+    result = cli(
+        "encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), "--allow-local-dir", str(images),
+        "--shard-size", "100", "--batch-size", "2", "--progress", "none",
+    )
+    assert result.exit_code == 0, result.output
+    return out, urls
+
+
+def entries(out: Path) -> list[tuple]:
+    db = sqlite3.connect(out / "index.sqlite")
+    rows = sorted(db.execute("SELECT fingerprint, key, url, shard, tensors, dtype, shape, content_sha256 FROM entries"))
+    db.close()
+    return rows
+
+
+def test_verify_clean_then_detects_and_repairs(cache):
+    out, _ = cache
+    clean = cli("verify", str(out), "--deep")
+    assert clean.exit_code == 0 and "clean" in clean.stdout
+    shard = next((out / "shards").rglob("*.safetensors"))
+    shard.unlink()
+    broken = cli("verify", str(out))
+    assert broken.exit_code == 1 and "missing_shard" in broken.stdout
+    repaired = cli("verify", str(out), "--repair")
+    assert repaired.exit_code == 1 and "repaired" in repaired.stdout
+    assert cli("verify", str(out)).exit_code == 0
+    assert len(entries(out)) < 6
+
+
+def test_index_rebuild_restores_entries_from_shards(cache):
+    out, _ = cache
+    before = entries(out)
+    for suffix in ("", "-wal", "-shm"):
+        (out / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    result = cli("index", "rebuild", str(out))
+    assert result.exit_code == 0
+    assert entries(out) == before
+
+
+def test_show_and_export(cache, tmp_path):
+    out, urls = cache
+    shown = cli("show", str(out), urls[2], "--export", str(tmp_path / "e.safetensors"))
+    assert shown.exit_code == 0
+    info = json.loads(shown.stdout)
+    assert info["cached"] and info["key"] == cache_key(urls[2])
+    exported = load_file(str(tmp_path / "e.safetensors"))
+    with EmbeddingCache(out) as reader:
+        entry = reader.get(urls[2])
+    assert torch.equal(next(iter(exported.values())), entry.embeddings)
+    missing = cli("show", str(out), "https://nowhere.example/x.png")
+    assert missing.exit_code == 1 and json.loads(missing.stdout)["cached"] is False
+
+
+def test_gc_model_filter_drops_everything_of_that_model(cache):
+    out, _ = cache
+    dry = cli("gc", str(out), "--model", "builtin:tiny-clip", "--dry-run")
+    assert dry.exit_code == 0 and "dry run" in dry.output and len(entries(out)) == 6
+    real = cli("gc", str(out), "--model", "builtin:tiny-clip")
+    assert real.exit_code == 0 and "6 entries dropped" in real.output
+    assert entries(out) == [] and not list((out / "shards").rglob("*.safetensors"))
+    assert cli("gc", str(out), "--older-than", "soon").exit_code == 2
+
+
+def test_second_writer_exits_75_or_waits(cache, tmp_path):
+    out, urls = cache
+    manifest = tmp_path / "m2.jsonl"
+    manifest.write_text(json.dumps(urls[0]) + "\n")
+    args = ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out),
+            "--allow-local-dir", str(Path(urls[0]).parent), "--progress", "none"]
+    with WriterLock(out):
+        locked = cli(*args)
+        assert locked.exit_code == 75 and "pid" in locked.output
+    assert cli(*args, "--wait-lock", "5").exit_code == 0
+
+
+def test_reader_serves_what_encode_stored(cache):
+    out, urls = cache
+    with EmbeddingCache(out, memory_bytes=1 << 20) as reader:
+        got = reader.get_many(urls + ["https://nowhere.example/x"])
+        assert got[-1] is None and all(g is not None for g in got[:-1])
+        again = reader.get(urls[0])
+        assert torch.equal(again.embeddings, got[0].embeddings)
+        s = reader.stats
+        assert (s.hits, s.misses, s.memory_hits) == (7, 1, 1)
