@@ -34,6 +34,7 @@ import torch
 
 from mmprep.decode import decode_image
 from mmprep.errors import ErrorKind, RowError
+from mmprep.faults import fault_point
 from mmprep.fetch import Fetcher
 from mmprep.keys import cache_key, stored_url
 from mmprep.manifest import BadLine, Record, read_manifests
@@ -284,6 +285,7 @@ class EncodeRun:
             try:
                 fetched = await fetcher.fetch(record.url)
                 assert fetched is not None  # no conditional request was made
+                fault_point("after_fetch")
                 self.counters.bytes_fetched += len(fetched.data)
                 await loop.run_in_executor(pool, self._prepare, record, key, fetched)
             except RowError as exc:
@@ -384,6 +386,7 @@ class EncodeRun:
     def _encode(self, batch: list[_Prepared]) -> list[_Encoded | _Failed]:
         """Encode a batch; if the batch fails, encode row by row so one bad row fails alone."""
         try:
+            fault_point("in_encode")
             outputs = self.encoder.encode([row.inputs for row in batch])
             return [_Encoded(row, out) for row, out in zip(batch, outputs)]
         except Exception as exc:
@@ -454,6 +457,7 @@ class EncodeRun:
         written = shards.flush()
         if written is None:
             return
+        fault_point("after_shard_write")
         index.commit_shard(written, self.fingerprint, self.run_id)
         with self._inflight_lock:
             for e in written.entries:

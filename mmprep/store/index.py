@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmprep.faults import fault_point
 from mmprep.store.shards import WrittenShard
 
 SCHEMA_VERSION = 1
@@ -196,6 +197,7 @@ class CacheIndex:
                 (shard.name, fingerprint, len(rows), shard.nbytes, shard.sha256, run_id, now),
             )
             self.conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            fault_point("in_index_commit")
             self.conn.executemany(
                 "DELETE FROM failures WHERE fingerprint=? AND key=?", [(fingerprint, r[1]) for r in rows]
             )

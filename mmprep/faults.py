@@ -1,0 +1,28 @@
+"""Fault injection for crash tests: `MMPREP_FAULT=<point>[:N]` makes the process SIGKILL itself
+the Nth time (default 1st) it reaches that point.
+
+The points sit where a crash is most dangerous (between a shard's rename and its index commit,
+inside the index transaction, ...). Unset — as always outside tests — it costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections import Counter
+
+POINTS = frozenset({"after_fetch", "in_encode", "after_shard_write", "in_index_commit"})
+_reached: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def fault_point(name: str) -> None:
+    """Die here, like `kill -9` would, when MMPREP_FAULT names this point (and count)."""
+    spec = os.environ.get("MMPREP_FAULT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    with _lock:
+        _reached[name] += 1
+        if _reached[name] >= int(spec.partition(":")[2] or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
