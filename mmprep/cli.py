@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from mmprep import __version__
 from mmprep.errors import CacheLockedError, MmprepError, UsageError
+from mmprep.manifest import check_readable
 from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings
 
 app = typer.Typer(
@@ -103,66 +104,103 @@ def resolve_model(model: str | None, out: Path) -> str:
     )
 
 
+# Loading options, declared once and shared by `encode` and `check`.
+ConcurrencyOpt = Annotated[int, _opt("concurrency", "Rows loading at once (also the HTTP pool size).", min=1)]
+PerHostOpt = Annotated[int, _opt("per-host", "Concurrent requests to one host.", min=1)]
+TimeoutOpt = Annotated[float, _opt("timeout", "Total deadline per row and attempt, seconds.")]
+MaxBytesOpt = Annotated[str, _opt("max-bytes", "Largest body accepted (e.g. 20MiB).")]
+MaxRedirectsOpt = Annotated[int, _opt("max-redirects", "Redirect hops followed.", min=0)]
+RetriesOpt = Annotated[int, _opt("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", min=0)]
+AllowHttpOpt = Annotated[bool, _opt("allow-http", "Allow plain http:// URLs.")]
+AllowLocalOpt = Annotated[Optional[list[Path]], _opt("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).")]
+AllowPrivateOpt = Annotated[bool, _opt("allow-private-network", "Allow loopback/private/link-local destinations.")]
+AllowHostOpt = Annotated[Optional[list[str]], _opt("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).")]
+DenyHostOpt = Annotated[Optional[list[str]], _opt("deny-host", "Always refuse this host, IP or CIDR (repeatable).")]
+FormatsOpt = Annotated[str, _opt("formats", "Allowed image formats, comma-separated.")]
+AlphaOpt = Annotated[Optional[str], _opt("alpha-background", "Composite alpha onto R,G,B instead of convert('RGB').")]
+ExifOpt = Annotated[bool, _opt("exif-transpose", "Apply EXIF orientation before encoding.")]
+MaxPixelsOpt = Annotated[int, _opt("max-pixels", "Largest image (width x height) decoded.", min=1)]
+MaxSideOpt = Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)]
+DecodeWorkersOpt = Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)]
+ProgressOpt = Annotated[str, _opt("progress", "auto | bar | log | none.")]
+ManifestsArg = Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")]
+ModelOpt = Annotated[Optional[str], _opt("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
+RevisionOpt = Annotated[Optional[str], _opt("revision", "Hub revision (branch, tag or commit).")]
+
+
+def load_settings(
+    concurrency: int, per_host: int, timeout: float, max_bytes: str, max_redirects: int, retries: int,
+    allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
+    allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
+    exif_transpose: bool, max_pixels: int, max_side: int | None, decode_workers: int | None,
+) -> LoadSettings:  # fmt: skip
+    """The loading options of `encode` and `check` as one LoadSettings."""
+    extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
+    return LoadSettings(
+        concurrency=concurrency,
+        per_host=per_host,
+        timeout=timeout,
+        max_bytes=parse_size(max_bytes),
+        max_redirects=max_redirects,
+        retries=retries,
+        allow_http=allow_http,
+        allow_local_dirs=tuple(p.resolve() for p in allow_local_dir or ()),
+        allow_private_network=allow_private_network,
+        allow_hosts=tuple(allow_host or ()),
+        deny_hosts=tuple(deny_host or ()),
+        formats=parse_formats(formats),
+        alpha_background=parse_rgb(alpha_background),
+        exif_transpose=exif_transpose,
+        max_pixels=max_pixels,
+        max_side=max_side,
+        **extra,
+    )
+
+
 @app.command()
 def encode(
-    manifests: Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")],
-    model: Annotated[Optional[str], _opt("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")] = None,
+    manifests: ManifestsArg,
+    model: ModelOpt = None,
     out: Annotated[Optional[Path], _opt("out", f"Cache directory [env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}].")] = None,
-    revision: Annotated[Optional[str], _opt("revision", "Hub revision (branch, tag or commit).")] = None,
+    revision: RevisionOpt = None,
     device: Annotated[str, _opt("device", "auto | cpu | cuda | cuda:N.")] = "auto",
     dtype: Annotated[str, _opt("dtype", "auto | float32 | float16 | bfloat16.")] = "auto",
     batch_size: Annotated[int, _opt("batch-size", "Images per forward pass.", min=1)] = 32,
-    concurrency: Annotated[int, _opt("concurrency", "Rows loading at once (also the HTTP pool size).", min=1)] = _D.concurrency,
-    per_host: Annotated[int, _opt("per-host", "Concurrent requests to one host.", min=1)] = _D.per_host,
-    timeout: Annotated[float, _opt("timeout", "Total deadline per row and attempt, seconds.")] = _D.timeout,
-    max_bytes: Annotated[str, _opt("max-bytes", "Largest body accepted (e.g. 20MiB).")] = "20MiB",
-    max_redirects: Annotated[int, _opt("max-redirects", "Redirect hops followed.", min=0)] = _D.max_redirects,
-    retries: Annotated[int, _opt("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", min=0)] = _D.retries,
-    allow_http: Annotated[bool, _opt("allow-http", "Allow plain http:// URLs.")] = _D.allow_http,
-    allow_local_dir: Annotated[Optional[list[Path]], _opt("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).")] = None,
-    allow_private_network: Annotated[bool, _opt("allow-private-network", "Allow loopback/private/link-local destinations.")] = False,
-    allow_host: Annotated[Optional[list[str]], _opt("allow-host", "Allow this host or IP even if it is in a blocked range (repeatable).")] = None,
-    deny_host: Annotated[Optional[list[str]], _opt("deny-host", "Always refuse this host (repeatable).")] = None,
-    formats: Annotated[str, _opt("formats", "Allowed image formats, comma-separated.")] = ",".join(_D.formats),
-    alpha_background: Annotated[Optional[str], _opt("alpha-background", "Composite alpha onto R,G,B instead of convert('RGB').")] = None,
-    exif_transpose: Annotated[bool, _opt("exif-transpose", "Apply EXIF orientation before encoding.")] = False,
-    max_pixels: Annotated[int, _opt("max-pixels", "Largest image (width x height) decoded.", min=1)] = _D.max_pixels,
-    max_side: Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)] = None,
-    decode_workers: Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)] = None,
+    concurrency: ConcurrencyOpt = _D.concurrency,
+    per_host: PerHostOpt = _D.per_host,
+    timeout: TimeoutOpt = _D.timeout,
+    max_bytes: MaxBytesOpt = "20MiB",
+    max_redirects: MaxRedirectsOpt = _D.max_redirects,
+    retries: RetriesOpt = _D.retries,
+    allow_http: AllowHttpOpt = _D.allow_http,
+    allow_local_dir: AllowLocalOpt = None,
+    allow_private_network: AllowPrivateOpt = False,
+    allow_host: AllowHostOpt = None,
+    deny_host: DenyHostOpt = None,
+    formats: FormatsOpt = ",".join(_D.formats),
+    alpha_background: AlphaOpt = None,
+    exif_transpose: ExifOpt = False,
+    max_pixels: MaxPixelsOpt = _D.max_pixels,
+    max_side: MaxSideOpt = None,
+    decode_workers: DecodeWorkersOpt = None,
     shard_size: Annotated[str, _opt("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
+    refresh_older_than: Annotated[Optional[str], _opt("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.")] = None,
     wait_lock: Annotated[float, _opt("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
     retry_failed: Annotated[bool, _opt("retry-failed", "Only retry rows that failed before with a retryable kind.")] = False,
-    progress: Annotated[str, _opt("progress", "auto | bar | log | none.")] = "auto",
+    progress: ProgressOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
-    try:
-        out_dir = out or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
-        from mmprep.manifest import check_readable
+    from mmprep.store.gc import parse_duration
 
+    try:
+        out_dir = _cache_dir(out)
         check_readable(manifests)
-        load_kw: dict[str, object] = {}
-        if decode_workers:
-            load_kw["decode_workers"] = decode_workers
-        load = LoadSettings(
-            concurrency=concurrency,
-            per_host=per_host,
-            timeout=timeout,
-            max_bytes=parse_size(max_bytes),
-            max_redirects=max_redirects,
-            retries=retries,
-            allow_http=allow_http,
-            allow_local_dirs=tuple(p.resolve() for p in allow_local_dir or ()),
-            allow_private_network=allow_private_network,
-            allow_hosts=tuple(allow_host or ()),
-            deny_hosts=tuple(deny_host or ()),
-            formats=parse_formats(formats),
-            alpha_background=parse_rgb(alpha_background),
-            exif_transpose=exif_transpose,
-            max_pixels=max_pixels,
-            max_side=max_side,
-            **load_kw,  # type: ignore[arg-type]
-        )
+        load = load_settings(
+            concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
+            allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
+            max_side, decode_workers,
+        )  # fmt: skip
         settings = Settings(
             out=out_dir,
             model=ModelSettings(
@@ -170,6 +208,7 @@ def encode(
             ),
             load=load,
             shard_bytes=parse_size(shard_size),
+            refresh_older_than=parse_duration(refresh_older_than) if refresh_older_than else None,
             retry_failed=retry_failed,
             wait_lock=None if wait_lock == float("inf") else wait_lock,
             json=json_out,
@@ -182,6 +221,8 @@ def encode(
         _quiet_transformers()
         encoder = load_encoder(settings.model)
         summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
+    except ValueError as exc:  # a malformed duration
+        _fail(UsageError(str(exc)))
     except MmprepError as exc:
         _fail(exc)
     if json_out:
@@ -189,6 +230,80 @@ def encode(
     else:
         print_run_summary(summary, err)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def check(
+    manifests: ManifestsArg,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="Instead of a model's processor, resize to WxH.")] = None,
+    errors: Annotated[Path, _opt("errors", "Where to write the error records (JSONL).")] = Path("mmprep-check-errors.jsonl"),
+    concurrency: ConcurrencyOpt = _D.concurrency,
+    per_host: PerHostOpt = _D.per_host,
+    timeout: TimeoutOpt = _D.timeout,
+    max_bytes: MaxBytesOpt = "20MiB",
+    max_redirects: MaxRedirectsOpt = _D.max_redirects,
+    retries: RetriesOpt = _D.retries,
+    allow_http: AllowHttpOpt = _D.allow_http,
+    allow_local_dir: AllowLocalOpt = None,
+    allow_private_network: AllowPrivateOpt = False,
+    allow_host: AllowHostOpt = None,
+    deny_host: DenyHostOpt = None,
+    formats: FormatsOpt = ",".join(_D.formats),
+    alpha_background: AlphaOpt = None,
+    exif_transpose: ExifOpt = False,
+    max_pixels: MaxPixelsOpt = _D.max_pixels,
+    max_side: MaxSideOpt = None,
+    decode_workers: DecodeWorkersOpt = None,
+    progress: ProgressOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
+    try:
+        check_readable(manifests)
+        load = load_settings(
+            concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
+            allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
+            max_side, decode_workers,
+        )  # fmt: skip
+        if model and size:
+            raise UsageError("--model and --size exclude each other")
+        prepare: Any = None
+        if model:
+            from mmprep.models import load_preprocessor
+
+            _quiet_transformers()
+            prepare = load_preprocessor(ModelSettings(name=model, revision=revision))
+        elif size:
+            width, height = parse_wxh(size)
+            prepare = lambda image: image.resize((width, height))  # noqa: E731
+        from mmprep.pipeline import CheckRun
+        from mmprep.report import Reporter
+
+        summary = CheckRun(manifests, load, errors, prepare, Reporter(progress)).run()
+    except MmprepError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        s = summary
+        err.print(
+            f"check {s.status}: {s.rows} rows, [green]{s.ok} ok[/green], "
+            f"{'[red]' if s.failed else ''}{s.failed} failed{'[/red]' if s.failed else ''} "
+            f"{s.failures_by_kind or ''}, {s.duplicates} duplicates · {s.images_per_s:.1f} images/s, "
+            f"{_human(int(s.bytes_per_s))}/s over {s.duration_s:.1f}s"
+        )
+        if s.failed:
+            err.print(f"errors: {s.errors_file}")
+    raise typer.Exit(summary.exit_code)
+
+
+def parse_wxh(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or not int(m.group(1)) or not int(m.group(2)):
+        raise typer.BadParameter(f"expected WxH like 224x224, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 @app.command()

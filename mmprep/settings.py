@@ -64,6 +64,7 @@ class Settings:
     shard_bytes: int = 256 * MiB  # a shard is closed once it holds this many tensor bytes
     flush_seconds: float = 30.0  # ... or once its oldest entry waited this long
     retry_failed: bool = False  # only rerun rows that failed before with a retryable kind
+    refresh_older_than: float | None = None  # seconds; re-validate cached entries last checked earlier
     wait_lock: float | None = 0.0  # seconds to wait for another writer of the cache dir (None: forever)
     json: bool = False
     progress: str = "auto"  # auto | bar | log | none

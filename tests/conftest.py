@@ -50,6 +50,7 @@ class Route:
     body: bytes
     content_type: str = "image/png"
     status: int = 200
+    etag: str | None = None  # when set, If-None-Match with this value gets 304
 
 
 @dataclass
@@ -60,13 +61,16 @@ class ImageServer:
     port: int
     routes: dict[str, Route] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
+    not_modified: Counter[str] = field(default_factory=Counter)  # 304 answers per path
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
 
-    def add(self, path: str, body: bytes, content_type: str = "image/png", status: int = 200) -> str:
-        self.routes[path] = Route(body, content_type, status)
+    def add(
+        self, path: str, body: bytes, content_type: str = "image/png", status: int = 200, etag: str | None = None
+    ) -> str:
+        self.routes[path] = Route(body, content_type, status, etag)
         return self.url(path)
 
     @property
@@ -92,7 +96,16 @@ def image_server() -> Iterator[ImageServer]:
             route = state.routes.get(path)
             if route is None:
                 route = Route(b"<html><body>not found</body></html>", "text/html", 404)
+            if route.etag is not None and self.headers.get("If-None-Match") == route.etag:
+                with state.lock:
+                    state.not_modified[path] += 1
+                self.send_response(304)
+                self.send_header("ETag", route.etag)
+                self.end_headers()
+                return
             self.send_response(route.status)
+            if route.etag is not None:
+                self.send_header("ETag", route.etag)
             self.send_header("Content-Type", route.content_type)
             self.send_header("Content-Length", str(len(route.body)))
             self.end_headers()

@@ -259,3 +259,30 @@ def test_quick_start_commands_work_as_written(tmp_path):
     assert "mmprep:" in enc.stderr  # not a TTY: plain progress log lines
     st = subprocess.run([sys.executable, "-m", "mmprep", "stats"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert st.returncode == 0 and "5 entries" in st.stdout.replace("\n", " ")
+
+
+def test_reruns_retry_transient_failures_and_skip_permanent_ones(tmp_path, image_server, served):
+    cache = tmp_path / "cache"
+    flaky = image_server.add("/flaky.png", b"busy", "text/plain", 503)
+    gone = image_server.url("/gone.png")
+    good = list(served.values())[:2]
+    manifest = write_manifest(tmp_path / "m.jsonl", good + [flaky, gone])
+    base = ["--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--retries", "0"]
+    code, first = encode_json(manifest, *base)
+    assert code == 1 and first["failures_by_kind"] == {"http_status": 2}
+
+    # --retry-failed: only rows that failed with a retryable kind (the 503), nothing new, not the 404
+    extra = image_server.add("/new.png", image_bytes("RGB", (20, 20), "PNG", 42))
+    manifest = write_manifest(tmp_path / "m.jsonl", good + [flaky, gone, extra])
+    image_server.routes["/flaky.png"] = image_server.routes["/a.png"]  # the server recovered
+    hits = dict(image_server.hits)
+    code, retried = encode_json(manifest, *base, "--retry-failed")
+    assert code == 1  # the 404 row is still failing
+    assert (retried["encoded"], retried["skipped_failed"], retried["skipped_other"]) == (1, 1, 1)
+    assert image_server.hits["/flaky.png"] == hits["/flaky.png"] + 1
+    assert image_server.hits["/gone.png"] == hits["/gone.png"] and image_server.hits["/new.png"] == 0
+
+    # a plain rerun picks up the new row; the permanent failure is skipped and reported
+    code, plain = encode_json(manifest, *base)
+    assert (plain["encoded"], plain["cached"], plain["skipped_failed"]) == (1, 3, 1)
+    assert image_server.hits["/gone.png"] == hits["/gone.png"]

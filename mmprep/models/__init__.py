@@ -15,7 +15,9 @@ from mmprep.models.base import (
     Encoder,
     reason_of,
     load_config,
+    ImagePreprocessor,
     load_image_processor,
+    load_preprocessor,
     resolve_device,
     resolve_dtype,
     resolve_source,
@@ -24,6 +26,8 @@ from mmprep.models.builtin import BUILTIN_MODELS, NOTE, builtin_model_dir
 from mmprep.settings import ModelSettings
 
 __all__ = [
+    "ImagePreprocessor",
+    "load_preprocessor",
     "BUILTIN_MODELS",
     "FAMILIES",
     "OUTPUT_FORMAT_VERSION",

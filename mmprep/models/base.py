@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +269,31 @@ def owned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu").clone(memory_format=torch.contiguous_format)
 
 
+class ImagePreprocessor:
+    """A model's image processor applied to one image at a time, safely from many threads."""
+
+    def __init__(self, processor: Any, select: Callable[[Any], Sequence[str]] | None = None) -> None:
+        self._processor = processor
+        self._select = select
+        self._local = threading.local()
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        processor = getattr(self._local, "processor", None)
+        if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
+            processor = self._local.processor = copy.deepcopy(self._processor)
+        try:
+            batch = processor(images=image, return_tensors="pt")
+            names = self._select(batch) if self._select is not None else list(batch.keys())
+            return {key: batch[key] for key in names}
+        except Exception as exc:
+            raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_preprocessor(settings: ModelSettings) -> ImagePreprocessor:
+    """Only the image processor of the model named by `settings` (a ModelSettings): for `mmprep check`."""
+    return ImagePreprocessor(load_image_processor(resolve_source(settings.name, settings.revision)))
+
+
 class Encoder(ABC):
     """A loaded vision model: per-image preprocessing on worker threads, batched encoding on the model thread."""
 
@@ -291,7 +316,7 @@ class Encoder(ABC):
         self.device = device
         self.dtype = dtype
         self._image_processor = image_processor
-        self._local = threading.local()
+        self._preprocessor = ImagePreprocessor(image_processor, self.input_names)
         self.fingerprint = fingerprint(
             family=self.family,
             architecture=architecture,
@@ -305,14 +330,7 @@ class Encoder(ABC):
 
     def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """Run the model's image processor on one RGB image (CPU, thread-safe; called from decode worker threads)."""
-        processor = getattr(self._local, "processor", None)
-        if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
-            processor = self._local.processor = copy.deepcopy(self._image_processor)
-        try:
-            batch = processor(images=image, return_tensors="pt")
-            return {key: batch[key] for key in self.input_names(batch)}
-        except Exception as exc:
-            raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
+        return self._preprocessor(image)
 
     def input_names(self, processed: Any) -> Sequence[str]:
         """Which of the processor's outputs the forward needs (default: all of them)."""

@@ -20,6 +20,12 @@ from mmprep.store.shards import WrittenShard
 
 SCHEMA_VERSION = 1
 
+# The columns every writer fills (`checked` is only set by refresh).
+ENTRY_COLUMNS = (
+    "fingerprint, key, url, caller_id, shard, tensors, dtype, shape, content_sha256, etag, last_modified, run_id, created"
+)
+ENTRY_INSERT = f"INTO entries ({ENTRY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
@@ -33,8 +39,10 @@ CREATE TABLE IF NOT EXISTS entries (
     shard TEXT NOT NULL, tensors TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
     content_sha256 TEXT NOT NULL, etag TEXT, last_modified TEXT,
     run_id TEXT NOT NULL, created REAL NOT NULL,
+    checked REAL,  -- last time the source was re-validated by --refresh-older-than (NULL: never)
     PRIMARY KEY (fingerprint, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_shard ON entries (shard);
+CREATE INDEX IF NOT EXISTS entries_content ON entries (fingerprint, content_sha256);
 CREATE TABLE IF NOT EXISTS failures (
     fingerprint TEXT NOT NULL, key TEXT NOT NULL, url TEXT, caller_id TEXT,
     source TEXT, line INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL,
@@ -86,6 +94,10 @@ class KeyState:
     run_id: str | None  # run that encoded it, or that last failed it
     failed_kind: str | None = None
     failed_retryable: bool = False
+    checked: float | None = None  # cached: when the source was last fetched or re-validated
+    etag: str | None = None
+    last_modified: str | None = None
+    content_sha256: str | None = None
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -133,11 +145,19 @@ class CacheIndex:
             ):
                 states[row[0]] = KeyState(False, row[3], row[1], bool(row[2]))
             for row in self.conn.execute(
-                f"SELECT key, run_id FROM entries WHERE fingerprint=? AND key IN ({marks})",
+                "SELECT key, run_id, coalesce(checked, created), etag, last_modified, content_sha256 "
+                f"FROM entries WHERE fingerprint=? AND key IN ({marks})",
                 (fingerprint, *chunk),
             ):
-                states[row[0]] = KeyState(True, row[1])
+                states[row[0]] = KeyState(True, row[1], None, False, row[2], row[3], row[4], row[5])
         return states
+
+    def key_with_content(self, fingerprint: str, content_sha256: str) -> str | None:
+        """A key of this model whose image bytes have this sha256 (content dedup), if any."""
+        row = self.conn.execute(
+            "SELECT key FROM entries WHERE fingerprint=? AND content_sha256=? LIMIT 1", (fingerprint, content_sha256)
+        ).fetchone()
+        return None if row is None else row[0]
 
     def models(self) -> list[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM models ORDER BY created"))
@@ -196,10 +216,20 @@ class CacheIndex:
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (shard.name, fingerprint, len(rows), shard.nbytes, shard.sha256, run_id, now),
             )
-            self.conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self.conn.executemany("INSERT OR REPLACE " + ENTRY_INSERT, rows)
             fault_point("in_index_commit")
             self.conn.executemany(
                 "DELETE FROM failures WHERE fingerprint=? AND key=?", [(fingerprint, r[1]) for r in rows]
+            )
+
+    def mark_checked(self, fingerprint: str, checks: Iterable[tuple[str, str | None, str | None]]) -> None:
+        """Record that these (key, etag, last_modified) sources were re-validated unchanged just now."""
+        now = time.time()
+        with self.conn:
+            self.conn.executemany(
+                "UPDATE entries SET checked=?, etag=coalesce(?, etag), last_modified=coalesce(?, last_modified) "
+                "WHERE fingerprint=? AND key=?",
+                [(now, etag, lm, fingerprint, key) for key, etag, lm in checks],
             )
 
     def record_failures(self, fingerprint: str, run_id: str, failures: Iterable[FailureRecord]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mmprep.store.index import CacheIndex, connect
+from mmprep.store.index import ENTRY_INSERT, CacheIndex, connect
 from mmprep.store.layout import (
     GRID_SUFFIX,
     INDEX_NAME,
@@ -37,7 +37,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 _REBUILD_TMP = f"{INDEX_NAME}.rebuild-"
-_ENTRY_INSERT = "INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
 _REQUIRED = frozenset({"key", "url", "tensors", "content_sha256", "created"})
 
 
@@ -200,7 +200,7 @@ def adopt_orphans(index: CacheIndex, layout: CacheLayout) -> list[str]:
         rows = info.entry_rows()
         with index.conn:
             index.conn.execute("INSERT OR REPLACE INTO shards VALUES (?,?,?,?,?,?,?)", info.shard_row())
-            index.conn.executemany("INSERT OR IGNORE " + _ENTRY_INSERT, rows)
+            index.conn.executemany("INSERT OR IGNORE " + ENTRY_INSERT, rows)
             index.conn.executemany("DELETE FROM failures WHERE fingerprint=? AND key=?", [r[:2] for r in rows])
         adopted.append(name)
     return adopted
@@ -237,7 +237,7 @@ def rebuild_index(root: Path | str, *, wait: float | None = 0) -> RebuildReport:
                     db.execute("INSERT INTO shards VALUES (?,?,?,?,?,?,?)", info.shard_row())
                 # the newest copy of an entry wins, whatever order the files are listed in
                 rows = sorted((r for info in infos for r in info.entry_rows()), key=lambda r: (r[12], r[4]))
-                db.executemany("INSERT OR REPLACE " + _ENTRY_INSERT, rows)
+                db.executemany("INSERT OR REPLACE " + ENTRY_INSERT, rows)
                 db.execute(
                     "DELETE FROM failures WHERE EXISTS (SELECT 1 FROM entries e "
                     "WHERE e.fingerprint=failures.fingerprint AND e.key=failures.key)"

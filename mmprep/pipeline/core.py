@@ -1,0 +1,249 @@
+"""The loading half shared by `encode` and `check`: manifest → skip or claim → fetch → decode.
+
+Threads: the event loop (main thread) reads the manifest in chunks, classifies each chunk with one
+batched lookup, and fetches rows concurrently (at most `concurrency` in flight); a pool of decode
+threads turns bytes into model inputs and hands each row on (blocking when the next stage is
+behind: backpressure). Subclasses decide what a row's state is, whether to fetch it, and what to
+do with its bytes. Nothing is kept per finished row, so memory stays flat for any manifest length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmprep.errors import ErrorKind, RowError
+from mmprep.faults import fault_point
+from mmprep.fetch import Fetched, Fetcher
+from mmprep.keys import cache_key, stored_url
+from mmprep.manifest import BadLine, Record, read_manifests
+from mmprep.settings import LoadSettings
+from mmprep.store.index import FailureRecord
+
+MANIFEST_CHUNK = 512  # records read and classified at a time
+INFLIGHT = "inflight"  # state of a key another row of this run is already loading
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
+
+
+@dataclass
+class RunCounters:
+    """Live counts of one run, shared by all stages (ints updated under the GIL)."""
+
+    rows: int = 0  # records read from the manifests (bad lines included)
+    encoded: int = 0  # newly stored (for `check`: loaded fine)
+    cached: int = 0  # already in the cache before this run
+    refreshed: int = 0  # cached rows re-validated unchanged (--refresh-older-than)
+    content_dedup: int = 0  # new URL, same bytes as a cached entry: stored without encoding
+    duplicates: int = 0  # same URL again within this run
+    failed: int = 0
+    skipped_failed: int = 0  # failed permanently in an earlier run; not retried
+    skipped_other: int = 0  # not attempted because --retry-failed limits the run to earlier failures
+    bytes_fetched: int = 0
+    failures_by_kind: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return (
+            self.encoded + self.cached + self.refreshed + self.duplicates + self.failed
+            + self.skipped_failed + self.skipped_other
+        )  # fmt: skip
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def images_per_s(self) -> float:
+        elapsed = self.elapsed()
+        return self.encoded / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to fetch a claimed row: plain, or as a conditional re-validation of a cached entry."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+    content_sha256: str | None = None  # refresh: the cached entry's content hash
+    refresh: bool = False
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def failure_of(record: Record, key: str, exc: RowError) -> FailureRecord:
+    """The error record of a row (data URLs by hash, never verbatim)."""
+    return FailureRecord(
+        key=key, url=stored_url(record.url), caller_id=record.id, source=record.source, line=record.line,
+        kind=exc.kind.value, message=exc.message, retryable=exc.retryable, attempts=exc.attempts, status=exc.status,
+    )  # fmt: skip
+
+
+def bad_line_failure(bad: BadLine) -> FailureRecord:
+    key = "line:" + hashlib.sha256(f"{bad.source}:{bad.line}".encode()).hexdigest()
+    return FailureRecord(
+        key=key, url=None, caller_id=None, source=bad.source, line=bad.line,
+        kind=ErrorKind.BAD_MANIFEST_LINE.value, message=bad.message, retryable=False, attempts=1,
+    )  # fmt: skip
+
+
+class LoadingRun:
+    """Reads manifests and loads rows concurrently; subclasses supply the policy and the sink."""
+
+    def __init__(self, manifests: list[str], load: LoadSettings, reporter: Any = None) -> None:
+        self.manifests = manifests
+        self.load = load
+        self.reporter = reporter
+        self.run_id = new_run_id()
+        self.counters = RunCounters()
+        self.stop_signal: int | None = None
+        self._inflight: set[str] = set()  # keys claimed by this run and not yet finished
+        self._inflight_lock = threading.Lock()
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    def classify(self, chunk: list[Record | BadLine]) -> list[Any]:
+        """One state per item (None for bad lines); the default knows only this run's in-flight keys."""
+        with self._inflight_lock:
+            return [None if isinstance(r, BadLine) else (INFLIGHT if cache_key(r.url) in self._inflight else None)
+                    for r in chunk]  # fmt: skip
+
+    def plan(self, key: str, state: Any) -> Plan | None:
+        """Whether to load a row (a Plan) or not (None, after counting why)."""
+        if state == INFLIGHT or not self.claim(key):
+            self.counters.duplicates += 1
+            return None
+        return Plan()
+
+    def handle(self, record: Record, key: str, fetched: Fetched, plan: Plan) -> None:
+        """Decode thread: do the work for one row's bytes; raise RowError for a bad row."""
+        raise NotImplementedError
+
+    async def not_modified(self, record: Record, key: str, plan: Plan) -> None:
+        """The server answered 304 to a conditional refresh."""
+        raise NotImplementedError
+
+    async def record_failure(self, failure: FailureRecord) -> None:
+        raise NotImplementedError
+
+    # -- shared machinery --------------------------------------------------------------------------
+
+    def claim(self, key: str) -> bool:
+        """Mark `key` as loading in this run; False when another row already claimed it."""
+        with self._inflight_lock:
+            if key in self._inflight:
+                return False
+            self._inflight.add(key)
+            return True
+
+    def release(self, keys: Any) -> None:
+        with self._inflight_lock:
+            self._inflight.difference_update(keys)
+
+    async def produce(self) -> None:
+        """Run the loading half until the manifests are exhausted or a signal arrives."""
+        self._install_signal_handlers(asyncio.get_running_loop())
+        slots = asyncio.Semaphore(self.load.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        chunks = _chunks(read_manifests(self.manifests), MANIFEST_CHUNK)
+        pool = ThreadPoolExecutor(max_workers=self.load.decode_workers, thread_name_prefix="mmprep-decode")
+        try:
+            async with Fetcher(self.load) as fetcher:
+                while self.stop_signal is None:
+                    chunk = await asyncio.to_thread(next, chunks, None)
+                    if chunk is None:
+                        break
+                    states = await asyncio.to_thread(self.classify, chunk)
+                    for item, state in zip(chunk, states):
+                        self.counters.rows += 1
+                        if isinstance(item, BadLine):
+                            await self.record_failure(bad_line_failure(item))
+                            continue
+                        key = cache_key(item.url)
+                        plan = self.plan(key, state)
+                        if plan is None:
+                            continue
+                        await slots.acquire()
+                        if self.stop_signal is not None:
+                            slots.release()
+                            self.release([key])
+                            break
+                        task = asyncio.create_task(self._load_row(item, key, plan, fetcher, pool, slots))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                if self.stop_signal is not None:
+                    for task in tasks:
+                        task.cancel()  # rows still fetching are simply not done; a rerun picks them up
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            pool.shutdown(wait=True)
+
+    async def _load_row(
+        self, record: Record, key: str, plan: Plan, fetcher: Fetcher, pool: ThreadPoolExecutor,
+        slots: asyncio.Semaphore,
+    ) -> None:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                fetched = await fetcher.fetch(record.url, etag=plan.etag, last_modified=plan.last_modified)
+                fault_point("after_fetch")
+                if fetched is None:
+                    await self.not_modified(record, key, plan)
+                    return
+                self.counters.bytes_fetched += len(fetched.data)
+                await loop.run_in_executor(pool, self.handle, record, key, fetched, plan)
+            except RowError as exc:
+                await self.record_failure(failure_of(record, key, exc))
+            except asyncio.CancelledError:
+                self.release([key])
+                raise
+            except Exception as exc:  # a bug: record it, keep the run going
+                error = RowError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+                await self.record_failure(failure_of(record, key, error))
+        finally:
+            slots.release()
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self.on_signal, signum)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+    def on_signal(self, signum: int) -> None:
+        """Stop taking new rows; what is in flight finishes and is flushed."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            if self.reporter is not None:
+                self.reporter.note("stopping: finishing the in-flight rows and flushing…")
+
+    def exit_status(self, rows_failed: bool) -> tuple[str, int]:
+        if self.stop_signal == signal.SIGINT:
+            return "interrupted", EXIT_SIGINT
+        if self.stop_signal == signal.SIGTERM:
+            return "interrupted", EXIT_SIGTERM
+        return "completed", EXIT_ROWS_FAILED if rows_failed else EXIT_OK
+
+
+def _chunks(items: Iterator[Record | BadLine], size: int) -> Iterator[list[Record | BadLine]]:
+    chunk: list[Record | BadLine] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

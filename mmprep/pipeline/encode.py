@@ -1,0 +1,419 @@
+"""`mmprep encode`: the loading half (core.py), then one model thread and one writer thread.
+
+  decode threads  → model queue (bounded) → model thread: batches, one forward per batch
+                  → writer queue (bounded) → writer thread: shards, index rows, failures, errors.jsonl
+The writer owns the index connection; an entry row is committed only after its shard is durable,
+and a key leaves the in-flight set only once committed, so no row is ever fetched twice in a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmprep.decode import decode_image
+from mmprep.errors import ErrorKind, RowError
+from mmprep.faults import fault_point
+from mmprep.fetch import Fetched
+from mmprep.keys import cache_key, stored_url
+from mmprep.manifest import BadLine, Record
+from mmprep.models import Encoder
+from mmprep.pipeline.core import INFLIGHT, LoadingRun, Plan, failure_of
+from mmprep.settings import Settings
+from mmprep.store.index import CacheIndex, FailureRecord, KeyState
+from mmprep.store.layout import CacheLayout
+from mmprep.store.lock import WriterLock
+from mmprep.store.reader import EmbeddingCache
+from mmprep.store.rebuild import adopt_orphans
+from mmprep.store.shards import ShardEntry, ShardWriter
+
+FAILURE_FLUSH_ROWS = 256
+WRITER_TICK = 0.5  # seconds between writer housekeeping (failure commits, time-based shard flush)
+BATCH_LINGER = 0.005  # seconds the model thread waits for more rows before running a short batch
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run did; printed as JSON with `--json` and stored in the index's runs table."""
+
+    run_id: str
+    model: str
+    fingerprint: str
+    status: str  # completed | interrupted
+    exit_code: int
+    rows: int
+    encoded: int
+    cached: int
+    refreshed: int
+    content_dedup: int
+    duplicates: int
+    failed: int
+    skipped_failed: int
+    skipped_other: int
+    failures_by_kind: dict[str, int]
+    bytes_fetched: int
+    duration_s: float
+    images_per_s: float
+    cache_dir: str
+    errors_file: str
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Prepared:
+    """A decoded, preprocessed row on its way to the model."""
+
+    record: Record
+    key: str
+    inputs: dict[str, torch.Tensor]
+    content_sha256: str
+    etag: str | None
+    last_modified: str | None
+
+
+@dataclass
+class _Encoded:
+    row: _Prepared
+    outputs: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Failed:
+    failure: FailureRecord
+
+
+@dataclass
+class _Checked:
+    """A cached entry whose source was re-validated unchanged (304 or same bytes)."""
+
+    key: str
+    etag: str | None
+    last_modified: str | None
+
+
+_STOP = object()
+
+
+class EncodeRun(LoadingRun):
+    """Runs manifests through the whole pipeline into a cache directory."""
+
+    def __init__(self, manifests: list[str], settings: Settings, encoder: Encoder, reporter: Any = None) -> None:
+        super().__init__(manifests, settings.load, reporter)
+        self.settings = settings
+        self.encoder = encoder
+        self.layout = CacheLayout(settings.out)
+        self.fingerprint = encoder.fingerprint
+        batch = settings.model.batch_size
+        self._model_q: queue.Queue[Any] = queue.Queue(maxsize=2 * batch)
+        self._writer_q: queue.Queue[Any] = queue.Queue(maxsize=4 * batch + settings.load.concurrency)
+        self._writer_error: BaseException | None = None
+        self._local = threading.local()  # per decode thread: read-only index and reader for content dedup
+        self._readers: list[Any] = []
+        self.adopted: list[str] = []
+
+    def run(self) -> RunSummary:
+        """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
+        with WriterLock(self.layout.root, wait=self.settings.wait_lock):
+            return self._run_locked()
+
+    def _run_locked(self) -> RunSummary:
+        self.layout.errors.mkdir(parents=True, exist_ok=True)
+        index = CacheIndex(self.layout.index)
+        try:
+            self.adopted = adopt_orphans(index, self.layout)  # a crashed run's written-but-unindexed shards
+            index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, self.encoder.describe())
+            index.start_run(self.run_id, self.fingerprint, self.encoder.name)
+        finally:
+            index.close()
+        self._lookup = CacheIndex(self.layout.index, readonly=True)
+        writer = threading.Thread(target=self._writer_loop, name="mmprep-writer", daemon=True)
+        model = threading.Thread(target=self._model_loop, name="mmprep-model", daemon=True)
+        writer.start()
+        model.start()
+        if self.reporter is not None:
+            self.reporter.start(self.counters)
+        try:
+            asyncio.run(self.produce())
+        finally:
+            self._model_q.put(_STOP)
+            model.join()
+            self._writer_q.put(_STOP)
+            writer.join()
+            self._lookup.close()
+            for reader in self._readers:
+                reader.close()
+            if self.reporter is not None:
+                self.reporter.stop(self.counters)
+        if self._writer_error is not None:
+            raise self._writer_error
+        return self._finish()
+
+    # -- loading-half hooks ---------------------------------------------------------------------
+
+    def classify(self, chunk: list[Record | BadLine]) -> list[Any]:
+        """One batched index query per chunk, under the in-flight lock so that no row can finish
+        between the query and the check (it would otherwise be fetched twice)."""
+        keys = [cache_key(r.url) for r in chunk if isinstance(r, Record)]
+        with self._inflight_lock:
+            known = self._lookup.key_states(self.fingerprint, keys)
+            states: list[Any] = []
+            for r in chunk:
+                if isinstance(r, BadLine):
+                    states.append(None)
+                    continue
+                key = cache_key(r.url)
+                states.append(INFLIGHT if key in self._inflight else known.get(key))
+            return states
+
+    def plan(self, key: str, state: Any) -> Plan | None:
+        c = self.counters
+        if state == INFLIGHT or (isinstance(state, KeyState) and state.run_id == self.run_id):
+            c.duplicates += 1
+            return None
+        plan = Plan()
+        if isinstance(state, KeyState) and state.cached:
+            age = self.settings.refresh_older_than
+            if age is None or (state.checked is not None and time.time() - state.checked < age):
+                c.cached += 1
+                return None
+            plan = Plan(state.etag, state.last_modified, state.content_sha256, refresh=True)
+        failed_before = isinstance(state, KeyState) and state.failed_kind is not None
+        if failed_before and not state.failed_retryable:
+            c.skipped_failed += 1
+            return None
+        if self.settings.retry_failed and not failed_before:
+            c.skipped_other += 1
+            return None
+        if not self.claim(key):  # same URL twice within one chunk
+            c.duplicates += 1
+            return None
+        return plan
+
+    def handle(self, record: Record, key: str, fetched: Fetched, plan: Plan) -> None:
+        """Decode thread: unchanged refresh → touch; known bytes → copy; else decode + preprocess → model."""
+        sha = hashlib.sha256(fetched.data).hexdigest()
+        if plan.refresh and sha == plan.content_sha256:
+            self._writer_q.put(_Checked(key, fetched.etag, fetched.last_modified))
+            return
+        row = _Prepared(record, key, {}, sha, fetched.etag, fetched.last_modified)
+        twin = self._stored_twin(sha, key)
+        if twin is not None:
+            self.counters.content_dedup += 1
+            self._writer_q.put(_Encoded(row, twin))
+            return
+        image = decode_image(fetched.data, self.load)
+        row.inputs = self.encoder.preprocess(image)
+        self._model_q.put(row)
+
+    async def not_modified(self, record: Record, key: str, plan: Plan) -> None:
+        await self._to_writer(_Checked(key, None, None))
+
+    async def record_failure(self, failure: FailureRecord) -> None:
+        await self._to_writer(_Failed(failure))
+
+    async def _to_writer(self, item: Any) -> None:
+        """Queue for the writer without blocking the event loop when the queue is full."""
+        try:
+            self._writer_q.put_nowait(item)
+        except queue.Full:
+            await asyncio.to_thread(self._writer_q.put, item)
+
+    def _stored_twin(self, sha: str, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors of a cached entry with the same image bytes (same model), copied; None if none."""
+        local = self._local
+        if not hasattr(local, "index"):
+            local.index = CacheIndex(self.layout.index, readonly=True)
+            local.reader = EmbeddingCache(self.layout.root, model=self.fingerprint, memory_bytes=0)
+            self._readers.extend([local.index, local.reader])
+        other = local.index.key_with_content(self.fingerprint, sha)
+        if other is None or other == key:
+            return None
+        entry = local.reader.get_key(other)
+        if entry is None:  # vanished (gc) between the two reads: just encode
+            return None
+        outputs = {"embeddings": entry.embeddings.clone()}
+        if entry.image_grid_thw is not None:
+            outputs["image_grid_thw"] = entry.image_grid_thw.clone()
+        return outputs
+
+    # -- model thread ---------------------------------------------------------------------------
+
+    def _model_loop(self) -> None:
+        batch_size = self.settings.model.batch_size
+        stopping = False
+        while not stopping:
+            first = self._model_q.get()
+            if first is _STOP:
+                break
+            batch: list[_Prepared] = [first]
+            while len(batch) < batch_size:
+                try:
+                    item = self._model_q.get(timeout=BATCH_LINGER)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            for result in self._encode(batch):
+                self._writer_q.put(result)
+
+    def _encode(self, batch: list[_Prepared]) -> list[_Encoded | _Failed]:
+        """Encode a batch; if the batch fails, encode row by row so one bad row fails alone."""
+        try:
+            fault_point("in_encode")
+            outputs = self.encoder.encode([row.inputs for row in batch])
+            return [_Encoded(row, out) for row, out in zip(batch, outputs)]
+        except Exception as exc:
+            if len(batch) == 1:
+                error = RowError(ErrorKind.ENCODE_ERROR, f"{type(exc).__name__}: {exc}")
+                return [_Failed(failure_of(batch[0].record, batch[0].key, error))]
+        results: list[_Encoded | _Failed] = []
+        for row in batch:
+            results.extend(self._encode([row]))
+        return results
+
+    # -- writer thread --------------------------------------------------------------------------
+
+    def _writer_loop(self) -> None:
+        index = CacheIndex(self.layout.index)
+        shards = ShardWriter(self.layout, self.fingerprint, self.encoder.name, self.run_id)
+        failures: list[FailureRecord] = []
+        checked: list[_Checked] = []
+        errors_file = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
+        try:
+            while True:
+                try:
+                    item = self._writer_q.get(timeout=WRITER_TICK)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    break
+                if isinstance(item, _Encoded):
+                    shards.add(self._entry_of(item))
+                elif isinstance(item, _Failed):
+                    failures.append(item.failure)
+                    errors_file.write(json.dumps(item.failure.as_json()) + "\n")
+                elif isinstance(item, _Checked):
+                    checked.append(item)
+                if shards.pending_bytes >= self.settings.shard_bytes or (
+                    shards.pending_count and shards.pending_age() >= self.settings.flush_seconds
+                ):
+                    self._flush_shard(index, shards)
+                if len(failures) + len(checked) >= FAILURE_FLUSH_ROWS or ((failures or checked) and item is None):
+                    self._flush_small(index, failures, checked, errors_file)
+            self._flush_shard(index, shards)
+            self._flush_small(index, failures, checked, errors_file)
+        except BaseException as exc:  # the cache cannot be written: stop the run loudly
+            self._writer_error = exc
+            self.stop_signal = self.stop_signal or signal.SIGTERM
+            _drain(self._writer_q)
+        finally:
+            errors_file.close()
+            index.close()
+
+    def _entry_of(self, item: _Encoded) -> ShardEntry:
+        r = item.row.record
+        return ShardEntry(
+            key=item.row.key,
+            url=stored_url(r.url),
+            caller_id=r.id,
+            embeddings=item.outputs["embeddings"],
+            image_grid_thw=item.outputs.get("image_grid_thw"),
+            content_sha256=item.row.content_sha256,
+            created=time.time(),
+            etag=item.row.etag,
+            last_modified=item.row.last_modified,
+        )
+
+    def _flush_shard(self, index: CacheIndex, shards: ShardWriter) -> None:
+        written = shards.flush()
+        if written is None:
+            return
+        fault_point("after_shard_write")
+        index.commit_shard(written, self.fingerprint, self.run_id)
+        self.release(e.key for e in written.entries)
+        self.counters.encoded += len(written.entries)
+
+    def _flush_small(
+        self, index: CacheIndex, failures: list[FailureRecord], checked: list[_Checked], errors_file: Any
+    ) -> None:
+        if checked:
+            index.mark_checked(self.fingerprint, [(c.key, c.etag, c.last_modified) for c in checked])
+            self.release(c.key for c in checked)
+            self.counters.refreshed += len(checked)
+            checked.clear()
+        if failures:
+            errors_file.flush()
+            index.record_failures(self.fingerprint, self.run_id, failures)
+            self.release(f.key for f in failures)
+            self.counters.failed += len(failures)
+            self.counters.failures_by_kind.update(f.kind for f in failures)
+            failures.clear()
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def _finish(self) -> RunSummary:
+        c = self.counters
+        status, code = self.exit_status(bool(c.failed or c.skipped_failed))
+        errors_path = self.layout.run_errors(self.run_id)
+        _publish_latest(errors_path, self.layout.latest_errors)
+        summary = RunSummary(
+            run_id=self.run_id,
+            model=self.encoder.name,
+            fingerprint=self.fingerprint,
+            status=status,
+            exit_code=code,
+            rows=c.rows,
+            encoded=c.encoded,
+            cached=c.cached,
+            refreshed=c.refreshed,
+            content_dedup=c.content_dedup,
+            duplicates=c.duplicates,
+            failed=c.failed,
+            skipped_failed=c.skipped_failed,
+            skipped_other=c.skipped_other,
+            failures_by_kind=dict(sorted(c.failures_by_kind.items())),
+            bytes_fetched=c.bytes_fetched,
+            duration_s=round(c.elapsed(), 3),
+            images_per_s=round(c.images_per_s(), 2),
+            cache_dir=str(self.layout.root),
+            errors_file=str(errors_path),
+        )
+        index = CacheIndex(self.layout.index)
+        try:
+            index.finish_run(self.run_id, status, code, summary.as_json())
+        finally:
+            index.close()
+        return summary
+
+
+def _drain(q: queue.Queue[Any]) -> None:
+    """Keep emptying `q` until _STOP so producers blocked on put() can finish."""
+    while q.get() is not _STOP:
+        pass
+
+
+def _publish_latest(run_errors: Path, latest: Path) -> None:
+    """Make errors.jsonl a copy of this run's error records (atomically replaced)."""
+    tmp = latest.with_name(latest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(run_errors, tmp)
+    except OSError:
+        shutil.copyfile(run_errors, tmp)
+    os.replace(tmp, latest)
