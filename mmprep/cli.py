@@ -22,7 +22,7 @@ from rich.table import Table
 from mmprep import __version__
 from mmprep.errors import CacheLockedError, MmprepError, UsageError
 from mmprep.manifest import check_readable
-from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings
+from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings, ShardSpec
 
 app = typer.Typer(
     name="mmprep",
@@ -122,6 +122,7 @@ ExifOpt = Annotated[bool, _opt("exif-transpose", "Apply EXIF orientation before 
 MaxPixelsOpt = Annotated[int, _opt("max-pixels", "Largest image (width x height) decoded.", min=1)]
 MaxSideOpt = Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)]
 DecodeWorkersOpt = Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)]
+ShardOpt = Annotated[Optional[str], _opt("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.")]
 ProgressOpt = Annotated[str, _opt("progress", "auto | bar | log | none.")]
 ManifestsArg = Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")]
 ModelOpt = Annotated[Optional[str], _opt("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
@@ -133,6 +134,7 @@ def load_settings(
     allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
     allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
     exif_transpose: bool, max_pixels: int, max_side: int | None, decode_workers: int | None,
+    shard: str | None = None,
 ) -> LoadSettings:  # fmt: skip
     """The loading options of `encode` and `check` as one LoadSettings."""
     extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
@@ -153,8 +155,19 @@ def load_settings(
         exif_transpose=exif_transpose,
         max_pixels=max_pixels,
         max_side=max_side,
+        shard=parse_shard(shard),
         **extra,
     )
+
+
+def parse_shard(text: str | None) -> ShardSpec | None:
+    """'2/4' → ShardSpec(2, 4); parts are numbered from 1."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise typer.BadParameter(f"expected I/N with 1 <= I <= N (e.g. 1/4), got {text!r}")
+    return ShardSpec(int(m.group(1)), int(m.group(2)))
 
 
 @app.command()
@@ -183,6 +196,7 @@ def encode(
     max_pixels: MaxPixelsOpt = _D.max_pixels,
     max_side: MaxSideOpt = None,
     decode_workers: DecodeWorkersOpt = None,
+    shard: ShardOpt = None,
     shard_size: Annotated[str, _opt("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
     refresh_older_than: Annotated[Optional[str], _opt("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.")] = None,
     wait_lock: Annotated[float, _opt("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
@@ -199,7 +213,7 @@ def encode(
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers,
+            max_side, decode_workers, shard,
         )  # fmt: skip
         settings = Settings(
             out=out_dir,
@@ -256,6 +270,7 @@ def check(
     max_pixels: MaxPixelsOpt = _D.max_pixels,
     max_side: MaxSideOpt = None,
     decode_workers: DecodeWorkersOpt = None,
+    shard: ShardOpt = None,
     progress: ProgressOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -265,7 +280,7 @@ def check(
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers,
+            max_side, decode_workers, shard,
         )  # fmt: skip
         if model and size:
             raise UsageError("--model and --size exclude each other")

@@ -40,7 +40,20 @@ class LoadSettings:
     max_pixels: int = 64_000_000
     max_side: int | None = None
     decode_workers: int = field(default_factory=default_decode_workers)
+    shard: ShardSpec | None = None  # None: every row
     user_agent: str | None = None  # None: mmprep/<version>
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """`--shard I/N`: this process handles part I (1-based) of N, chosen by entry-key hash."""
+
+    index: int
+    count: int
+
+    def owns(self, key: str) -> bool:
+        """Stable across reruns and manifest reorderings: depends only on the key."""
+        return int(key[-16:], 16) % self.count == self.index - 1
 
 
 @dataclass(frozen=True)

@@ -286,3 +286,22 @@ def test_reruns_retry_transient_failures_and_skip_permanent_ones(tmp_path, image
     code, plain = encode_json(manifest, *base)
     assert (plain["encoded"], plain["cached"], plain["skipped_failed"]) == (1, 3, 1)
     assert image_server.hits["/gone.png"] == hits["/gone.png"]
+
+
+def test_shard_parts_cover_the_manifest_exactly_once(tmp_path, image_server):
+    urls = [image_server.add(f"/s{i}.png", image_bytes("RGB", (20, 20 + i), "PNG", i)) for i in range(12)]
+    manifest = write_manifest(tmp_path / "m.jsonl", urls + ["{bad line"])
+    cache = tmp_path / "cache"
+    encoded, bad = [], 0
+    for part in ("1/3", "2/3", "3/3"):
+        code, s = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--shard", part)
+        assert s["rows"] == 13 and s["encoded"] + s["other_shard"] + s["failed"] == 13
+        encoded.append(s["encoded"])
+        bad += s["failures_by_kind"].get("bad_manifest_line", 0)
+    assert sum(encoded) == 12 and bad == 1 and all(n < 12 for n in encoded)
+    assert all(image_server.hits[f"/s{i}.png"] == 1 for i in range(12))
+    # the split depends on the key only: a reordered manifest gives the same part the same rows
+    reordered = write_manifest(tmp_path / "r.jsonl", list(reversed(urls)))
+    code, again = encode_json(reordered, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--shard", "2/3")
+    assert (again["cached"], again["encoded"]) == (encoded[1], 0)
+    assert run_cli("encode", manifest, "--model", "builtin:tiny-clip", "--shard", "4/3").exit_code == 2

@@ -35,6 +35,7 @@ class CheckSummary:
     ok: int
     failed: int
     duplicates: int
+    other_shard: int
     failures_by_kind: dict[str, int]
     bytes_fetched: int
     duration_s: float
@@ -84,6 +85,7 @@ class CheckRun(LoadingRun):
             ok=c.encoded,
             failed=c.failed,
             duplicates=c.duplicates,
+            other_shard=c.other_shard,
             failures_by_kind=dict(sorted(c.failures_by_kind.items())),
             bytes_fetched=c.bytes_fetched,
             duration_s=round(elapsed, 3),

@@ -48,6 +48,7 @@ class RunCounters:
     failed: int = 0
     skipped_failed: int = 0  # failed permanently in an earlier run; not retried
     skipped_other: int = 0  # not attempted because --retry-failed limits the run to earlier failures
+    other_shard: int = 0  # rows that belong to another --shard part
     bytes_fetched: int = 0
     failures_by_kind: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -56,7 +57,7 @@ class RunCounters:
     def done(self) -> int:
         return (
             self.encoded + self.cached + self.refreshed + self.duplicates + self.failed
-            + self.skipped_failed + self.skipped_other
+            + self.skipped_failed + self.skipped_other + self.other_shard
         )  # fmt: skip
 
     def elapsed(self) -> float:
@@ -167,9 +168,13 @@ class LoadingRun:
                     for item, state in zip(chunk, states):
                         self.counters.rows += 1
                         if isinstance(item, BadLine):
-                            await self.record_failure(bad_line_failure(item))
+                            failure = bad_line_failure(item)
+                            if self._owns(failure.key):
+                                await self.record_failure(failure)
                             continue
                         key = cache_key(item.url)
+                        if not self._owns(key):
+                            continue
                         plan = self.plan(key, state)
                         if plan is None:
                             continue
@@ -188,6 +193,13 @@ class LoadingRun:
                     await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             pool.shutdown(wait=True)
+
+    def _owns(self, key: str) -> bool:
+        """Whether this process's --shard part holds `key` (always, without --shard)."""
+        if self.load.shard is None or self.load.shard.owns(key):
+            return True
+        self.counters.other_shard += 1
+        return False
 
     async def _load_row(
         self, record: Record, key: str, plan: Plan, fetcher: Fetcher, pool: ThreadPoolExecutor,

@@ -62,6 +62,7 @@ class RunSummary:
     failed: int
     skipped_failed: int
     skipped_other: int
+    other_shard: int
     failures_by_kind: dict[str, int]
     bytes_fetched: int
     duration_s: float
@@ -387,6 +388,7 @@ class EncodeRun(LoadingRun):
             failed=c.failed,
             skipped_failed=c.skipped_failed,
             skipped_other=c.skipped_other,
+            other_shard=c.other_shard,
             failures_by_kind=dict(sorted(c.failures_by_kind.items())),
             bytes_fetched=c.bytes_fetched,
             duration_s=round(c.elapsed(), 3),
