@@ -339,31 +339,47 @@ def stats(
     out = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole lines
     out.print(f"[bold]{data['cache_dir']}[/bold]: {data['entries']} entries, {_human(data['bytes_on_disk'])} on disk")
     models = Table(title="models")
-    for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "shapes"):
+    for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "live", "shapes"):
         models.add_column(col)
     for m in data["models"]:
         shapes = ", ".join(f"{s['dtype']}{s['shape']}×{s['entries']}" for s in m["shapes"])
+        live = "-" if m["live_fraction"] is None else f"{m['live_fraction']:.0%}"
         models.add_row(
             m["name"], m["family"], m["fingerprint"][:16], str(m["dtype"]), str(m["entries"]),
-            str(m["shards"]), _human(m["shard_bytes"]), shapes,
-        )
+            str(m["shards"]), _human(m["shard_bytes"]), live, shapes,
+        )  # fmt: skip
     out.print(models)
     if data["failures_by_kind"]:
-        fails = Table(title="failing rows by kind")
+        fails = Table(title="failing rows")
         fails.add_column("kind")
         fails.add_column("rows")
-        for kind, n in data["failures_by_kind"].items():
-            fails.add_row(kind, str(n))
+        fails.add_column("host")
+        fails.add_column("rows")
+        kinds, hosts = list(data["failures_by_kind"].items()), list(data["failures_by_host"].items())
+        for i in range(max(len(kinds), len(hosts))):
+            k = kinds[i] if i < len(kinds) else ("", "")
+            h = hosts[i] if i < len(hosts) else ("", "")
+            fails.add_row(k[0], str(k[1]), h[0], str(h[1]))
         out.print(fails)
     runs = Table(title="recent runs")
-    for col in ("run", "status", "exit", "rows", "encoded", "cached", "failed", "img/s"):
+    for col in ("run", "status", "exit", "rows", "encoded", "cached", "failed", "hit rate", "img/s"):
         runs.add_column(col)
     for r in data["runs"]:
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
         runs.add_row(
             r["run_id"], r["status"], str(r["exit_code"]), str(r["rows"]), str(r["encoded"]),
-            str(r["cached"]), str(r["failed"]), str(r["images_per_s"]),
-        )
+            str(r["cached"]), str(r["failed"]), hit, str(r["images_per_s"]),
+        )  # fmt: skip
     out.print(runs)
+    age = data["last_completed_run_age_s"]
+    out.print("last completed run: " + ("never" if age is None else f"{_age(age)} ago"))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _cache_dir(path: Path | None) -> Path:

@@ -239,9 +239,15 @@ def test_stats_table_and_json(tmp_path, image_server, served):
     assert model["shapes"] == [{"dtype": "float32", "shape": [16], "entries": 3}]
     assert data["runs"][0]["encoded"] == 3 and data["runs"][0]["status"] == "completed"
     assert data["bytes_on_disk"] > model["shard_bytes"] > 0
+    assert data["failures_by_host"] == {"127.0.0.1": 1} and model["live_fraction"] == 1.0
+    assert data["runs"][0]["hit_rate"] == 0.0 and 0 <= data["last_completed_run_age_s"] < 60
+    assert data["last_clean_run_age_s"] is None  # the only run had a failing row
+    encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET)  # rerun: all cached
+    rerun = json.loads(run_cli("stats", str(cache), "--json").stdout)["runs"][0]
+    assert rerun["hit_rate"] == 0.75 and rerun["cached"] == 3  # 3 of 4 rows cached, the 404 skipped
     table = run_cli("stats", str(cache))
     assert table.exit_code == 0
-    assert "builtin:tiny-clip" in table.stdout and "http_status" in table.stdout
+    assert "builtin:tiny-clip" in table.stdout and "http_status" in table.stdout and "last completed run" in table.stdout
     missing = run_cli("stats", str(tmp_path / "nothing"))
     assert missing.exit_code == 2 and "not an mmprep cache" in missing.output
 

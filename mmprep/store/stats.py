@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mmprep.errors import UsageError
 from mmprep.store.index import CacheIndex
@@ -13,70 +16,27 @@ from mmprep.store.layout import CacheLayout
 
 RECENT_RUNS = 10
 SHAPE_SAMPLES = 5
+TOP_HOSTS = 10
 
 
 def cache_stats(root: Path) -> dict[str, Any]:
-    """Summarise a cache directory from its index and the files on disk (read-only)."""
+    """Summarise a cache directory from its index and the files on disk (read-only, never blocks a writer)."""
     layout = CacheLayout(root)
     if not layout.index.is_file():
         raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}")
     index = CacheIndex(layout.index, readonly=True)
     try:
         db = index.conn
-        models = []
-        for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created"):
-            fp = m["fingerprint"]
-            entries = db.execute("SELECT count(*) FROM entries WHERE fingerprint=?", (fp,)).fetchone()[0]
-            shard_row = db.execute(
-                "SELECT count(*), coalesce(sum(bytes), 0) FROM shards WHERE fingerprint=?", (fp,)
-            ).fetchone()
-            shapes = [
-                {"dtype": r[0], "shape": json.loads(r[1]), "entries": r[2]}
-                for r in db.execute(
-                    "SELECT dtype, shape, count(*) AS n FROM entries WHERE fingerprint=? "
-                    "GROUP BY dtype, shape ORDER BY n DESC LIMIT ?",
-                    (fp, SHAPE_SAMPLES),
-                )
-            ]
-            info = json.loads(m["info"])
-            models.append(
-                {
-                    "fingerprint": fp,
-                    "name": m["name"],
-                    "family": m["family"],
-                    "dtype": info.get("dtype"),
-                    "entries": entries,
-                    "shards": shard_row[0],
-                    "shard_bytes": shard_row[1],
-                    "shapes": shapes,
-                }
-            )
-        failures = {
-            r[0]: r[1]
-            for r in db.execute("SELECT kind, count(*) FROM failures GROUP BY kind ORDER BY count(*) DESC")
-        }
-        runs = []
-        for r in db.execute(
-            "SELECT run_id, model, started, finished, status, exit_code, summary FROM runs "
-            "ORDER BY started DESC LIMIT ?",
+        models = [_model_stats(db, m) for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created")]
+        failures = {r[0]: r[1] for r in db.execute("SELECT kind, count(*) FROM failures GROUP BY kind ORDER BY 2 DESC")}
+        hosts: Counter[str] = Counter(_host(r[0]) for r in db.execute("SELECT url FROM failures"))
+        runs = [_run_stats(r) for r in db.execute(
+            "SELECT run_id, model, started, finished, status, exit_code, summary FROM runs ORDER BY started DESC LIMIT ?",
             (RECENT_RUNS,),
-        ):
-            s = json.loads(r["summary"]) if r["summary"] else {}
-            runs.append(
-                {
-                    "run_id": r["run_id"],
-                    "model": r["model"],
-                    "started": r["started"],
-                    "finished": r["finished"],
-                    "status": r["status"],
-                    "exit_code": r["exit_code"],
-                    "rows": s.get("rows"),
-                    "encoded": s.get("encoded"),
-                    "cached": s.get("cached"),
-                    "failed": s.get("failed"),
-                    "images_per_s": s.get("images_per_s"),
-                }
-            )
+        )]  # fmt: skip
+        now = time.time()
+        last_completed = db.execute("SELECT max(finished) FROM runs WHERE status='completed'").fetchone()[0]
+        last_clean = db.execute("SELECT max(finished) FROM runs WHERE status='completed' AND exit_code=0").fetchone()[0]
     finally:
         index.close()
     return {
@@ -85,8 +45,71 @@ def cache_stats(root: Path) -> dict[str, Any]:
         "entries": sum(m["entries"] for m in models),
         "models": models,
         "failures_by_kind": failures,
+        "failures_by_host": dict(hosts.most_common(TOP_HOSTS)),
         "runs": runs,
+        "last_completed_run_age_s": None if last_completed is None else round(now - last_completed, 1),
+        "last_clean_run_age_s": None if last_clean is None else round(now - last_clean, 1),
     }
+
+
+def _model_stats(db: Any, m: Any) -> dict[str, Any]:
+    fp = m["fingerprint"]
+    entries = db.execute("SELECT count(*) FROM entries WHERE fingerprint=?", (fp,)).fetchone()[0]
+    shards, shard_bytes, written = db.execute(
+        "SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(entries), 0) FROM shards WHERE fingerprint=?", (fp,)
+    ).fetchone()
+    shapes = [
+        {"dtype": r[0], "shape": json.loads(r[1]), "entries": r[2]}
+        for r in db.execute(
+            "SELECT dtype, shape, count(*) FROM entries WHERE fingerprint=? GROUP BY dtype, shape ORDER BY 3 DESC LIMIT ?",
+            (fp, SHAPE_SAMPLES),
+        )
+    ]
+    return {
+        "fingerprint": fp,
+        "name": m["name"],
+        "family": m["family"],
+        "dtype": json.loads(m["info"]).get("dtype"),
+        "entries": entries,
+        "shards": shards,
+        "shard_bytes": shard_bytes,
+        "live_fraction": round(entries / written, 4) if written else None,  # < 1 after gc drops or re-encodes
+        "shapes": shapes,
+    }
+
+
+def _run_stats(r: Any) -> dict[str, Any]:
+    s = json.loads(r["summary"]) if r["summary"] else {}
+    rows = (s.get("rows") or 0) - (s.get("other_shard") or 0)
+    cached = (s.get("cached") or 0) + (s.get("refreshed") or 0)
+    return {
+        "run_id": r["run_id"],
+        "model": r["model"],
+        "started": r["started"],
+        "finished": r["finished"],
+        "status": r["status"],
+        "exit_code": r["exit_code"],
+        "rows": s.get("rows"),
+        "encoded": s.get("encoded"),
+        "cached": s.get("cached"),
+        "failed": s.get("failed"),
+        "hit_rate": round(cached / rows, 4) if rows > 0 else None,
+        "images_per_s": s.get("images_per_s"),
+        "duration_s": s.get("duration_s"),
+    }
+
+
+def _host(url: str | None) -> str:
+    """The host a failure is attributed to: data URLs, local files and bad lines get their own buckets."""
+    if not url:
+        return "(manifest)"
+    if url.startswith("data:"):
+        return "(data url)"
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        host = None
+    return host or "(local or invalid)"
 
 
 def _tree_bytes(root: Path) -> int:
