@@ -540,6 +540,27 @@ def test_per_host_cap_is_respected() -> None:
         assert len(server.seen) == 10
 
 
+def test_host_slots_are_dropped_once_a_host_is_idle() -> None:
+    """Per-host semaphores must not pile up over millions of rows with distinct hosts."""
+    with serve() as server:
+        server.routes["/slow.png"] = _slow_image(0.1)
+        server.routes["/ok.png"] = image()
+
+        async def go() -> None:
+            async with Fetcher(settings(per_host=2, allow_private_network=True)) as fetcher:
+                urls = [server.url("/slow.png"), server.url("/ok.png"), server.url("/missing.png"),
+                        server.url("/ok.png", host="localhost")] * 3  # fmt: skip
+                pending = asyncio.gather(*(fetcher.fetch(u) for u in urls), return_exceptions=True)
+                await asyncio.sleep(0.05)
+                assert "127.0.0.1" in fetcher._host_slots  # in flight: an entry per busy host
+                results = await pending
+                assert sum(isinstance(r, RowError) for r in results) == 3  # the 404s
+                assert fetcher._host_slots == {}  # idle hosts leave nothing behind
+
+        run(go())
+        assert server.max_active <= 2 * 2  # per_host for each host name: 127.0.0.1 and localhost
+
+
 def test_wait_for_a_host_slot_does_not_count_against_the_deadline() -> None:
     with serve() as server:
         server.routes["/slow.png"] = _slow_image(0.4)

@@ -7,7 +7,8 @@ import dataclasses
 import email.utils
 import math
 import random
-from contextlib import aclosing
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -41,6 +42,14 @@ class Fetched:
     attempts: int  # 1 + retries used
 
 
+@dataclass
+class _HostSlot:
+    """The per-host request cap, and how many requests hold or wait for it."""
+
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
 class Fetcher:
     """One per run: the shared httpx.AsyncClient, the URL policy, per-host limits, retries."""
 
@@ -48,7 +57,7 @@ class Fetcher:
         self.settings = settings
         self.policy = UrlPolicy.from_settings(settings)
         self.requests_sent = 0  # HTTP requests whose headers actually went out
-        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._host_slots: dict[str, _HostSlot] = {}  # only hosts with a request queued or in flight
         self._client = httpx.AsyncClient(
             # The pool is as wide as the pipeline's fan-out, so a fetch never waits for a connection.
             transport=GuardedTransport(self.policy, max_connections=settings.concurrency),
@@ -184,12 +193,20 @@ class Fetcher:
             attempts=1,
         )
 
-    def _host_slot(self, host: str) -> asyncio.Semaphore:
-        """The semaphore that caps concurrent requests to `host` at settings.per_host."""
+    @asynccontextmanager
+    async def _host_slot(self, host: str) -> AsyncIterator[None]:
+        """Hold one of `host`'s settings.per_host request slots; a host's entry lives only while in use."""
         slot = self._host_slots.get(host)
         if slot is None:
-            slot = self._host_slots[host] = asyncio.Semaphore(self.settings.per_host)
-        return slot
+            slot = self._host_slots[host] = _HostSlot(asyncio.Semaphore(self.settings.per_host))
+        slot.users += 1
+        try:
+            async with slot.semaphore:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:  # nobody holds or waits for it: millions of hosts must not pile up
+                del self._host_slots[host]
 
     async def _count_sent(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's trace hook: count requests whose headers went out on the wire."""
