@@ -12,7 +12,10 @@ import signal
 import threading
 from collections import Counter
 
-POINTS = frozenset({"after_fetch", "in_encode", "after_shard_write", "in_index_commit"})
+POINTS = frozenset({
+    "after_fetch", "in_encode", "after_shard_write", "in_index_commit",  # encode
+    "merge_after_copy", "merge_in_commit",  # merge
+})
 _reached: Counter[str] = Counter()
 _lock = threading.Lock()
 
