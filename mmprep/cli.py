@@ -119,6 +119,7 @@ DenyHostOpt = Annotated[Optional[list[str]], _opt("deny-host", "Always refuse th
 FormatsOpt = Annotated[str, _opt("formats", "Allowed image formats, comma-separated.")]
 AlphaOpt = Annotated[Optional[str], _opt("alpha-background", "Composite alpha onto R,G,B instead of convert('RGB').")]
 ExifOpt = Annotated[bool, _opt("exif-transpose", "Apply EXIF orientation before encoding.")]
+FastDecodeOpt = Annotated[bool, _opt("fast-decode", "Decode large JPEGs at a reduced DCT scale (>= 2x the model input; not bit-exact).")]
 MaxPixelsOpt = Annotated[int, _opt("max-pixels", "Largest image (width x height) decoded.", min=1)]
 MaxSideOpt = Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)]
 DecodeWorkersOpt = Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)]
@@ -134,7 +135,7 @@ def load_settings(
     allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
     allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
     exif_transpose: bool, max_pixels: int, max_side: int | None, decode_workers: int | None,
-    shard: str | None = None,
+    shard: str | None = None, fast_decode: bool = False,
 ) -> LoadSettings:  # fmt: skip
     """The loading options of `encode` and `check` as one LoadSettings."""
     extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
@@ -153,6 +154,7 @@ def load_settings(
         formats=parse_formats(formats),
         alpha_background=parse_rgb(alpha_background),
         exif_transpose=exif_transpose,
+        fast_decode=fast_decode,
         max_pixels=max_pixels,
         max_side=max_side,
         shard=parse_shard(shard),
@@ -193,6 +195,7 @@ def encode(
     formats: FormatsOpt = ",".join(_D.formats),
     alpha_background: AlphaOpt = None,
     exif_transpose: ExifOpt = False,
+    fast_decode: FastDecodeOpt = False,
     max_pixels: MaxPixelsOpt = _D.max_pixels,
     max_side: MaxSideOpt = None,
     decode_workers: DecodeWorkersOpt = None,
@@ -213,7 +216,7 @@ def encode(
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard,
+            max_side, decode_workers, shard, fast_decode,
         )  # fmt: skip
         settings = Settings(
             out=out_dir,
@@ -234,6 +237,8 @@ def encode(
 
         _quiet_transformers()
         encoder = load_encoder(settings.model)
+        if load.fast_decode:
+            settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
         summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
     except ValueError as exc:  # a malformed duration
         _fail(UsageError(str(exc)))
@@ -267,6 +272,7 @@ def check(
     formats: FormatsOpt = ",".join(_D.formats),
     alpha_background: AlphaOpt = None,
     exif_transpose: ExifOpt = False,
+    fast_decode: FastDecodeOpt = False,
     max_pixels: MaxPixelsOpt = _D.max_pixels,
     max_side: MaxSideOpt = None,
     decode_workers: DecodeWorkersOpt = None,
@@ -280,7 +286,7 @@ def check(
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard,
+            max_side, decode_workers, shard, fast_decode,
         )  # fmt: skip
         if model and size:
             raise UsageError("--model and --size exclude each other")
@@ -290,9 +296,11 @@ def check(
 
             _quiet_transformers()
             prepare = load_preprocessor(ModelSettings(name=model, revision=revision))
+            load = dataclasses.replace(load, draft_size=prepare.input_size())
         elif size:
             width, height = parse_wxh(size)
             prepare = lambda image: image.resize((width, height))  # noqa: E731
+            load = dataclasses.replace(load, draft_size=(width, height))
         from mmprep.pipeline import CheckRun
         from mmprep.report import Reporter
 
@@ -468,6 +476,36 @@ def gc(
     )
     for name in report.skipped:
         err.print(f"[yellow]skipped[/yellow] {name} (missing or unreadable: run mmprep verify)")
+
+
+@app.command()
+def merge(
+    dest: Annotated[Path, typer.Argument(help="Cache directory to merge into (created if missing).")],
+    sources: Annotated[list[Path], typer.Argument(help="Cache directories to merge from (only read).")],
+    move: Annotated[bool, typer.Option("--move", help="Hard-link shards instead of copying them (same file system; falls back to a copy).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Merge caches (e.g. the parts of --shard I/N runs) into DEST; exit 0, or 1 when keys conflicted."""
+    from mmprep.store.merge import merge_caches
+
+    try:
+        report = merge_caches(dest, list(sources), move=move)
+    except MmprepError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+        raise typer.Exit(report.exit_code)
+    r = report
+    err.print(
+        f"merged {len(r.sources)} source(s) into {r.dest}: {r.shards_copied} shards copied, {r.shards_linked} linked, "
+        f"{r.shards_present} already present; {r.entries_added} entries added, {r.entries_identical} identical, "
+        f"{r.failures_merged} failures, {r.runs_merged} runs, {r.models_merged} models"
+    )
+    for name in r.missing_shards:
+        err.print(f"[yellow]skipped[/yellow] {name}: listed by its index but missing (run mmprep verify there)")
+    for c in r.conflicts:
+        err.print(f"[red]conflict[/red] {c.fingerprint[:16]} {c.key} {c.url}: kept {c.kept_shard}, not {c.source}/{c.source_shard}")
+    raise typer.Exit(report.exit_code)
 
 
 @app.command()
