@@ -10,6 +10,11 @@
 - EXIF orientation is NOT applied by default (like vLLM / HF processors: plain open + convert);
   `exif_transpose=True` applies `ImageOps.exif_transpose`.
 - Animated images (GIF, WEBP, APNG, MPO): the first frame.
+- `fast_decode` (opt-in): a JPEG well over the model's input size is decoded at 1/2, 1/4 or 1/8 scale
+  in the DCT domain (libjpeg's scaled IDCT, Pillow's draft mode), never below DRAFT_MARGIN x
+  `draft_size` per side, so the image processor's own resize still does the last step. Limits are
+  checked against the full size from the header first. Off by default: the pixels then differ from
+  a full decode (BENCHMARKS.md measures by how much in the embeddings).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ErrorKind, RowError
 from .settings import LoadSettings
 
-__all__ = ["decode_image"]
+__all__ = ["DRAFT_MARGIN", "decode_image"]
+
+DRAFT_MARGIN = 2  # fast decode never scales a side below this multiple of the model's input size
 
 # Register every plugin once, at import, so worker threads never mutate Pillow's registry.
 Image.init()
@@ -62,6 +69,8 @@ def decode_image(data: bytes, settings: LoadSettings) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data), formats=formats) as im:
             _check_size(im.size, settings)
+            if settings.fast_decode and settings.draft_size is not None:
+                _draft(im, settings.draft_size)
             im.load()
             if settings.exif_transpose:
                 im = ImageOps.exif_transpose(im)
@@ -98,6 +107,15 @@ def _check_size(size: tuple[int, int], settings: LoadSettings) -> None:
             ErrorKind.IMAGE_TOO_LARGE,
             f"{width}x{height} is {pixels} pixels, over Pillow's decompression-bomb limit {bomb_limit}",
         )
+
+
+def _draft(im: Image.Image, target: tuple[int, int]) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps both sides >= DRAFT_MARGIN x target."""
+    if im.format != "JPEG":
+        return
+    bound = (DRAFT_MARGIN * target[0], DRAFT_MARGIN * target[1])
+    if im.width >= 2 * bound[0] and im.height >= 2 * bound[1]:  # at least one halving fits
+        im.draft("RGB", bound)
 
 
 def _to_rgb(im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:

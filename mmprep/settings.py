@@ -37,6 +37,8 @@ class LoadSettings:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     alpha_background: tuple[int, int, int] | None = None  # None: PIL convert("RGB")
     exif_transpose: bool = False
+    fast_decode: bool = False  # --fast-decode: JPEG DCT-domain downscaling (draft mode) towards draft_size
+    draft_size: tuple[int, int] | None = None  # the model's input (W, H); fast decode keeps >= DRAFT_MARGIN x this
     max_pixels: int = 64_000_000
     max_side: int | None = None
     decode_workers: int = field(default_factory=default_decode_workers)

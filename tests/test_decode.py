@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import time
 import warnings
@@ -462,3 +463,49 @@ def test_concurrent_decodes_match_sequential_ones() -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda data: decode_image(data, settings).tobytes(), corpus))
     assert results == expected
+
+
+# ---------------------------------------------------------------- --fast-decode (JPEG draft mode)
+
+FAST = replace(DEFAULT, fast_decode=True, draft_size=(64, 48))
+
+
+def _large_jpeg() -> tuple[bytes, Image.Image]:
+    """A 640x480 JPEG (10x the 64x48 target per side) and its exact full decode."""
+    data = encode(noise((640, 480), seed=7), "JPEG", quality=85)
+    with Image.open(io.BytesIO(data)) as im:
+        return data, im.convert("RGB")
+
+
+def test_fast_decode_scales_a_large_jpeg_in_the_dct_domain() -> None:
+    data, full = _large_jpeg()
+    image = decode_image(data, FAST)
+    assert image.mode == "RGB"
+    assert image.size == (160, 120)  # 1/4: the smallest scale keeping both sides >= 2 x (64, 48)
+    assert image.size < full.size
+
+
+def test_fast_decode_never_goes_below_twice_the_target() -> None:
+    data, full = _large_jpeg()
+    for target in [(100, 100), (224, 224), (300, 200), (320, 240), (640, 480)]:
+        image = decode_image(data, replace(FAST, draft_size=target))
+        assert image.width >= min(full.width, 2 * target[0]) and image.height >= min(full.height, 2 * target[1])
+
+
+def test_default_decode_stays_exact_even_with_a_draft_size() -> None:
+    data, full = _large_jpeg()
+    image = decode_image(data, replace(DEFAULT, draft_size=(64, 48)))  # fast_decode off: draft_size unused
+    assert image.size == full.size and image.tobytes() == full.tobytes()
+
+
+def test_fast_decode_leaves_small_jpegs_and_other_formats_exact() -> None:
+    small = encode(noise((100, 80)), "JPEG", quality=90)
+    with Image.open(io.BytesIO(small)) as im:
+        assert decode_image(small, FAST).tobytes() == im.convert("RGB").tobytes()
+    png = noise((640, 480))
+    assert decode_image(encode(png, "PNG"), FAST).tobytes() == png.tobytes()
+
+
+def test_fast_decode_checks_limits_on_the_full_size() -> None:
+    data, _ = _large_jpeg()
+    assert decode_error(data, replace(FAST, max_side=600)).kind is ErrorKind.IMAGE_TOO_LARGE

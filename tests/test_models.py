@@ -153,6 +153,15 @@ def test_qwen2_vl_loads_only_the_vision_tower(models: dict[str, Path]) -> None:
     assert all(name.startswith(("patch_embed", "blocks", "merger")) for name, _ in encoder.visual.named_parameters())  # type: ignore[attr-defined]
 
 
+def test_input_size_is_the_processor_resize_target_or_none_for_dynamic_resolution(models: dict[str, Path]) -> None:
+    """What --fast-decode aims at: fixed-size processors give (W, H); variable-resolution ones give None."""
+    assert load(models["clip"]).input_size() == (32, 32)  # shortest_edge 32
+    assert load(models["siglip"]).input_size() == (32, 32)  # height x width
+    assert load(models["llava"]).input_size() == (32, 32)
+    assert load(models["siglip2"]).input_size() is None  # NaFlex: patch budget
+    assert load(models["qwen2_vl"]).input_size() is None  # pixel budget, grid per image
+
+
 def test_qwen2_vl_checkpoint_without_tower_weights_fails_to_load(models: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

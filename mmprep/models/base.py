@@ -269,6 +269,19 @@ def owned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu").clone(memory_format=torch.contiguous_format)
 
 
+def processor_input_size(processor: Any) -> tuple[int, int] | None:
+    """The (W, H) a processor resizes every image to; None when it depends on the image (dynamic resolution)."""
+    size = getattr(processor, "size", None)
+    if size is None or not getattr(processor, "do_resize", True):
+        return None
+    get = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
+    if get("height") and get("width"):
+        return int(get("width")), int(get("height"))
+    if get("shortest_edge") and not get("longest_edge"):
+        return int(get("shortest_edge")), int(get("shortest_edge"))
+    return None  # longest_edge / pixel budgets (Qwen2-VL) / patch budgets (SigLIP 2 NaFlex)
+
+
 class ImagePreprocessor:
     """A model's image processor applied to one image at a time, safely from many threads."""
 
@@ -276,6 +289,10 @@ class ImagePreprocessor:
         self._processor = processor
         self._select = select
         self._local = threading.local()
+
+    def input_size(self) -> tuple[int, int] | None:
+        """The (W, H) every image is resized to, for --fast-decode; None for dynamic resolution."""
+        return processor_input_size(self._processor)
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         processor = getattr(self._local, "processor", None)
@@ -335,6 +352,10 @@ class Encoder(ABC):
     def input_names(self, processed: Any) -> Sequence[str]:
         """Which of the processor's outputs the forward needs (default: all of them)."""
         return list(processed.keys())
+
+    def input_size(self) -> tuple[int, int] | None:
+        """The (W, H) the processor resizes every image to (bounds --fast-decode); None for dynamic resolution."""
+        return self._preprocessor.input_size()
 
     # -- model thread ----------------------------------------------------------------------------
 

@@ -53,6 +53,10 @@ class Qwen2VLEncoder(Encoder):
     def input_names(self, processed: Any) -> list[str]:
         return ["pixel_values", "image_grid_thw"]
 
+    def input_size(self) -> tuple[int, int] | None:
+        """Dynamic resolution (the grid follows each image): no fixed size for --fast-decode to aim at."""
+        return None
+
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One forward over the concatenated patches of all images, split back per image by its grid (model dtype)."""
         grids = [item["image_grid_thw"].to(torch.int64) for item in items]
