@@ -1,5 +1,5 @@
 """Fault injection for crash tests: `MMPREP_FAULT=<point>[:N]` makes the process SIGKILL itself
-the Nth time (default 1st) it reaches that point.
+the Nth time (default 1st) it reaches that point (MMPREP_FAULT_ONCE: see _first_time).
 
 The points sit where a crash is most dangerous (between a shard's rename and its index commit,
 inside the index transaction, ...). Unset — as always outside tests — it costs one dict lookup.
@@ -27,5 +27,18 @@ def fault_point(name: str) -> None:
         return
     with _lock:
         _reached[name] += 1
-        if _reached[name] >= int(spec.partition(":")[2] or 1):
+        if _reached[name] >= int(spec.partition(":")[2] or 1) and _first_time():
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_time() -> bool:
+    """With MMPREP_FAULT_ONCE=<file>, only the process that creates that file dies (a restarted
+    worker of a distributed run then goes on); without it, always."""
+    marker = os.environ.get("MMPREP_FAULT_ONCE")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

@@ -192,29 +192,16 @@ class CacheIndex:
 
     def commit_shard(self, shard: WrittenShard, fingerprint: str, run_id: str) -> None:
         """Index a durable shard's entries in one transaction; healed failures are dropped."""
-        now = time.time()
-        rows = [
-            (
-                fingerprint,
-                e.key,
-                e.url,
-                e.caller_id,
-                shard.name,
-                json.dumps(e.tensor_names),
-                str(e.embeddings.dtype).removeprefix("torch."),
-                json.dumps(list(e.embeddings.shape)),
-                e.content_sha256,
-                e.etag,
-                e.last_modified,
-                run_id,
-                e.created,
-            )
-            for e in shard.entries
-        ]
+        self.commit_rows(shard.name, fingerprint, run_id, shard.nbytes, shard.sha256, entry_rows(shard, fingerprint, run_id))
+
+    def commit_rows(
+        self, name: str, fingerprint: str, run_id: str, nbytes: int, sha256: str, rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """`commit_shard` from a shard's description (its `entry_rows`), for a shard another process wrote."""
         with self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (shard.name, fingerprint, len(rows), shard.nbytes, shard.sha256, run_id, now),
+                (name, fingerprint, len(rows), nbytes, sha256, run_id, time.time()),
             )
             self.conn.executemany("INSERT OR REPLACE " + ENTRY_INSERT, rows)
             fault_point("in_index_commit")
@@ -253,3 +240,25 @@ class CacheIndex:
                      run_id=excluded.run_id, last_seen=excluded.last_seen""",
                 rows,
             )
+
+
+def entry_rows(shard: WrittenShard, fingerprint: str, run_id: str) -> list[tuple[Any, ...]]:
+    """The `entries` table rows (ENTRY_INSERT order) of a written shard."""
+    return [
+        (
+            fingerprint,
+            e.key,
+            e.url,
+            e.caller_id,
+            shard.name,
+            json.dumps(e.tensor_names),
+            str(e.embeddings.dtype).removeprefix("torch."),
+            json.dumps(list(e.embeddings.shape)),
+            e.content_sha256,
+            e.etag,
+            e.last_modified,
+            run_id,
+            e.created,
+        )
+        for e in shard.entries
+    ]
