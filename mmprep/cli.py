@@ -205,6 +205,10 @@ def encode(
     wait_lock: Annotated[float, _opt("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
     retry_failed: Annotated[bool, _opt("retry-failed", "Only retry rows that failed before with a retryable kind.")] = False,
     progress: ProgressOpt = "auto",
+    engine: Annotated[str, _opt("engine", "local (this process) | ray (a Ray Data pipeline; pip install 'mmprep[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], _opt("ray-address", "Ray cluster to join [default: $RAY_ADDRESS, else a local Ray].")] = None,
+    workers: Annotated[Optional[int], _opt("workers", "Ray engine: encoder actors [default: GPUs / --gpus-per-worker, else 1].", min=1)] = None,
+    gpus_per_worker: Annotated[float, _opt("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", min=0)] = 0,
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
@@ -236,10 +240,18 @@ def encode(
         from mmprep.report import Reporter, print_run_summary
 
         _quiet_transformers()
-        encoder = load_encoder(settings.model)
-        if load.fast_decode:
-            settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
-        summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
+        if engine not in ("local", "ray"):
+            raise UsageError(f"--engine must be local or ray, not {engine!r}")
+        if engine == "ray":  # the model loads on the Ray workers, not here
+            from mmprep.engines.ray_engine import run_ray
+
+            summary = run_ray(manifests, settings, address=ray_address, workers=workers,
+                              gpus_per_worker=gpus_per_worker, reporter=Reporter(settings.progress))  # fmt: skip
+        else:
+            encoder = load_encoder(settings.model)
+            if load.fast_decode:
+                settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
+            summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
     except ValueError as exc:  # a malformed duration
         _fail(UsageError(str(exc)))
     except MmprepError as exc:

@@ -1,0 +1,365 @@
+"""`mmprep encode --engine ray`: the same run as the local engine, spread over a Ray cluster.
+
+  driver      manifest → skip what is cached (EncodeRun's classify/plan: one index query per chunk)
+              → the rows to load, as JSONL files under the cache dir (every node sees it)
+  CPU tasks   map_batches(load_rows): fetch (our Fetcher, one event loop per task) → decode → preprocess
+  actor pool  map_batches(EncodeActor): one model per actor (one per GPU, or CPU actors), batched
+              forward, shards written under the cache dir; returns shard *descriptions*, never tensors
+  driver      commits each described shard and records failures: the only SQLite writer, as in encode
+
+The cache dir must be on a file system every node shares. A worker that dies is restarted by Ray and
+its batch retried; a shard it wrote but never reported is adopted (and deduplicated) at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mmprep.decode import decode_image
+from mmprep.errors import ErrorKind, RowError, UsageError
+from mmprep.faults import fault_point
+from mmprep.fetch import Fetched, Fetcher
+from mmprep.keys import cache_key
+from mmprep.manifest import BadLine, Record, read_manifests
+from mmprep.models import ImagePreprocessor, load_encoder, load_preprocessor
+from mmprep.pipeline.core import MANIFEST_CHUNK, _chunks, bad_line_failure, failure_of
+from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Prepared
+from mmprep.settings import LoadSettings, ModelSettings, Settings
+from mmprep.store.index import CacheIndex, FailureRecord, entry_rows
+from mmprep.store.layout import CacheLayout
+from mmprep.store.rebuild import adopt_orphans
+from mmprep.store.shards import ShardWriter
+
+LOAD_ROWS = 64  # rows per CPU task (fetched concurrently inside it)
+ENCODE_ROWS = 256  # rows per actor call; the actor runs forwards of --batch-size over them
+TODO_FILE_ROWS = 100_000  # rows per planned-work file
+WORKDIR_PREFIX = ".ray-"  # <cache>/.ray-<run_id>/: the planned rows of a run, removed at its end
+FORWARDED_ENV = ("MMPREP_", "HF_", "TRANSFORMERS_")  # driver environment the workers need too
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the driver needs of the model (EncodeRun reads .name and .fingerprint); the weights stay on the workers."""
+
+    name: str
+    fingerprint: str
+    family: str
+    description: dict[str, Any]
+
+
+def run_ray(
+    manifests: list[str], settings: Settings, *, address: str | None = None, workers: int | None = None,
+    gpus_per_worker: float = 0, reporter: Any = None,
+) -> RunSummary:  # fmt: skip
+    """Run `mmprep encode` as a Ray Data pipeline on the cluster at `address` (None: RAY_ADDRESS or a local Ray)."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise UsageError("--engine ray needs Ray Data: pip install 'mmprep[ray]'") from exc
+    if settings.refresh_older_than is not None:
+        raise UsageError("--refresh-older-than is not supported with --engine ray; use the local engine for refreshes")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": _forwarded_env()}}
+    describe = ray.remote(_describe_model).options(num_gpus=gpus_per_worker, **remote_args)
+    facts = ray.get(describe.remote(settings.model))
+    if workers is None:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
+    run = RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, remote_args)
+    return run.run()
+
+
+class RayEncodeRun(EncodeRun):
+    """EncodeRun's planning, bookkeeping and summary; the loading and encoding run on Ray."""
+
+    def __init__(
+        self, manifests: list[str], settings: Settings, facts: ModelFacts, reporter: Any, workers: int,
+        gpus_per_worker: float, remote_args: dict[str, Any],
+    ) -> None:  # fmt: skip
+        super().__init__(manifests, settings, facts, reporter)  # type: ignore[arg-type]
+        self.facts = facts
+        self.workers = workers
+        self.gpus_per_worker = gpus_per_worker
+        self.remote_args = remote_args
+        self.workdir = self.layout.root / f"{WORKDIR_PREFIX}{self.run_id}"
+
+    def _run_locked(self) -> RunSummary:
+        self.layout.errors.mkdir(parents=True, exist_ok=True)
+        for stale in self.layout.root.glob(WORKDIR_PREFIX + "*"):  # a crashed driver's (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        self._index = CacheIndex(self.layout.index)
+        self._lookup = CacheIndex(self.layout.index, readonly=True)
+        self._errors = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
+        handlers = {s: signal.signal(s, lambda signum, _frame: self.on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.reporter is not None:
+            self.reporter.start(self.counters)
+        try:
+            self.adopted = adopt_orphans(self._index, self.layout)
+            f = self.facts
+            self._index.register_model(f.fingerprint, f.name, f.family, f.description)
+            self._index.start_run(self.run_id, f.fingerprint, f.name)
+            todo = self._plan_rows()
+            if todo and self.stop_signal is None:
+                self._run_pipeline(todo)
+            adopt_orphans(self._index, self.layout)  # shards of workers that died before reporting them
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            if self.reporter is not None:
+                self.reporter.stop(self.counters)
+            self._errors.close()
+            self._lookup.close()
+            self._index.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self._finish()
+
+    def _plan_rows(self) -> list[str]:
+        """Classify the manifests chunk by chunk; write the rows to load into JSONL files; return their paths."""
+        self.workdir.mkdir()
+        paths: list[str] = []
+        todo, in_file = None, 0
+        try:
+            for chunk in _chunks(read_manifests(self.manifests), MANIFEST_CHUNK):
+                if self.stop_signal is not None:
+                    break
+                failures = []
+                for item, state in zip(chunk, self.classify(chunk)):
+                    self.counters.rows += 1
+                    if isinstance(item, BadLine):
+                        failure = bad_line_failure(item)
+                        if self._owns(failure.key):
+                            failures.append(failure)
+                        continue
+                    key = cache_key(item.url)
+                    if not self._owns(key) or self.plan(key, state) is None:
+                        continue
+                    if todo is None or in_file >= TODO_FILE_ROWS:
+                        if todo is not None:
+                            todo.close()
+                        paths.append(str(self.workdir / f"todo-{len(paths):05d}.jsonl"))
+                        todo, in_file = open(paths[-1], "w", encoding="utf-8"), 0
+                    todo.write(json.dumps({"key": key, **dataclasses.asdict(item)}) + "\n")
+                    in_file += 1
+                self._record(failures)
+        finally:
+            if todo is not None:
+                todo.close()
+        return paths
+
+    def _run_pipeline(self, todo: list[str]) -> None:
+        """Stream the planned rows through the CPU tasks and the actor pool; commit what comes back."""
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = self.settings.progress == "bar"
+        s = self.settings
+        dataset = ray.data.read_text(todo).map_batches(
+            load_rows, fn_kwargs={"load": s.load, "model": s.model}, batch_size=LOAD_ROWS, batch_format="pyarrow",
+            num_cpus=1, **self.remote_args,
+        ).map_batches(
+            EncodeActor,
+            fn_constructor_kwargs={
+                "model": s.model, "out": str(self.layout.root), "fingerprint": self.fingerprint,
+                "run_id": self.run_id, "shard_bytes": s.shard_bytes,
+            },
+            batch_size=ENCODE_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=1, num_gpus=self.gpus_per_worker, **self.remote_args,
+        )  # fmt: skip
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            failures = []
+            for out in batch.to_pylist():
+                self.counters.bytes_fetched += out["bytes_fetched"]
+                if out["failure"] is not None:
+                    failures.append(FailureRecord(**json.loads(out["failure"])))
+                if out["shard"] is not None:
+                    shard = json.loads(out["shard"])
+                    rows = [tuple(r) for r in shard["rows"]]
+                    self._index.commit_rows(shard["name"], self.fingerprint, self.run_id, shard["nbytes"],
+                                            shard["sha256"], rows)  # fmt: skip
+                    self.counters.encoded += len(rows)
+            self._record(failures)
+            if self.stop_signal is not None:
+                break  # what is committed stays; the rest is picked up by a rerun
+
+    def _record(self, failures: list[FailureRecord]) -> None:
+        """Failures go to errors/<run_id>.jsonl and the index, as in the local engine's writer."""
+        if not failures:
+            return
+        self._errors.writelines(json.dumps(f.as_json()) + "\n" for f in failures)
+        self._errors.flush()
+        self._index.record_failures(self.fingerprint, self.run_id, failures)
+        self.counters.failed += len(failures)
+        self.counters.failures_by_kind.update(f.kind for f in failures)
+
+
+# -- CPU tasks --------------------------------------------------------------------------------------
+
+
+def load_rows(batch: Any, load: LoadSettings, model: ModelSettings) -> Any:
+    """Fetch, decode and preprocess a batch of planned rows (a pyarrow table of JSON lines)."""
+    import pyarrow as pa
+
+    preprocess = _preprocessor(model)
+    if load.fast_decode and load.draft_size is None:
+        load = dataclasses.replace(load, draft_size=preprocess.input_size())
+    rows = [json.loads(text) for text in batch.column("text").to_pylist()]
+    out = []
+    for row, fetched in zip(rows, asyncio.run(_fetch_all([r["url"] for r in rows], load))):
+        key = row.pop("key")
+        record = Record(**row)
+        loaded = {"key": key, "record": json.dumps(row), "inputs": None, "content_sha256": None, "etag": None,
+                  "last_modified": None, "failure": None, "bytes_fetched": 0}  # fmt: skip
+        try:
+            if isinstance(fetched, RowError):
+                raise fetched
+            loaded.update(bytes_fetched=len(fetched.data), etag=fetched.etag, last_modified=fetched.last_modified,
+                          content_sha256=hashlib.sha256(fetched.data).hexdigest())  # fmt: skip
+            inputs = preprocess(decode_image(fetched.data, load))
+            loaded["inputs"] = _pickle(inputs)
+        except RowError as exc:
+            loaded["failure"] = _failure_json(failure_of(record, key, exc))
+        except Exception as exc:  # a bug: record it, keep the run going (as the local engine does)
+            error = RowError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            loaded["failure"] = _failure_json(failure_of(record, key, error))
+        out.append(loaded)
+    return pa.Table.from_pylist(out, schema=_loaded_schema())
+
+
+async def _fetch_all(urls: list[str], load: LoadSettings) -> list[Fetched | RowError]:
+    """Fetch every URL with one Fetcher, at most `load.concurrency` at once."""
+    slots = asyncio.Semaphore(load.concurrency)
+
+    async def one(fetcher: Fetcher, url: str) -> Fetched | RowError:
+        async with slots:
+            try:
+                fetched = await fetcher.fetch(url)
+                assert fetched is not None  # only a conditional request can answer "not modified"
+                return fetched
+            except RowError as exc:
+                return exc
+            except Exception as exc:
+                return RowError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+    async with Fetcher(load) as fetcher:
+        return list(await asyncio.gather(*(one(fetcher, url) for url in urls)))
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocessor(model: ModelSettings) -> ImagePreprocessor:
+    """The model's image processor, loaded once per worker process (no weights)."""
+    return load_preprocessor(model)
+
+
+# -- actors -----------------------------------------------------------------------------------------
+
+
+class EncodeActor:
+    """Holds one model; encodes the loaded rows and writes them as shards under the cache dir."""
+
+    _encode = EncodeRun._encode  # the local engine's batching: a failing batch is retried row by row
+    _entry_of = EncodeRun._entry_of
+
+    def __init__(self, model: ModelSettings, out: str, fingerprint: str, run_id: str, shard_bytes: int) -> None:
+        self.encoder = load_encoder(model)
+        if self.encoder.fingerprint != fingerprint:
+            raise UsageError(f"this worker's model has fingerprint {self.encoder.fingerprint}, not {fingerprint} "
+                             "(workers with different hardware or software?)")  # fmt: skip
+        self.run_id = run_id
+        self.batch_size = model.batch_size
+        self.shard_bytes = shard_bytes
+        # one writer per actor, under a name of its own: shard names never collide across actors
+        self.shards = ShardWriter(CacheLayout(Path(out)), fingerprint, self.encoder.name, f"{run_id}-{uuid.uuid4().hex[:6]}")
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        out: list[dict[str, Any]] = []
+        ready: list[tuple[_Prepared, int]] = []
+        for row in batch.to_pylist():
+            if row["failure"] is not None:
+                out.append(_result(failure=row["failure"], bytes_fetched=row["bytes_fetched"]))
+                continue
+            record = Record(**json.loads(row["record"]))
+            inputs = _unpickle(row["inputs"])
+            inputs = {name: inputs[name] for name in self.encoder.input_names(inputs)}
+            prepared = _Prepared(record, row["key"], inputs, row["content_sha256"], row["etag"], row["last_modified"])
+            ready.append((prepared, row["bytes_fetched"]))
+        fetched_bytes = 0
+        for start in range(0, len(ready), self.batch_size):
+            part = ready[start : start + self.batch_size]
+            for (_row, nbytes), result in zip(part, self._encode([p for p, _ in part])):
+                if isinstance(result, _Failed):
+                    out.append(_result(failure=_failure_json(result.failure), bytes_fetched=nbytes))
+                else:
+                    assert isinstance(result, _Encoded)
+                    self.shards.add(self._entry_of(result))
+                    fetched_bytes += nbytes
+            if self.shards.pending_bytes >= self.shard_bytes:
+                out.append(self._flush(fetched_bytes))
+                fetched_bytes = 0
+        if self.shards.pending_count:
+            out.append(self._flush(fetched_bytes))
+        return pa.Table.from_pylist(out, schema=_result_schema())
+
+    def _flush(self, fetched_bytes: int) -> dict[str, Any]:
+        written = self.shards.flush()
+        assert written is not None
+        fault_point("after_shard_write")
+        rows = entry_rows(written, self.encoder.fingerprint, self.run_id)
+        shard = {"name": written.name, "nbytes": written.nbytes, "sha256": written.sha256, "rows": rows}
+        return _result(shard=json.dumps(shard), bytes_fetched=fetched_bytes)
+
+
+# -- plumbing ---------------------------------------------------------------------------------------
+
+
+def _describe_model(model: ModelSettings) -> ModelFacts:
+    """Runs on a worker (with its GPU): load the model once to learn its fingerprint and facts."""
+    encoder = load_encoder(model)
+    return ModelFacts(encoder.name, encoder.fingerprint, encoder.family, encoder.describe())
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+
+
+def _result(*, shard: str | None = None, failure: str | None = None, bytes_fetched: int = 0) -> dict[str, Any]:
+    return {"shard": shard, "failure": failure, "bytes_fetched": bytes_fetched}
+
+
+def _loaded_schema() -> Any:
+    import pyarrow as pa
+
+    text = pa.string()
+    return pa.schema([("key", text), ("record", text), ("inputs", pa.binary()), ("content_sha256", text),
+                      ("etag", text), ("last_modified", text), ("failure", text), ("bytes_fetched", pa.int64())])  # fmt: skip
+
+
+def _result_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("shard", pa.string()), ("failure", pa.string()), ("bytes_fetched", pa.int64())])
+
+
+def _failure_json(failure: FailureRecord) -> str:
+    return json.dumps(dataclasses.asdict(failure))
+
+
+def _pickle(inputs: dict[str, Any]) -> bytes:
+    return pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpickle(data: bytes) -> dict[str, Any]:
+    return pickle.loads(data)  # noqa: S301 - our own CPU tasks' output, never user data
