@@ -1,7 +1,9 @@
 """The loading half shared by `encode` and `check`: manifest → skip or claim → fetch → decode.
 
-Threads: the event loop (main thread) reads the manifest in chunks, classifies each chunk with one
-batched lookup, and fetches rows concurrently (at most `concurrency` in flight); a pool of decode
+Threads: a helper thread reads the manifest in chunks, hashes each row's key once, classifies the
+chunk with one batched lookup and plans every row (skip and count, or claim and load), so rows that
+need no fetch (a cached rerun) never touch the event loop; the event loop (main thread) then fetches
+the rows to load concurrently (at most `concurrency` in flight); a pool of decode
 threads turns bytes into model inputs and hands each row on (blocking when the next stage is
 behind: backpressure). Subclasses decide what a row's state is, whether to fetch it, and what to
 do with its bytes. Nothing is kept per finished row, so memory stays flat for any manifest length.
@@ -29,7 +31,7 @@ from mmprep.manifest import BadLine, Record, read_manifests
 from mmprep.settings import LoadSettings
 from mmprep.store.index import FailureRecord
 
-MANIFEST_CHUNK = 512  # records read and classified at a time
+MANIFEST_CHUNK = 2048  # records read, hashed, looked up and planned at a time
 INFLIGHT = "inflight"  # state of a key another row of this run is already loading
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
@@ -78,6 +80,14 @@ class Plan:
     refresh: bool = False
 
 
+@dataclass
+class ChunkWork:
+    """What one manifest chunk leaves for the event loop: rows to load (already claimed) and bad lines."""
+
+    loads: list[tuple[Record, str, Plan]]
+    bad_lines: list[FailureRecord]
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
@@ -113,11 +123,11 @@ class LoadingRun:
 
     # -- hooks -------------------------------------------------------------------------------------
 
-    def classify(self, chunk: list[Record | BadLine]) -> list[Any]:
-        """One state per item (None for bad lines); the default knows only this run's in-flight keys."""
+    def classify(self, chunk: list[Record | BadLine], keys: list[str | None] | None = None) -> list[Any]:
+        """One state per item (`keys[i]` is None for a bad line); the default knows only this run's in-flight keys."""
+        keys = keys_of(chunk) if keys is None else keys
         with self._inflight_lock:
-            return [None if isinstance(r, BadLine) else (INFLIGHT if cache_key(r.url) in self._inflight else None)
-                    for r in chunk]  # fmt: skip
+            return [INFLIGHT if key is not None and key in self._inflight else None for key in keys]
 
     def plan(self, key: str, state: Any) -> Plan | None:
         """Whether to load a row (a Plan) or not (None, after counting why)."""
@@ -161,29 +171,18 @@ class LoadingRun:
         try:
             async with Fetcher(self.load) as fetcher:
                 while self.stop_signal is None:
-                    chunk = await asyncio.to_thread(next, chunks, None)
-                    if chunk is None:
+                    work = await asyncio.to_thread(self._next_chunk, chunks)
+                    if work is None:
                         break
-                    states = await asyncio.to_thread(self.classify, chunk)
-                    for item, state in zip(chunk, states):
-                        self.counters.rows += 1
-                        if isinstance(item, BadLine):
-                            failure = bad_line_failure(item)
-                            if self._owns(failure.key):
-                                await self.record_failure(failure)
-                            continue
-                        key = cache_key(item.url)
-                        if not self._owns(key):
-                            continue
-                        plan = self.plan(key, state)
-                        if plan is None:
-                            continue
+                    for failure in work.bad_lines:
+                        await self.record_failure(failure)
+                    for i, (record, key, plan) in enumerate(work.loads):
                         await slots.acquire()
                         if self.stop_signal is not None:
                             slots.release()
-                            self.release([key])
+                            self.release(k for _, k, _ in work.loads[i:])  # claimed, never started
                             break
-                        task = asyncio.create_task(self._load_row(item, key, plan, fetcher, pool, slots))
+                        task = asyncio.create_task(self._load_row(record, key, plan, fetcher, pool, slots))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                 if self.stop_signal is not None:
@@ -193,6 +192,25 @@ class LoadingRun:
                     await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             pool.shutdown(wait=True)
+
+    def _next_chunk(self, chunks: Iterator[list[Record | BadLine]]) -> ChunkWork | None:
+        """Helper thread: read the next chunk, key every row once, classify it in one lookup, plan each row."""
+        chunk = next(chunks, None)
+        if chunk is None:
+            return None
+        self.counters.rows += len(chunk)
+        keys = keys_of(chunk)
+        work = ChunkWork([], [])
+        for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
+            if key is None:
+                failure = bad_line_failure(item)  # type: ignore[arg-type]
+                if self._owns(failure.key):
+                    work.bad_lines.append(failure)
+            elif self._owns(key):
+                plan = self.plan(key, state)
+                if plan is not None:
+                    work.loads.append((item, key, plan))  # type: ignore[arg-type]
+        return work
 
     def _owns(self, key: str) -> bool:
         """Whether this process's --shard part holds `key` (always, without --shard)."""
@@ -248,6 +266,11 @@ class LoadingRun:
         if self.stop_signal == signal.SIGTERM:
             return "interrupted", EXIT_SIGTERM
         return "completed", EXIT_ROWS_FAILED if rows_failed else EXIT_OK
+
+
+def keys_of(chunk: list[Record | BadLine]) -> list[str | None]:
+    """The entry key of every record of a chunk, computed once (None for bad lines)."""
+    return [None if isinstance(item, BadLine) else cache_key(item.url) for item in chunk]
 
 
 def _chunks(items: Iterator[Record | BadLine], size: int) -> Iterator[list[Record | BadLine]]:

@@ -27,10 +27,10 @@ from mmprep.decode import decode_image
 from mmprep.errors import ErrorKind, RowError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched
-from mmprep.keys import cache_key, stored_url
+from mmprep.keys import stored_url
 from mmprep.manifest import BadLine, Record
 from mmprep.models import Encoder
-from mmprep.pipeline.core import INFLIGHT, LoadingRun, Plan, failure_of
+from mmprep.pipeline.core import INFLIGHT, LoadingRun, Plan, failure_of, keys_of
 from mmprep.settings import Settings
 from mmprep.store.index import CacheIndex, FailureRecord, KeyState
 from mmprep.store.layout import CacheLayout
@@ -165,20 +165,14 @@ class EncodeRun(LoadingRun):
 
     # -- loading-half hooks ---------------------------------------------------------------------
 
-    def classify(self, chunk: list[Record | BadLine]) -> list[Any]:
+    def classify(self, chunk: list[Record | BadLine], keys: list[str | None] | None = None) -> list[Any]:
         """One batched index query per chunk, under the in-flight lock so that no row can finish
         between the query and the check (it would otherwise be fetched twice)."""
-        keys = [cache_key(r.url) for r in chunk if isinstance(r, Record)]
+        keys = keys_of(chunk) if keys is None else keys
         with self._inflight_lock:
-            known = self._lookup.key_states(self.fingerprint, keys)
-            states: list[Any] = []
-            for r in chunk:
-                if isinstance(r, BadLine):
-                    states.append(None)
-                    continue
-                key = cache_key(r.url)
-                states.append(INFLIGHT if key in self._inflight else known.get(key))
-            return states
+            known = self._lookup.key_states(self.fingerprint, [key for key in keys if key is not None])
+            inflight = self._inflight
+            return [INFLIGHT if key in inflight else known.get(key) if key is not None else None for key in keys]
 
     def plan(self, key: str, state: Any) -> Plan | None:
         c = self.counters
