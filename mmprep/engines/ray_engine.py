@@ -14,6 +14,7 @@ its batch retried; a shard it wrote but never reported is adopted (and deduplica
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -22,6 +23,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -70,16 +72,16 @@ def run_ray(
         raise UsageError("--engine ray needs Ray Data: pip install 'mmprep[ray]'") from exc
     if settings.refresh_older_than is not None:
         raise UsageError("--refresh-older-than is not supported with --engine ray; use the local engine for refreshes")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": _forwarded_env()}}
-    describe = ray.remote(_describe_model).options(num_gpus=gpus_per_worker, **remote_args)
-    facts = ray.get(describe.remote(settings.model))
-    if workers is None:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
-    run = RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, remote_args)
-    return run.run()
+    with contextlib.redirect_stdout(sys.stderr):  # Ray prints notices on stdout; --json owns stdout
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        remote_args: dict[str, Any] = {"runtime_env": {"env_vars": _forwarded_env()}}
+        describe = ray.remote(_describe_model).options(num_gpus=gpus_per_worker, **remote_args)
+        facts = ray.get(describe.remote(settings.model))
+        if workers is None:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
+        return RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, remote_args).run()
 
 
 class RayEncodeRun(EncodeRun):

@@ -1,0 +1,114 @@
+"""`mmprep encode --engine ray` on a local 2-CPU Ray: the same cache, failures, exit codes and resume
+behaviour as the local engine, and a worker killed mid-run costs neither rows nor duplicates."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import image_bytes  # noqa: E402
+from mmprep.store.reader import EmbeddingCache  # noqa: E402
+from mmprep.store.verify import verify_cache  # noqa: E402
+from test_encode import NET, encode_json, write_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+N_GOOD = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(mmprep_home):
+    """One local Ray for the module; workers get the repository on their path and the test environment."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def manifest(tmp_path, image_server) -> Path:
+    """N_GOOD served images, a duplicate, and one bad row of each kind the loading half can produce."""
+    rows: list[object] = []
+    for i in range(N_GOOD):
+        fmt, ctype = [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")][i % 3]
+        rows.append({"url": image_server.add(f"/{i}.img", image_bytes("RGB", (30 + i, 26 + i % 4), fmt, i), ctype), "id": f"i{i}"})
+    rows += [
+        {"url": image_server.url("/0.img")},  # duplicate
+        {"url": image_server.url("/missing.png")},  # http_status 404
+        {"url": image_server.add("/page.png", b"<html><body>oops</body></html>", "text/html")},  # not_an_image
+        {"url": image_server.add("/broken.png", image_bytes("RGB", (40, 40), "PNG", 99)[:60])},  # decode_error
+        {"url": "data:image/png;base64,@@@"},  # bad_data_url
+        {"url": "http://10.1.2.3/x.png"},  # blocked_url, never contacted
+        "{not json",  # bad_manifest_line
+    ]
+    return Path(write_manifest(tmp_path / "m.jsonl", rows))
+
+
+def encode(manifest: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    return encode_json(str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), *NET, "--batch-size", "4", *extra)
+
+
+def cache_contents(cache: Path) -> dict[str, torch.Tensor]:
+    db = sqlite3.connect(cache / "index.sqlite")
+    keys = [r[0] for r in db.execute("SELECT key FROM entries")]
+    assert len(keys) == len(set(keys))
+    db.close()
+    with EmbeddingCache(cache, memory_bytes=0) as reader:
+        return {key: entry.embeddings for key, entry in zip(keys, reader.get_keys(keys))}
+
+
+def error_records(summary: dict) -> list[tuple]:
+    rows = [json.loads(line) for line in Path(summary["errors_file"]).read_text().splitlines()]
+    return sorted((r["key"], r["kind"], r["line"], r["status"], r["retryable"]) for r in rows)
+
+
+def test_ray_engine_makes_the_local_engines_cache_and_reruns_fetch_nothing(manifest, tmp_path, image_server):
+    code, local = encode(manifest, tmp_path / "local")
+    image_server.hits.clear()
+    ray_code, remote = encode(manifest, tmp_path / "ray", "--engine", "ray", "--workers", "1")
+
+    assert ray_code == code == 1
+    same = ("rows", "encoded", "cached", "duplicates", "failed", "skipped_failed", "failures_by_kind", "exit_code", "status")
+    assert {k: remote[k] for k in same} == {k: local[k] for k in same}
+    assert remote["encoded"] == N_GOOD and remote["bytes_fetched"] == local["bytes_fetched"]
+    assert set(remote["failures_by_kind"]) == {
+        "http_status", "not_an_image", "decode_error", "bad_data_url", "blocked_url", "bad_manifest_line",
+    }  # fmt: skip
+    assert error_records(remote) == error_records(local)
+    assert (tmp_path / "ray" / "errors.jsonl").read_text() == Path(remote["errors_file"]).read_text()
+    assert all(n == 1 for n in image_server.hits.values())  # every URL fetched once, the duplicate too
+
+    mine, theirs = cache_contents(tmp_path / "ray"), cache_contents(tmp_path / "local")
+    assert set(mine) == set(theirs) and len(mine) == N_GOOD
+    for key in theirs:
+        assert mine[key].shape == theirs[key].shape and torch.equal(mine[key], theirs[key])
+    assert verify_cache(tmp_path / "ray", deep=True).ok
+    assert not list((tmp_path / "ray").glob(".ray-*"))  # the planned-rows files are gone
+
+    # resume: nothing is fetched again; permanent failures are skipped; the bad line still fails
+    hits = image_server.total_hits
+    code2, again = encode(manifest, tmp_path / "ray", "--engine", "ray")
+    assert image_server.total_hits == hits
+    assert (again["encoded"], again["cached"], again["skipped_failed"]) == (0, N_GOOD + 1, 5)
+    assert again["failures_by_kind"] == {"bad_manifest_line": 1} and code2 == 1
+
+
+@pytest.mark.parametrize("fault", ["in_encode", "after_shard_write"])
+def test_a_killed_encoder_actor_is_retried_without_losing_or_duplicating_rows(fault, tmp_path, image_server, monkeypatch):
+    urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(N_GOOD)]
+    manifest = write_manifest(tmp_path / "m.jsonl", urls)
+    fired = tmp_path / "fault-fired"
+    monkeypatch.setenv("MMPREP_FAULT", fault)  # forwarded to the Ray workers by the engine
+    monkeypatch.setenv("MMPREP_FAULT_ONCE", str(fired))  # only the first actor dies; its restart goes on
+    code, summary = encode(Path(manifest), tmp_path / "cache", "--engine", "ray", "--shard-size", "256")
+
+    assert fired.exists()  # an actor really was killed
+    assert code == 0 and summary["encoded"] == N_GOOD and summary["failed"] == 0
+    contents = cache_contents(tmp_path / "cache")  # asserts every key is indexed once
+    assert len(contents) == N_GOOD
+    assert verify_cache(tmp_path / "cache", deep=True).ok
