@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmprep import __version__
@@ -571,7 +572,7 @@ EXIT_USAGE, EXIT_LOCKED = 2, 75  # 75 = EX_TEMPFAIL: try again later
 
 
 def _fail(exc: MmprepError) -> NoReturn:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {escape(str(exc))}")  # messages may hold [brackets]
     raise typer.Exit(EXIT_LOCKED if isinstance(exc, CacheLockedError) else EXIT_USAGE)
 
 

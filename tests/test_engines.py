@@ -1,0 +1,43 @@
+"""Engine selection: the core install never imports Ray, and `--engine ray` without it is a clear usage error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mmprep.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "sample_inputs"
+
+
+def test_engine_ray_without_ray_installed_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees where Ray is not installed
+    result = CliRunner().invoke(app, [
+        "encode", str(SAMPLES / "manifest.jsonl"), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"),
+        "--allow-local-dir", str(SAMPLES), "--engine", "ray", "--progress", "none",
+    ])  # fmt: skip
+    assert result.exit_code == 2
+    assert "pip install 'mmprep[ray]'" in result.output
+    assert not (tmp_path / "c" / "index.sqlite").exists()
+
+
+def test_unknown_engine_exits_2(tmp_path):
+    result = CliRunner().invoke(app, ["encode", str(SAMPLES / "manifest.jsonl"), "--model", "builtin:tiny-clip",
+                                      "--out", str(tmp_path / "c"), "--engine", "spark"])  # fmt: skip
+    assert result.exit_code == 2 and "local or ray" in result.output
+
+
+def test_local_encode_never_imports_ray(tmp_path, mmprep_home):
+    code = (
+        "import sys; from typer.testing import CliRunner; from mmprep.cli import app; "
+        f"r = CliRunner().invoke(app, ['encode', {str(SAMPLES / 'manifest.jsonl')!r}, '--model', 'builtin:tiny-clip', "
+        f"'--out', {str(tmp_path / 'c')!r}, '--allow-local-dir', {str(SAMPLES)!r}, '--progress', 'none']); "
+        "assert r.exit_code == 1, r.output; print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
