@@ -120,3 +120,16 @@ def test_check_readable(tmp_path):
     with pytest.raises(UsageError, match="not a file"):
         check_readable([str(tmp_path)])
     check_readable(["-"])
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"url": "https://a/b.jpg"}', '{"url":"x","id":"7"}', '{ "url" : "ü" , "id" : "" }', '{"url": " "}',
+     '{"url": "x", "id": 7}', '{"url": "a\\"b"}', '{"url": "a\\u0041"}', '{"id": "1", "url": "x"}',
+     '{"url": "x", "url": "y"}', '{"url": "tab\there"}', '{"url": "x", "id": null}', '{"url": ""}'],
+)  # fmt: skip
+def test_plain_line_fast_path_reads_like_the_json_parser(tmp_path, line: str) -> None:
+    """Lines in the plain form skip json.loads; every line must still read exactly as parse_line reads it."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    assert list(read_manifests([str(path)])) == parse_line(line, str(path), 1)

@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mmprep.faults import fault_point
 from mmprep.store.shards import WrittenShard
 
 SCHEMA_VERSION = 1
+LOOKUP_BATCH = 2048  # keys per lookup query (SQLite allows 32766 parameters)
 
 # The columns every writer fills (`checked` is only set by refresh).
 ENTRY_COLUMNS = (
@@ -86,9 +87,8 @@ class FailureRecord:
         }
 
 
-@dataclass(frozen=True)
-class KeyState:
-    """What the index knows about one key for one model."""
+class KeyState(NamedTuple):
+    """What the index knows about one key for one model (a tuple: a million of them are built per cached rerun)."""
 
     cached: bool
     run_id: str | None  # run that encoded it, or that last failed it
@@ -134,23 +134,34 @@ class CacheIndex:
     # -- lookups ---------------------------------------------------------------------------
 
     def key_states(self, fingerprint: str, keys: Sequence[str]) -> dict[str, KeyState]:
-        """Batched lookup: the state of every key that is cached or has failed before."""
+        """Batched lookup: the state of every key that is cached or has failed before.
+
+        Each query returns its whole answer as one JSON row: stepping through rows one by one
+        releases and re-takes the GIL per row, which another busy thread (the manifest reader) turns
+        into a wait of up to a switch interval each; one step per batch avoids that convoy.
+        """
         states: dict[str, KeyState] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            chunk = keys[start : start + LOOKUP_BATCH]
             marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(
-                f"SELECT key, kind, retryable, run_id FROM failures WHERE fingerprint=? AND key IN ({marks})",
-                (fingerprint, *chunk),
+            params = (fingerprint, *chunk)
+            for key, kind, retryable, run_id in self._json_rows(
+                "key, kind, retryable, run_id", f"failures WHERE fingerprint=? AND key IN ({marks})", params
             ):
-                states[row[0]] = KeyState(False, row[3], row[1], bool(row[2]))
-            for row in self.conn.execute(
-                "SELECT key, run_id, coalesce(checked, created), etag, last_modified, content_sha256 "
-                f"FROM entries WHERE fingerprint=? AND key IN ({marks})",
-                (fingerprint, *chunk),
+                states[key] = KeyState(False, run_id, kind, bool(retryable))
+            for key, run_id, checked, etag, last_modified, content_sha256 in self._json_rows(
+                "key, run_id, printf('%!.17g', coalesce(checked, created)), etag, last_modified, content_sha256",
+                f"entries WHERE fingerprint=? AND key IN ({marks})",
+                params,
             ):
-                states[row[0]] = KeyState(True, row[1], None, False, row[2], row[3], row[4], row[5])
+                states[key] = KeyState(True, run_id, None, False, float(checked), etag, last_modified, content_sha256)
         return states
+
+    def _json_rows(self, columns: str, source: str, params: Sequence[Any]) -> list[list[Any]]:
+        """`SELECT columns FROM source` as lists, fetched as one JSON array in a single step (floats as text: exact)."""
+        sql = f"SELECT coalesce(json_group_array(json_array({columns})), '[]') FROM {source}"
+        (blob,) = self.conn.execute(sql, params).fetchone()
+        return json.loads(blob)  # type: ignore[no-any-return]
 
     def key_with_content(self, fingerprint: str, content_sha256: str) -> str | None:
         """A key of this model whose image bytes have this sha256 (content dedup), if any."""
