@@ -174,6 +174,33 @@ def test_qwen2_vl_checkpoint_without_tower_weights_fails_to_load(models: dict[st
         load(broken)
 
 
+def test_llava_never_reads_the_language_model(models: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint stripped of every language-model tensor encodes exactly like the full one."""
+    from safetensors.torch import load_file, save_file
+
+    vision_only = tmp_path / "vision_only"
+    shutil.copytree(models["llava"], vision_only)
+    weights = load_file(vision_only / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "language_model" not in k and not k.startswith("lm_head")}
+    assert len(kept) < len(weights)
+    save_file(kept, vision_only / "model.safetensors", metadata={"format": "pt"})
+    for got, expected in zip(encode_all(load(vision_only)), encode_all(load(models["llava"])), strict=True):
+        torch.testing.assert_close(got["embeddings"], expected["embeddings"], atol=0, rtol=0)
+
+
+def test_llava_checkpoint_without_projector_weights_fails_to_load(models: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["llava"], broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if "multi_modal_projector.linear_2.weight" in k)
+    del weights[name]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks vision-tower or projector weights: linear_2.weight"):
+        load(broken)
+
+
 def test_preprocess_is_thread_safe(models: dict[str, Path]) -> None:
     encoder = load(models["qwen2_vl"])
     expected = [encoder.preprocess(image) for image in IMAGES]
