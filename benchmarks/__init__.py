@@ -1,0 +1,1 @@
+"""mmprep's benchmark suite: `python -m benchmarks.run [--quick]` (see BENCHMARKS.md)."""

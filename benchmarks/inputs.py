@@ -1,0 +1,150 @@
+"""Benchmark inputs built from scratch: photo-like JPEGs, a local HTTP server, manifests, models, caches."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+POOL = 16  # distinct pictures; every URL still gets unique bytes (a JPEG comment), so content dedup never kicks in
+
+
+def photo_like(size: tuple[int, int], seed: int) -> Image.Image:
+    """Smooth colour blobs + gradients + sensor-like grain: compresses like a photo (not like flat colour or noise)."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((height // 32 + 2, width // 32 + 2, 3)) * 255
+    blobs = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    ramp = np.linspace(0, 60, width, dtype=np.float32)[None, :, None]
+    grain = rng.normal(0, 9, (height, width, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(blobs * 0.75 + ramp + grain, 0, 255).astype(np.uint8))
+
+
+def jpeg_pool(size: tuple[int, int], count: int = POOL, quality: int = 85) -> list[bytes]:
+    """`count` distinct photo-like JPEGs of `size`."""
+    out = []
+    for seed in range(count):
+        buf = io.BytesIO()
+        photo_like(size, seed).save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def unique_jpeg(pool: list[bytes], index: int) -> bytes:
+    """Picture `index % len(pool)` with a COM segment naming `index`: same pixels, bytes unique per URL."""
+    base = pool[index % len(pool)]
+    comment = f"mmprep-bench {index}".encode()
+    return base[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + base[2:]
+
+
+class BenchServer(ThreadingHTTPServer):
+    """127.0.0.1 image server; a deep accept backlog (the stdlib's 5 stalls concurrent clients)."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def __init__(self, pools: dict[str, list[bytes]]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.pools = pools  # URL prefix (e.g. "vga") -> pictures
+
+    def url(self, pool: str, index: int) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{pool}/{index}.jpg"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: BenchServer
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+        try:
+            _, pool, name = self.path.split("/")
+            body = unique_jpeg(self.server.pools[pool], int(name.removesuffix(".jpg")))
+        except (ValueError, KeyError):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serving(pools: dict[str, list[bytes]]) -> Iterator[BenchServer]:
+    """Run a BenchServer in a thread for the duration of the block."""
+    server = BenchServer(pools)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_manifest(path: Path, urls: Iterator[str] | list[str]) -> Path:
+    """One {"url": ...} line per URL."""
+    with open(path, "w", encoding="utf-8") as f:
+        for url in urls:
+            f.write(json.dumps({"url": url}) + "\n")
+    return path
+
+
+def save_clip(directory: Path, *, layers: int = 12, hidden: int = 768, patch: int = 32, image: int = 224) -> Path:
+    """A CLIP with a ViT-B-shaped vision tower (random weights: the compute is what is measured), saved once."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=max(1, hidden // 64), patch_size=patch, image_size=image)  # fmt: skip
+    torch.manual_seed(0)
+    tmp = directory.with_name(directory.name + ".tmp")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)).save_pretrained(tmp)
+    CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image}).save_pretrained(tmp)
+    tmp.rename(directory)
+    return directory
+
+
+def build_cached(cache_dir: Path, manifest: Path, fingerprint: str, model_name: str, rows: int, shard_rows: int = 100_000) -> None:
+    """A cache whose index already holds every manifest row (tiny tensors, a few real shards), via the store API."""
+    import torch
+
+    from mmprep.keys import cache_key
+    from mmprep.store.index import CacheIndex
+    from mmprep.store.layout import CacheLayout
+    from mmprep.store.shards import ShardEntry, ShardWriter
+
+    layout = CacheLayout(cache_dir)
+    index = CacheIndex(layout.index)
+    try:
+        index.register_model(fingerprint, model_name, "pooled", {"name": model_name, "note": "benchmark cache"})
+        index.start_run("bench-build", fingerprint, model_name)
+        writer = ShardWriter(layout, fingerprint, model_name, "bench-build")
+        vector = torch.zeros(4, dtype=torch.float16)
+        now = time.time()
+        with open(manifest, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                url = json.loads(line)["url"]
+                writer.add(ShardEntry(cache_key(url), url, None, vector.clone(), None, "0" * 64, now))
+                if number % shard_rows == 0 or number == rows:
+                    written = writer.flush()
+                    if written is not None:
+                        index.commit_shard(written, fingerprint, "bench-build")
+        index.finish_run("bench-build", "completed", 0, {"rows": rows})
+    finally:
+        index.close()

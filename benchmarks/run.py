@@ -1,0 +1,375 @@
+"""`python -m benchmarks.run [--quick] [--only SECTION...]`: one table of side-by-side throughput figures.
+
+Sections (each builds its own inputs under --work, default /tmp/mmprep-bench):
+  check    `mmprep check` images/s vs a naive sequential httpx+Pillow loop vs the machine's decode+preprocess limit
+  encode   `mmprep encode` images/s vs model-only (pre-processed tensors, same batch size and device)
+  fast     --fast-decode speed-up (check, camera-size JPEGs) and its effect on embeddings
+  cached   fully cached rerun of 10k vs 1M rows (subprocess `mmprep encode`): rows/s and peak RSS
+  vlm      peak RSS loading LLaVA / Qwen2-VL vision-only vs the whole checkpoint (subprocesses)
+  gpu      check + encode on CUDA with a ViT-B/16 in float16 (skipped without a GPU)
+Figures of one row are measured in the same run, one after the other, so ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks import inputs  # noqa: E402
+
+SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu")
+LOOPBACK = dict(allow_http=True, allow_hosts=("127.0.0.1",))
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each section's inputs are."""
+
+    check_rows: int = 512
+    encode_rows: int = 256
+    fast_rows: int = 128
+    diff_images: int = 32
+    cached_rows: tuple[int, int] = (10_000, 1_000_000)
+    clip_layers: int = 12  # ViT-B: 12 layers of 768
+    batch_size: int = 32
+    gpu_rows: int = 2048
+
+
+QUICK = Scale(check_rows=48, encode_rows=32, fast_rows=16, diff_images=4, cached_rows=(1_000, 10_000),
+              clip_layers=2, batch_size=8, gpu_rows=256)  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One line of the table: what was measured, its figures, and the ratio that matters."""
+
+    section: str
+    what: str
+    figures: str
+    ratio: str
+    target: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def load_settings(**overrides: Any) -> Any:
+    from mmprep.settings import LoadSettings
+
+    return LoadSettings(**{**LOOPBACK, **overrides})
+
+
+def check_rate(manifest: Path, prepare: Callable[[Any], Any] | None, work: Path, **load: Any) -> float:
+    """`mmprep check` (the CheckRun behind it) on a manifest: images/s as it reports them."""
+    from mmprep.pipeline import CheckRun
+
+    summary = CheckRun([str(manifest)], load_settings(**load), work / "check-errors.jsonl", prepare).run()
+    assert summary.failed == 0, summary
+    return summary.images_per_s
+
+
+def naive_rate(urls: list[str], prepare: Callable[[Any], Any]) -> float:
+    """What a first script does: one row at a time, httpx get, Pillow decode, the processor."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    start = time.perf_counter()
+    with httpx.Client() as client:
+        for url in urls:
+            image = Image.open(io.BytesIO(client.get(url).content)).convert("RGB")
+            prepare(image)
+    return len(urls) / (time.perf_counter() - start)
+
+
+def limit_rate(bodies: list[bytes], prepare: Callable[[Any], Any], **load: Any) -> float:
+    """The machine's in-process ceiling: decode + preprocess of bytes already in memory, one thread per core."""
+    from mmprep.decode import decode_image
+
+    settings = load_settings(**load)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda data: prepare(decode_image(data, settings)), bodies))
+    return len(bodies) / (time.perf_counter() - start)
+
+
+def model_only_rate(encoder: Any, items: list[dict[str, Any]], batch_size: int) -> float:
+    """Images/s of encoder.encode alone on pre-processed inputs, after one warm-up batch."""
+    encoder.encode(items[:batch_size])
+    if encoder.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        encoder.encode(items[i : i + batch_size])  # returns CPU tensors: synchronised
+    return len(items) / (time.perf_counter() - start)
+
+
+def encode_rate(manifest: Path, encoder: Any, batch_size: int, out: Path, **load: Any) -> float:
+    """`mmprep encode` (the EncodeRun behind it) into a fresh cache with an already loaded encoder."""
+    from mmprep.pipeline import EncodeRun
+    from mmprep.settings import ModelSettings, Settings
+
+    settings = Settings(out=out, model=ModelSettings(name=encoder.name, batch_size=batch_size), load=load_settings(**load))
+    summary = EncodeRun([str(manifest)], settings, encoder).run()
+    assert summary.failed == 0 and summary.encoded > 0, summary
+    return summary.images_per_s
+
+
+def load_encoder(model_dir: Path, device: str = "cpu", dtype: str = "auto", batch_size: int = 32) -> Any:
+    from mmprep.models import load_encoder as load
+
+    from mmprep.settings import ModelSettings
+
+    return load(ModelSettings(name=str(model_dir), device=device, dtype=dtype, batch_size=batch_size))
+
+
+def fetch_all(urls: list[str]) -> list[bytes]:
+    import httpx
+
+    with httpx.Client() as client:
+        return [client.get(url).content for url in urls]
+
+
+def run_child(argv: list[str]) -> tuple[float, str]:
+    """Run `python -m MODULE ...` or `python -c CODE ...` (argv without the interpreter) in a subprocess; its peak RSS (MB) and stdout."""
+    with tempfile.NamedTemporaryFile(suffix=".rss") as peak:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.peak", peak.name, *argv], capture_output=True, text=True)
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"{argv[:3]} exited {proc.returncode}: {proc.stderr[-2000:]}")
+        return float(Path(peak.name).read_text()), proc.stdout
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+
+def section_check(scale: Scale, work: Path, server: inputs.BenchServer, prepare: Any) -> list[Row]:
+    urls = [server.url("vga", i) for i in range(scale.check_rows)]
+    manifest = inputs.write_manifest(work / "check.jsonl", urls)
+    bodies = fetch_all(urls)
+    check = check_rate(manifest, prepare, work)
+    naive = naive_rate(urls[: max(16, len(urls) // 4)], prepare)
+    limit = limit_rate(bodies, prepare)
+    return [Row("1 check", f"640x480 JPEG → CLIP 224 processor, {len(urls)} rows",
+                f"check {check:.0f} · naive loop {naive:.0f} · decode+preprocess limit {limit:.0f} img/s",
+                f"{check / limit:.2f}x limit, {check / naive:.1f}x naive", "≈1x limit",
+                {"check": check, "naive": naive, "limit": limit})]  # fmt: skip
+
+
+def section_encode(scale: Scale, work: Path, server: inputs.BenchServer, model_dir: Path, label: str,
+                   device: str = "cpu", dtype: str = "auto", rows: int | None = None, target: str = "≥ 0.9x") -> list[Row]:  # fmt: skip
+    from mmprep.decode import decode_image
+
+    rows = rows or scale.encode_rows
+    encoder = load_encoder(model_dir, device, dtype, scale.batch_size)
+    urls = [server.url("enc", i) for i in range(rows)]
+    manifest = inputs.write_manifest(work / f"encode-{device}.jsonl", urls)
+    settings = load_settings()
+    items = [encoder.preprocess(decode_image(data, settings)) for data in fetch_all(urls)]
+    before = model_only_rate(encoder, items, scale.batch_size)
+    with tempfile.TemporaryDirectory(dir=work) as out:
+        end_to_end = encode_rate(manifest, encoder, scale.batch_size, Path(out))
+    after = model_only_rate(encoder, items, scale.batch_size)
+    model_only = (before + after) / 2
+    return [Row(f"2 encode{'' if device == 'cpu' else ' ' + device}", f"{label}, batch {scale.batch_size}, {rows} rows, {device}",
+                f"encode {end_to_end:.1f} · model-only {model_only:.1f} img/s (before {before:.1f} / after {after:.1f})",
+                f"{end_to_end / model_only:.2f}x model-only", target,
+                {"encode": end_to_end, "model_only": model_only})]  # fmt: skip
+
+
+def section_fast(scale: Scale, work: Path, server: inputs.BenchServer, model_dir: Path) -> list[Row]:
+    import torch
+
+    from mmprep.decode import decode_image
+
+    encoder = load_encoder(model_dir, batch_size=scale.batch_size)
+    target = encoder.input_size()
+    urls = [server.url("large", i) for i in range(scale.fast_rows)]
+    manifest = inputs.write_manifest(work / "fast.jsonl", urls)
+    full = check_rate(manifest, encoder.preprocess, work)
+    fast = check_rate(manifest, encoder.preprocess, work, fast_decode=True, draft_size=target)
+    bodies = fetch_all(urls[: scale.diff_images])
+    exact, drafted = load_settings(), load_settings(fast_decode=True, draft_size=target)
+    a = encoder.encode([encoder.preprocess(decode_image(b, exact)) for b in bodies])
+    b = encoder.encode([encoder.preprocess(decode_image(b, drafted)) for b in bodies])
+    ea, eb = torch.stack([x["embeddings"] for x in a]).float(), torch.stack([x["embeddings"] for x in b]).float()
+    max_abs = float((ea - eb).abs().max())
+    scale_abs = float(ea.abs().max())
+    min_cos = float(torch.nn.functional.cosine_similarity(ea, eb).min())
+    size = decode_image(bodies[0], drafted).size
+    return [
+        Row("3 fast-decode", f"1600x1200 JPEG → {target[0]} (decoded at {size[0]}x{size[1]}), check, {len(urls)} rows",
+            f"fast {fast:.0f} · full {full:.0f} img/s", f"{fast / full:.2f}x speed-up", "> 1x",
+            {"fast": fast, "full": full}),
+        Row("3 fast-decode", f"embeddings vs full decode, {len(bodies)} images (random-weight ViT)",
+            f"max abs diff {max_abs:.2e} (max |e| {scale_abs:.2f})", f"min cosine {min_cos:.5f}", "report",
+            {"max_abs": max_abs, "min_cos": min_cos}),
+    ]  # fmt: skip
+
+
+def section_cached(scale: Scale, work: Path) -> list[Row]:
+    from mmprep.models import load_encoder as load
+    from mmprep.settings import ModelSettings
+
+    model = "builtin:tiny-clip"
+    fingerprint = load(ModelSettings(name=model)).fingerprint
+    results: dict[int, tuple[float, float, float]] = {}
+    for rows in scale.cached_rows:
+        base = work / f"cached-{rows}"
+        manifest = base / "manifest.jsonl"
+        cache = base / "cache"
+        if not (base / "ready").is_file():
+            base.mkdir(parents=True, exist_ok=True)
+            inputs.write_manifest(manifest, (f"https://images.example/{i % 997}/{i:09d}.jpg" for i in range(rows)))
+            inputs.build_cached(cache, manifest, fingerprint, model, rows)
+            (base / "ready").write_text(fingerprint)
+        argv = ["-m", "mmprep", "encode", str(manifest), "--model", model, "--out", str(cache), "--json", "--progress", "none"]
+        start = time.perf_counter()
+        rss, out = run_child(argv)
+        wall = time.perf_counter() - start
+        summary = json.loads(out)
+        assert summary["cached"] == rows and summary["encoded"] == 0, summary
+        results[rows] = (rows / summary["duration_s"], rss, rows / wall)
+    small, large = scale.cached_rows
+    (rs, ms, ws), (rl, ml, wl) = results[small], results[large]
+    return [
+        Row("4 cached rerun", f"{large:,} rows fully cached (subprocess mmprep encode)",
+            f"{rl:,.0f} rows/s in the run ({wl:,.0f} incl. start-up); {small:,} rows: {rs:,.0f} rows/s",
+            f"{rl / 100_000:.2f}x target", "≥ 100,000 rows/s", {"rows_per_s": rl, "rows_per_s_small": rs}),
+        Row("4 cached rerun", f"peak RSS, {small:,} vs {large:,} rows",
+            f"{ms:.0f} MB vs {ml:.0f} MB", f"{ml - ms:+.0f} MB", "≤ +64 MB", {"rss_small": ms, "rss_large": ml}),
+    ]  # fmt: skip
+
+
+VLM_CHILD = """
+import sys
+import torch
+family, mode, path, dtype = sys.argv[1:5]
+if mode == "vision-only":
+    from mmprep.models import load_encoder
+    from mmprep.settings import ModelSettings
+    load_encoder(ModelSettings(name=path, dtype=dtype))
+else:  # what mmprep did before: the whole checkpoint through from_pretrained, language model dropped after
+    import transformers
+    cls = {"llava": transformers.LlavaForConditionalGeneration, "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[family]
+    cls.from_pretrained(path, dtype=getattr(torch, dtype))
+"""
+
+
+def language_model_share(checkpoint: Path) -> float:
+    """The fraction of a checkpoint's parameters that belong to the language model (and LM head)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = lm = 0
+    for path in checkpoint.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                count = math.prod(f.get_slice(name).get_shape())
+                total += count
+                lm += count if "language_model" in name or name.startswith("lm_head") else 0
+    return lm / total
+
+
+def section_vlm(scale: Scale, work: Path) -> list[Row]:
+    from benchmarks.vlm import save_big_llava, save_big_qwen2_vl
+
+    quick = scale is QUICK
+    rows = []
+    for family, save in (("llava", save_big_llava), ("qwen2_vl", save_big_qwen2_vl)):
+        path = save(work / f"vlm-{family}{'-quick' if quick else ''}", quick=quick)
+        size_mb = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
+        lm = language_model_share(path)
+        for dtype in ("float32", "bfloat16"):  # float32 = the checkpoint's dtype: transformers maps it lazily
+            whole, _ = run_child(["-c", VLM_CHILD, family, "whole", str(path), dtype])
+            vision, _ = run_child(["-c", VLM_CHILD, family, "vision-only", str(path), dtype])
+            rows.append(Row("5 vision-only load", f"{family}: {size_mb:.0f} MB float32 checkpoint, LM {lm:.0%} of it, loaded as {dtype}",
+                            f"vision-only {vision:.0f} MB · whole model {whole:.0f} MB peak RSS",
+                            f"{vision / whole:.2f}x memory", "< 1x", {"vision_only": vision, "whole": whole}))  # fmt: skip
+    return rows
+
+
+# -- table -----------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    import torch
+    import transformers
+    from PIL import __version__ as pillow
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 2**20 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, Pillow {pillow}")  # fmt: skip
+
+
+def render(rows: list[Row]) -> str:
+    """The table as GitHub markdown."""
+    lines = ["| # | measured | figures | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r.section} | {r.what} | {r.figures} | **{r.ratio}** | {r.target} |" for r in rows]
+    return "\n".join(lines)
+
+
+def run(sections: list[str], scale: Scale, work: Path) -> list[Row]:
+    """Build the inputs, run the chosen sections, return their rows."""
+    import logging
+
+    logging.getLogger("mmprep.models").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    needs_server = {"check", "encode", "fast", "gpu"} & set(sections)
+    clip = inputs.save_clip(work / f"clip-b32-{scale.clip_layers}", layers=scale.clip_layers) if needs_server else None
+    pools = {"vga": inputs.jpeg_pool((640, 480)), "enc": inputs.jpeg_pool((640, 480)), "large": inputs.jpeg_pool((1600, 1200), 8)} if needs_server else {}
+    with inputs.serving(pools) as server:
+        if "check" in sections:
+            rows += section_check(scale, work, server, load_encoder(clip).preprocess)
+        if "encode" in sections:
+            rows += section_encode(scale, work, server, clip, f"CLIP ViT-B/32-shaped ({scale.clip_layers} layers)")
+        if "fast" in sections:
+            rows += section_fast(scale, work, server, clip)
+        if "gpu" in sections:
+            rows += section_gpu(scale, work, server)
+    if "cached" in sections:
+        rows += section_cached(scale, work)
+    if "vlm" in sections:
+        rows += section_vlm(scale, work)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small inputs and a 2-layer ViT: a smoke test (< 60 s)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench", help="inputs are built (and reused) here")
+    args = parser.parse_args(argv)
+    sections = args.only or list(SECTIONS)
+    rows = run(sections, QUICK if args.quick else Scale(), args.work)
+    print(machine())
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
