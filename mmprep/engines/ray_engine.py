@@ -24,6 +24,7 @@ import pickle
 import shutil
 import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,9 @@ from mmprep.decode import decode_image
 from mmprep.errors import ErrorKind, RowError, UsageError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched, Fetcher
-from mmprep.keys import cache_key
-from mmprep.manifest import BadLine, Record, read_manifests
+from mmprep.manifest import Record, read_manifests
 from mmprep.models import ImagePreprocessor, load_encoder, load_preprocessor
-from mmprep.pipeline.core import MANIFEST_CHUNK, _chunks, bad_line_failure, failure_of
+from mmprep.pipeline.core import MANIFEST_CHUNK, _chunks, bad_line_failure, failure_of, keys_of
 from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Prepared
 from mmprep.settings import LoadSettings, ModelSettings, Settings
 from mmprep.store.index import CacheIndex, FailureRecord, entry_rows
@@ -105,7 +105,9 @@ class RayEncodeRun(EncodeRun):
         self._index = CacheIndex(self.layout.index)
         self._lookup = CacheIndex(self.layout.index, readonly=True)
         self._errors = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
-        handlers = {s: signal.signal(s, lambda signum, _frame: self.on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop, keep what is committed
+            handlers = {s: signal.signal(s, lambda signum, _frame: self.on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.reporter is not None:
             self.reporter.start(self.counters)
         try:
@@ -138,14 +140,14 @@ class RayEncodeRun(EncodeRun):
                 if self.stop_signal is not None:
                     break
                 failures = []
-                for item, state in zip(chunk, self.classify(chunk)):
+                keys = keys_of(chunk)
+                for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
                     self.counters.rows += 1
-                    if isinstance(item, BadLine):
-                        failure = bad_line_failure(item)
+                    if key is None:
+                        failure = bad_line_failure(item)  # type: ignore[arg-type]
                         if self._owns(failure.key):
                             failures.append(failure)
                         continue
-                    key = cache_key(item.url)
                     if not self._owns(key) or self.plan(key, state) is None:
                         continue
                     if todo is None or in_file >= TODO_FILE_ROWS:
