@@ -1,6 +1,6 @@
 """`python -m benchmarks.run [--quick] [--only SECTION...]`: one table of side-by-side throughput figures.
 
-Sections (each builds its own inputs under --work, default /tmp/mmprep-bench):
+Sections (each builds its own inputs under --work, default /tmp/mmprep-bench; --quick skips vlm):
   check    `mmprep check` images/s vs a naive sequential httpx+Pillow loop vs the machine's decode+preprocess limit
   encode   `mmprep encode` images/s vs model-only (pre-processed tensors, same batch size and device)
   fast     --fast-decode speed-up (check, camera-size JPEGs) and its effect on embeddings
@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks import inputs  # noqa: E402
 
 SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu")
+QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu")  # vlm: eight model-loading subprocesses
 LOOPBACK = dict(allow_http=True, allow_hosts=("127.0.0.1",))
 
 
@@ -307,6 +308,22 @@ def section_vlm(scale: Scale, work: Path) -> list[Row]:
     return rows
 
 
+def section_gpu(scale: Scale, work: Path, server: inputs.BenchServer) -> list[Row]:
+    """Sections 1 and 2 on CUDA with a ViT-B/16 in float16 (a batch large enough to fill the device)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Row("6 gpu", "CUDA, ViT-B/16 float16", "no GPU on this machine: skipped", "-", "≥ 0.85x")]
+    model_dir = inputs.save_clip(work / f"clip-b16-{scale.clip_layers}", layers=scale.clip_layers, patch=16)
+    card = torch.cuda.get_device_name(0)
+    gpu = Scale(**{**scale.__dict__, "batch_size": 32 if scale is QUICK else 256, "check_rows": scale.gpu_rows})
+    rows = section_encode(gpu, work, server, model_dir, f"ViT-B/16 fp16 on {card}", "cuda", "float16",
+                          rows=scale.gpu_rows, target="≥ 0.85x")  # fmt: skip
+    rows += section_check(gpu, work, server, load_encoder(model_dir, "cuda", "float16").preprocess)
+    rows[-1].section = "6 gpu check"
+    return rows
+
+
 # -- table -----------------------------------------------------------------------------------------
 
 
@@ -361,11 +378,11 @@ def run(sections: list[str], scale: Scale, work: Path) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small inputs and a 2-layer ViT: a smoke test (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="small inputs, a 2-layer ViT, no vlm section: a smoke test (< 60 s)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench", help="inputs are built (and reused) here")
     args = parser.parse_args(argv)
-    sections = args.only or list(SECTIONS)
+    sections = args.only or list(QUICK_SECTIONS if args.quick else SECTIONS)
     rows = run(sections, QUICK if args.quick else Scale(), args.work)
     print(machine())
     print(render(rows))
