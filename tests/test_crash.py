@@ -98,8 +98,11 @@ def test_signal_finishes_batch_flushes_and_exits(signum, code, slow_server, tmp_
     proc = subprocess.Popen(encode_cmd(manifest, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until the first shard is committed
-        if (out / "index.sqlite").exists() and keys_in_index(out):
-            break
+        try:
+            if (out / "index.sqlite").exists() and keys_in_index(out):
+                break
+        except sqlite3.OperationalError:  # the index exists but its schema is not committed yet
+            pass
         time.sleep(0.05)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
