@@ -20,14 +20,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from mmprep.errors import UsageError
 
 
-@dataclass(frozen=True)
-class Record:
-    """One image to encode, with where it came from."""
+class Record(NamedTuple):
+    """One image to encode, with where it came from (a tuple: a cached rerun builds millions of them)."""
 
     url: str
     id: str | None

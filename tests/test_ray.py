@@ -85,8 +85,8 @@ def test_ray_engine_makes_the_local_engines_cache_and_reruns_fetch_nothing(manif
 
     mine, theirs = cache_contents(tmp_path / "ray"), cache_contents(tmp_path / "local")
     assert set(mine) == set(theirs) and len(mine) == N_GOOD
-    for key in theirs:
-        assert mine[key].shape == theirs[key].shape and torch.equal(mine[key], theirs[key])
+    for key in theirs:  # batches form as rows arrive, and CPU GEMMs are not bitwise batch-invariant: ~1e-7 apart
+        assert mine[key].shape == theirs[key].shape and torch.allclose(mine[key], theirs[key], rtol=0, atol=1e-5)
     assert verify_cache(tmp_path / "ray", deep=True).ok
     assert not list((tmp_path / "ray").glob(".ray-*"))  # the planned-rows files are gone
 

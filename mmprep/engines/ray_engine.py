@@ -103,7 +103,7 @@ class RayEncodeRun(EncodeRun):
         for stale in self.layout.root.glob(WORKDIR_PREFIX + "*"):  # a crashed driver's (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         self._index = CacheIndex(self.layout.index)
-        self._lookup = CacheIndex(self.layout.index, readonly=True)
+        self._open_lookup()
         self._errors = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
         handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop, keep what is committed
@@ -155,7 +155,7 @@ class RayEncodeRun(EncodeRun):
                             todo.close()
                         paths.append(str(self.workdir / f"todo-{len(paths):05d}.jsonl"))
                         todo, in_file = open(paths[-1], "w", encoding="utf-8"), 0
-                    todo.write(json.dumps({"key": key, **dataclasses.asdict(item)}) + "\n")
+                    todo.write(json.dumps({"key": key, **item._asdict()}) + "\n")  # type: ignore[union-attr]
                     in_file += 1
                 self._record(failures)
         finally:

@@ -1,9 +1,10 @@
 """The loading half shared by `encode` and `check`: manifest → skip or claim → fetch → decode.
 
-Threads: a reader thread parses the manifest in chunks and hashes each row's key once, a chunk or two
-ahead; a helper thread classifies each chunk with one batched lookup (SQLite releases the GIL, so
-the two overlap) and plans every row (skip and count, or claim and load), so rows that need no
-fetch (a cached rerun) never touch the event loop; the event loop (main thread) then fetches
+Threads: a helper thread reads the manifest a chunk at a time, hashes each row's key once, classifies
+the chunk with one batched lookup and plans every row (skip and count, or claim and load), so rows
+that need no fetch (a cached rerun) never touch the event loop. (A separate reader thread running
+ahead measured slower: two threads of Python work on the GIL cost more than the overlap with SQLite
+won.) The event loop (main thread) then fetches
 the rows to load concurrently (at most `concurrency` in flight); a pool of decode
 threads turns bytes into model inputs and hands each row on (blocking when the next stage is
 behind: backpressure). Subclasses decide what a row's state is, whether to fetch it, and what to
@@ -82,6 +83,9 @@ class Plan:
     refresh: bool = False
 
 
+PLAIN = Plan()  # a plain fetch (shared: a Plan is immutable)
+
+
 @dataclass
 class ChunkWork:
     """What one manifest chunk leaves for the event loop: rows to load (already claimed) and bad lines."""
@@ -133,10 +137,10 @@ class LoadingRun:
 
     def plan(self, key: str, state: Any) -> Plan | None:
         """Whether to load a row (a Plan) or not (None, after counting why)."""
-        if state == INFLIGHT or not self.claim(key):
+        if state is INFLIGHT or not self.claim(key):
             self.counters.duplicates += 1
             return None
-        return Plan()
+        return PLAIN
 
     def handle(self, record: Record, key: str, fetched: Fetched, plan: Plan) -> None:
         """Decode thread: do the work for one row's bytes; raise RowError for a bad row."""
@@ -168,7 +172,8 @@ class LoadingRun:
         self._install_signal_handlers(asyncio.get_running_loop())
         slots = asyncio.Semaphore(self.load.concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        chunks = ChunkReader(self.manifests, MANIFEST_CHUNK)
+        records = read_manifests(self.manifests)
+        chunks = _chunks(records, MANIFEST_CHUNK)
         pool = ThreadPoolExecutor(max_workers=self.load.decode_workers, thread_name_prefix="mmprep-decode")
         try:
             async with Fetcher(self.load) as fetcher:
@@ -194,23 +199,25 @@ class LoadingRun:
                     await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             chunks.close()
+            records.close()  # closes the open manifest
             pool.shutdown(wait=True)
 
-    def _next_chunk(self, chunks: ChunkReader) -> ChunkWork | None:
-        """Helper thread: take the next keyed chunk, classify it in one lookup, plan each row."""
-        keyed = chunks.next()
-        if keyed is None:
+    def _next_chunk(self, chunks: Iterator[list[Record | BadLine]]) -> ChunkWork | None:
+        """Helper thread: read the next chunk, key it, classify it in one lookup, plan each row."""
+        chunk = next(chunks, None)
+        if chunk is None:
             return None
-        chunk, keys = keyed
+        keys = keys_of(chunk)
         self.counters.rows += len(chunk)
         work = ChunkWork([], [])
+        plan_row, everything = self.plan, self.load.shard is None
         for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
             if key is None:
                 failure = bad_line_failure(item)  # type: ignore[arg-type]
                 if self._owns(failure.key):
                     work.bad_lines.append(failure)
-            elif self._owns(key):
-                plan = self.plan(key, state)
+            elif everything or self._owns(key):
+                plan = plan_row(key, state)
                 if plan is not None:
                     work.loads.append((item, key, plan))  # type: ignore[arg-type]
         return work
@@ -271,66 +278,13 @@ class LoadingRun:
         return "completed", EXIT_ROWS_FAILED if rows_failed else EXIT_OK
 
 
-_END = object()
-
-
-class ChunkReader:
-    """Parses manifest chunks and their keys in its own thread, at most `depth` chunks ahead of the consumer.
-
-    Reading ahead is safe: classifying and planning (which see this run's claims) still happen in order.
-    """
-
-    def __init__(self, manifests: list[str], size: int, depth: int = 2) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(manifests, size), name="mmprep-manifest", daemon=True)
-        self._thread.start()
-
-    def next(self) -> tuple[list[Record | BadLine], list[str | None]] | None:
-        """The next (chunk, keys), None at the end; a reading error is raised here."""
-        item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # later calls see the end too
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        """Stop reading (the consumer is done or stopping) and wait for the thread."""
-        self._closed.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                self._thread.join(0.05)
-
-    def _read(self, manifests: list[str], size: int) -> None:
-        try:
-            for chunk in _chunks(read_manifests(manifests), size):
-                if not self._put((chunk, keys_of(chunk))):
-                    return
-            self._put(_END)
-        except BaseException as exc:  # handed to the consumer, raised where it asks for the next chunk
-            self._put(exc)
-
-    def _put(self, item: Any) -> bool:
-        """Queue `item` unless the reader was closed meanwhile."""
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-
 def keys_of(chunk: list[Record | BadLine]) -> list[str | None]:
     """The entry key of every record of a chunk, computed once (None for bad lines)."""
     return [None if isinstance(item, BadLine) else cache_key(item.url) for item in chunk]
 
 
 def _chunks(items: Iterator[Record | BadLine], size: int) -> Iterator[list[Record | BadLine]]:
+    """`items` in lists of `size` (the last one shorter); closing this closes `items` (and its file)."""
     chunk: list[Record | BadLine] = []
     for item in items:
         chunk.append(item)

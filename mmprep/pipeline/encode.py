@@ -30,9 +30,10 @@ from mmprep.fetch import Fetched
 from mmprep.keys import stored_url
 from mmprep.manifest import BadLine, Record
 from mmprep.models import Encoder
-from mmprep.pipeline.core import INFLIGHT, LoadingRun, Plan, failure_of, keys_of
+from mmprep.pipeline.core import INFLIGHT, PLAIN, LoadingRun, Plan, failure_of, keys_of
 from mmprep.settings import Settings
-from mmprep.store.index import CacheIndex, FailureRecord, KeyState
+from mmprep.store.index import CacheIndex, FailureRecord
+from mmprep.store.lookup import KeyLookup
 from mmprep.store.layout import CacheLayout
 from mmprep.store.lock import WriterLock
 from mmprep.store.reader import EmbeddingCache
@@ -118,6 +119,7 @@ class EncodeRun(LoadingRun):
         self.encoder = encoder
         self.layout = CacheLayout(settings.out)
         self.fingerprint = encoder.fingerprint
+        self._refreshing = settings.refresh_older_than is not None  # lookups then need each entry's validators
         batch = settings.model.batch_size
         self._model_q: queue.Queue[Any] = queue.Queue(maxsize=2 * batch)
         self._writer_q: queue.Queue[Any] = queue.Queue(maxsize=4 * batch + settings.load.concurrency)
@@ -140,7 +142,7 @@ class EncodeRun(LoadingRun):
             index.start_run(self.run_id, self.fingerprint, self.encoder.name)
         finally:
             index.close()
-        self._lookup = CacheIndex(self.layout.index, readonly=True)
+        self._open_lookup()
         writer = threading.Thread(target=self._writer_loop, name="mmprep-writer", daemon=True)
         model = threading.Thread(target=self._model_loop, name="mmprep-model", daemon=True)
         writer.start()
@@ -163,6 +165,11 @@ class EncodeRun(LoadingRun):
             raise self._writer_error
         return self._finish()
 
+    def _open_lookup(self) -> None:
+        """The read-only index connection and the per-run key lookup that classify() asks."""
+        self._lookup = CacheIndex(self.layout.index, readonly=True)
+        self._keys = KeyLookup(self._lookup, self.fingerprint, self.run_id, detail=self._refreshing)
+
     # -- loading-half hooks ---------------------------------------------------------------------
 
     def classify(self, chunk: list[Record | BadLine], keys: list[str | None] | None = None) -> list[Any]:
@@ -170,23 +177,22 @@ class EncodeRun(LoadingRun):
         between the query and the check (it would otherwise be fetched twice)."""
         keys = keys_of(chunk) if keys is None else keys
         with self._inflight_lock:
-            known = self._lookup.key_states(self.fingerprint, [key for key in keys if key is not None])
             inflight = self._inflight
-            return [INFLIGHT if key in inflight else known.get(key) if key is not None else None for key in keys]
+            return [INFLIGHT if key in inflight else state for key, state in zip(keys, self._keys.states(keys))]
 
     def plan(self, key: str, state: Any) -> Plan | None:
-        c = self.counters
-        if state == INFLIGHT or (isinstance(state, KeyState) and state.run_id == self.run_id):
+        c = self.counters  # state: None (unknown), INFLIGHT or a KeyState
+        if state is INFLIGHT or (state is not None and state.run_id == self.run_id):
             c.duplicates += 1
             return None
-        plan = Plan()
-        if isinstance(state, KeyState) and state.cached:
+        plan = PLAIN
+        if state is not None and state.cached:
             age = self.settings.refresh_older_than
             if age is None or (state.checked is not None and time.time() - state.checked < age):
                 c.cached += 1
                 return None
             plan = Plan(state.etag, state.last_modified, state.content_sha256, refresh=True)
-        failed_before = isinstance(state, KeyState) and state.failed_kind is not None
+        failed_before = state is not None and state.failed_kind is not None
         if failed_before and not state.failed_retryable:
             c.skipped_failed += 1
             return None

@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS entries (
     run_id TEXT NOT NULL, created REAL NOT NULL,
     checked REAL,  -- last time the source was re-validated by --refresh-older-than (NULL: never)
     PRIMARY KEY (fingerprint, key)) WITHOUT ROWID;
+-- Covers the per-row "is it cached, and by which run" probe of every rerun: a table row is ~400 bytes,
+-- this index's ~140, so a million-key rerun reads a third of the pages (BENCHMARKS.md, cached rerun).
+CREATE INDEX IF NOT EXISTS entries_lookup ON entries (fingerprint, key, run_id);
 CREATE INDEX IF NOT EXISTS entries_shard ON entries (shard);
 CREATE INDEX IF NOT EXISTS entries_content ON entries (fingerprint, content_sha256);
 CREATE TABLE IF NOT EXISTS failures (
@@ -133,14 +136,17 @@ class CacheIndex:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def key_states(self, fingerprint: str, keys: Sequence[str]) -> dict[str, KeyState]:
+    def key_states(self, fingerprint: str, keys: Sequence[str], *, detail: bool = True) -> dict[str, KeyState]:
         """Batched lookup: the state of every key that is cached or has failed before.
 
+        Without `detail`, a cached key's state carries only its run_id (what a rerun without refresh
+        needs), read from the narrow `entries_lookup` index and shared by all keys of one run.
         Each query returns its whole answer as one JSON row: stepping through rows one by one
         releases and re-takes the GIL per row, which another busy thread (the manifest reader) turns
         into a wait of up to a switch interval each; one step per batch avoids that convoy.
         """
         states: dict[str, KeyState] = {}
+        by_run: dict[str, KeyState] = {}
         for start in range(0, len(keys), LOOKUP_BATCH):
             chunk = keys[start : start + LOOKUP_BATCH]
             marks = ",".join("?" * len(chunk))
@@ -149,9 +155,17 @@ class CacheIndex:
                 "key, kind, retryable, run_id", f"failures WHERE fingerprint=? AND key IN ({marks})", params
             ):
                 states[key] = KeyState(False, run_id, kind, bool(retryable))
+            where = f"entries WHERE fingerprint=? AND key IN ({marks})"
+            if not detail:
+                for key, run_id in self._json_rows("key, run_id", where, params):
+                    state = by_run.get(run_id)
+                    if state is None:
+                        state = by_run[run_id] = KeyState(True, run_id)
+                    states[key] = state
+                continue
             for key, run_id, checked, etag, last_modified, content_sha256 in self._json_rows(
                 "key, run_id, printf('%!.17g', coalesce(checked, created)), etag, last_modified, content_sha256",
-                f"entries WHERE fingerprint=? AND key IN ({marks})",
+                where,
                 params,
             ):
                 states[key] = KeyState(True, run_id, None, False, float(checked), etag, last_modified, content_sha256)
