@@ -118,8 +118,9 @@ class KeyLookup:
         if self._looked_up < SNAPSHOT_AFTER:
             return
         if self._entries is None:
-            (self._entries,) = self.index.conn.execute(
-                "SELECT count(*) FROM entries WHERE fingerprint=?", (self.fingerprint,)
+            (self._entries,) = self.index.conn.execute(  # counting stops past the cap: huge caches pay nothing
+                "SELECT count(*) FROM (SELECT 1 FROM entries WHERE fingerprint=? LIMIT ?)",
+                (self.fingerprint, SNAPSHOT_MAX_KEYS + 1),
             ).fetchone()
         if 0 < self._entries <= SNAPSHOT_MAX_KEYS and self._looked_up * SNAPSHOT_RATIO >= self._entries:
             try:
