@@ -58,26 +58,34 @@ class Fetcher:
         self.policy = UrlPolicy.from_settings(settings)
         self.requests_sent = 0  # HTTP requests whose headers actually went out
         self._host_slots: dict[str, _HostSlot] = {}  # only hosts with a request queued or in flight
-        self._client = httpx.AsyncClient(
-            # The pool is as wide as the pipeline's fan-out, so a fetch never waits for a connection.
-            transport=GuardedTransport(self.policy, max_connections=settings.concurrency),
-            follow_redirects=False,  # we follow them, re-checking every hop
-            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
-            headers={"User-Agent": settings.user_agent or f"mmprep/{__version__}"},
-            event_hooks={"response": [self._vet_redirect]},
-            trust_env=False,  # no proxies from the environment: the policy must see the real peer
-        )
+        self._http: httpx.AsyncClient | None = None  # made on the first fetch: a cached rerun never pays for TLS setup
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            settings = self.settings
+            self._http = httpx.AsyncClient(
+                # The pool is as wide as the pipeline's fan-out, so a fetch never waits for a connection.
+                transport=GuardedTransport(self.policy, max_connections=settings.concurrency),
+                follow_redirects=False,  # we follow them, re-checking every hop
+                timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
+                headers={"User-Agent": settings.user_agent or f"mmprep/{__version__}"},
+                event_hooks={"response": [self._vet_redirect]},
+                trust_env=False,  # no proxies from the environment: the policy must see the real peer
+            )
+        return self._http
 
     async def __aenter__(self) -> Fetcher:
-        await self._client.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP client and its connections."""
-        await self._client.aclose()
+        """Close the HTTP client and its connections (if a fetch ever made them)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     async def fetch(self, url: str, *, etag: str | None = None, last_modified: str | None = None) -> Fetched | None:
         """Load `url`; None only when `etag`/`last_modified` were given and the server said 304.
