@@ -13,10 +13,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mmprep.faults import fault_point
-from mmprep.store.shards import WrittenShard
+
+if TYPE_CHECKING:  # shards need torch; the index (and `mmprep stats`, `gc`, ...) does not
+    from mmprep.store.shards import WrittenShard
 
 SCHEMA_VERSION = 1
 LOOKUP_BATCH = 2048  # keys per lookup query (SQLite allows 32766 parameters)
