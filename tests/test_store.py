@@ -95,3 +95,13 @@ def test_index_is_wal_and_readers_open_read_only(tmp_path):
     except sqlite3.OperationalError as exc:
         assert "readonly" in str(exc)
     reader.close()
+
+
+def test_stats_and_the_index_do_not_import_torch():
+    """`mmprep stats` on a cron box answers in a fraction of a second: no torch import (~1.5 s) on its path."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmprep.cli, mmprep.store.stats, mmprep.store.index; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
