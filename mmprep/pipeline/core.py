@@ -4,10 +4,9 @@ Threads: a helper thread reads the manifest a chunk at a time, hashes each row's
 the chunk with one batched lookup and plans every row (skip and count, or claim and load), so rows
 that need no fetch (a cached rerun) never touch the event loop. (A separate reader thread running
 ahead measured slower: two threads of Python work on the GIL cost more than the overlap with SQLite
-won.) The event loop (main thread) then fetches
-the rows to load concurrently (at most `concurrency` in flight); a pool of decode
-threads turns bytes into model inputs and hands each row on (blocking when the next stage is
-behind: backpressure). Subclasses decide what a row's state is, whether to fetch it, and what to
+won.) The event loop (main thread) then fetches the rows to load concurrently (at most `concurrency`
+in flight); a pool of decode threads turns bytes into model inputs and hands each row on (blocking
+when the next stage is behind: backpressure). Subclasses decide what a row's state is, whether to fetch it, and what to
 do with its bytes. Nothing is kept per finished row, so memory stays flat for any manifest length.
 """
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import queue
 import signal
 import threading
 import time
@@ -210,14 +208,13 @@ class LoadingRun:
         keys = keys_of(chunk)
         self.counters.rows += len(chunk)
         work = ChunkWork([], [])
-        plan_row, everything = self.plan, self.load.shard is None
         for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
             if key is None:
                 failure = bad_line_failure(item)  # type: ignore[arg-type]
                 if self._owns(failure.key):
                     work.bad_lines.append(failure)
-            elif everything or self._owns(key):
-                plan = plan_row(key, state)
+            elif self._owns(key):
+                plan = self.plan(key, state)
                 if plan is not None:
                     work.loads.append((item, key, plan))  # type: ignore[arg-type]
         return work

@@ -119,7 +119,6 @@ class EncodeRun(LoadingRun):
         self.encoder = encoder
         self.layout = CacheLayout(settings.out)
         self.fingerprint = encoder.fingerprint
-        self._refreshing = settings.refresh_older_than is not None  # lookups then need each entry's validators
         batch = settings.model.batch_size
         self._model_q: queue.Queue[Any] = queue.Queue(maxsize=2 * batch)
         self._writer_q: queue.Queue[Any] = queue.Queue(maxsize=4 * batch + settings.load.concurrency)
@@ -168,7 +167,8 @@ class EncodeRun(LoadingRun):
     def _open_lookup(self) -> None:
         """The read-only index connection and the per-run key lookup that classify() asks."""
         self._lookup = CacheIndex(self.layout.index, readonly=True)
-        self._keys = KeyLookup(self._lookup, self.fingerprint, self.run_id, detail=self._refreshing)
+        refreshing = self.settings.refresh_older_than is not None  # lookups then need each entry's validators
+        self._keys = KeyLookup(self._lookup, self.fingerprint, self.run_id, detail=refreshing)
 
     # -- loading-half hooks ---------------------------------------------------------------------
 

@@ -144,8 +144,8 @@ class CacheIndex:
         Without `detail`, a cached key's state carries only its run_id (what a rerun without refresh
         needs), read from the narrow `entries_lookup` index and shared by all keys of one run.
         Each query returns its whole answer as one JSON row: stepping through rows one by one
-        releases and re-takes the GIL per row, which another busy thread (the manifest reader) turns
-        into a wait of up to a switch interval each; one step per batch avoids that convoy.
+        releases and re-takes the GIL per row, which any other busy Python thread (decode workers,
+        the event loop) turns into a wait of up to a switch interval each; one step per batch avoids that.
         """
         states: dict[str, KeyState] = {}
         by_run: dict[str, KeyState] = {}
