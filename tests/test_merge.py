@@ -97,9 +97,13 @@ def test_merged_shard_halves_equal_one_single_run(job, halves, tmp_path):
     assert report["entries_added"] == N_IMAGES and report["runs_merged"] == 2 and report["failures_merged"] == 1
 
     expected, got = tensors(whole), tensors(merged)
-    assert set(got) == set(expected) == {cache_key(str(job.parent / f"{i}.png")) for i in range(N_IMAGES)}
+    copied = {**tensors(halves[0]), **tensors(halves[1])}
+    assert set(got) == set(expected) == set(copied) == {cache_key(str(job.parent / f"{i}.png")) for i in range(N_IMAGES)}
     for key in expected:
-        assert torch.equal(got[key], expected[key])
+        # Merge copies tensors bit for bit. The single run batched the rows differently, and CPU
+        # GEMMs are not bitwise batch-invariant, so against it the match is to float32 rounding.
+        assert torch.equal(got[key], copied[key])
+        assert got[key].shape == expected[key].shape and torch.allclose(got[key], expected[key], rtol=0, atol=1e-5)
     rows, whole_rows = dump(merged), dump(whole)
     assert [r[0] for r in rows["models"]] == [r[0] for r in whole_rows["models"]]
     assert [(r[1], r[6]) for r in rows["failures"]] == [(r[1], r[6]) for r in whole_rows["failures"]]  # key, kind
