@@ -236,6 +236,7 @@ def encode(
             json=json_out,
             progress=progress,
         )
+        from mmprep.decode import pixel_options
         from mmprep.models import load_encoder
         from mmprep.pipeline import EncodeRun
         from mmprep.report import Reporter, print_run_summary
@@ -249,7 +250,7 @@ def encode(
             summary = run_ray(manifests, settings, address=ray_address, workers=workers,
                               gpus_per_worker=gpus_per_worker, reporter=Reporter(settings.progress))  # fmt: skip
         else:
-            encoder = load_encoder(settings.model)
+            encoder = load_encoder(settings.model, pixel_options(load))
             if load.fast_decode:
                 settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
             summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
@@ -366,7 +367,7 @@ def stats(
         shapes = ", ".join(f"{s['dtype']}{s['shape']}×{s['entries']}" for s in m["shapes"])
         live = "-" if m["live_fraction"] is None else f"{m['live_fraction']:.0%}"
         models.add_row(
-            m["name"], m["family"], m["fingerprint"][:16], str(m["dtype"]), str(m["entries"]),
+            _model_label(m), m["family"], m["fingerprint"][:16], str(m["dtype"]), str(m["entries"]),
             str(m["shards"]), _human(m["shard_bytes"]), live, shapes,
         )  # fmt: skip
     out.print(models)
@@ -558,6 +559,12 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def _model_label(m: dict) -> str:
+    """The model's name, plus the pixel-changing decode flags its entries were made with."""
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + ",".join(map(str, v))) for k, v in m["decode"].items()]
+    return f"{m['name']} ({' '.join(flags)})" if flags else m["name"]
 
 
 def _human(n: int) -> str:

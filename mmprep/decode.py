@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ErrorKind, RowError
 from .settings import LoadSettings
 
-__all__ = ["DRAFT_MARGIN", "decode_image"]
+__all__ = ["DRAFT_MARGIN", "decode_image", "pixel_options"]
 
 DRAFT_MARGIN = 2  # fast decode never scales a side below this multiple of the model's input size
 
@@ -59,6 +59,20 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"qoif", 0, "QOI"),
     (b"DDS ", 0, "DDS"),
 )
+
+
+def pixel_options(settings: LoadSettings) -> dict[str, object]:
+    """The decode options that change pixels, where they differ from the default (a full decode, plain
+    `convert("RGB")`, no EXIF orientation). They are part of the model fingerprint, so a cache never
+    mixes entries decoded two ways under one model."""
+    options: dict[str, object] = {}
+    if settings.fast_decode:
+        options["fast_decode"] = True
+    if settings.exif_transpose:
+        options["exif_transpose"] = True
+    if settings.alpha_background is not None:
+        options["alpha_background"] = list(settings.alpha_background)
+    return options
 
 
 def decode_image(data: bytes, settings: LoadSettings) -> Image.Image:

@@ -252,6 +252,53 @@ def test_stats_table_and_json(tmp_path, image_server, served):
     assert missing.exit_code == 2 and "not an mmprep cache" in missing.output
 
 
+def test_pixel_changing_decode_options_get_their_own_fingerprint(tmp_path, image_server):
+    """--fast-decode (like --exif-transpose and --alpha-background) changes the embeddings, so its
+    entries live under a fingerprint of their own: one cache never mixes them with exact ones."""
+    from mmprep.models import load_encoder
+    from mmprep.settings import ModelSettings
+    from mmprep.store.reader import EmbeddingCache
+
+    cache = tmp_path / "cache"
+    urls = [image_server.add(f"/big{i}.jpg", image_bytes("RGB", (400, 300), "JPEG", i), "image/jpeg") for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.jsonl", urls)
+    base = [manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET]
+    _, exact = encode_json(*base)
+    _, fast = encode_json(*base, "--fast-decode")
+    _, fast_again = encode_json(*base, "--fast-decode")
+    _, exact_again = encode_json(*base)
+    assert exact["fingerprint"] == load_encoder(ModelSettings("builtin:tiny-clip")).fingerprint  # default: unchanged
+    assert fast["fingerprint"] != exact["fingerprint"]
+    assert (exact["encoded"], fast["encoded"]) == (3, 3)  # not served from the exact entries
+    assert (fast_again["cached"], exact_again["cached"]) == (3, 3)
+    assert (fast_again["fingerprint"], exact_again["fingerprint"]) == (fast["fingerprint"], exact["fingerprint"])
+
+    with pytest.raises(ValueError, match="matches 2 models.*decoded with fast_decode=True"):
+        EmbeddingCache(cache, model="builtin:tiny-clip")
+    with EmbeddingCache(cache, model=exact["fingerprint"]) as a, EmbeddingCache(cache, model=fast["fingerprint"]) as b:
+        for url in urls:
+            assert not torch.equal(a.get(url).embeddings, b.get(url).embeddings)  # the pixels really differ
+
+    models = {m["fingerprint"]: m for m in json.loads(run_cli("stats", str(cache), "--json").stdout)["models"]}
+    assert models[exact["fingerprint"]]["decode"] == {} and models[fast["fingerprint"]]["decode"] == {"fast_decode": True}
+    assert "builtin:tiny-clip (--fast-decode)" in run_cli("stats", str(cache)).stdout
+
+
+def test_every_pixel_changing_option_changes_the_fingerprint():
+    from mmprep.decode import pixel_options
+    from mmprep.models import load_encoder
+    from mmprep.settings import LoadSettings, ModelSettings
+
+    variants = [LoadSettings(), LoadSettings(fast_decode=True), LoadSettings(exif_transpose=True),
+                LoadSettings(alpha_background=(255, 255, 255)), LoadSettings(alpha_background=(0, 0, 0)),
+                LoadSettings(fast_decode=True, exif_transpose=True)]  # fmt: skip
+    model = ModelSettings("builtin:tiny-clip")
+    prints = [load_encoder(model, pixel_options(v)).fingerprint for v in variants]
+    assert len(set(prints)) == len(variants)
+    assert prints[0] == load_encoder(model).fingerprint == load_encoder(model, pixel_options(LoadSettings(max_side=99))).fingerprint
+    assert load_encoder(model, pixel_options(variants[3])).describe()["decode"] == {"alpha_background": [255, 255, 255]}
+
+
 def test_quick_start_commands_work_as_written(tmp_path):
     """README quick start (1), run in a subprocess from the repository root like a user would."""
     env = {**os.environ, "MMPREP_CACHE_DIR": str(tmp_path / "cache")}

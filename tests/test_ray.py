@@ -98,6 +98,17 @@ def test_ray_engine_makes_the_local_engines_cache_and_reruns_fetch_nothing(manif
     assert again["failures_by_kind"] == {"bad_manifest_line": 1} and code2 == 1
 
 
+def test_ray_engine_files_pixel_changing_decode_options_under_the_local_fingerprint(tmp_path, image_server):
+    """The driver and every actor fold --exif-transpose into the fingerprint exactly as the local engine does."""
+    urls = [image_server.add(f"/x{i}.png", image_bytes("RGB", (30 + i, 28), "PNG", i), "image/png") for i in range(2)]
+    manifest = Path(write_manifest(tmp_path / "m.jsonl", urls))
+    _, local = encode(manifest, tmp_path / "local", "--exif-transpose")
+    code, remote = encode(manifest, tmp_path / "ray", "--exif-transpose", "--engine", "ray", "--workers", "1")
+    _, plain = encode(manifest, tmp_path / "local")
+    assert code == 0 and remote["encoded"] == local["encoded"] == 2
+    assert remote["fingerprint"] == local["fingerprint"] != plain["fingerprint"]
+
+
 @pytest.mark.parametrize("fault", ["in_encode", "after_shard_write"])
 def test_a_killed_encoder_actor_is_retried_without_losing_or_duplicating_rows(fault, tmp_path, image_server, monkeypatch):
     urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(N_GOOD)]

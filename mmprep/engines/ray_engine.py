@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mmprep.decode import decode_image
+from mmprep.decode import decode_image, pixel_options
 from mmprep.errors import ErrorKind, RowError, UsageError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched, Fetcher
@@ -77,7 +77,7 @@ def run_ray(
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         remote_args: dict[str, Any] = {"runtime_env": {"env_vars": _forwarded_env()}}
         describe = ray.remote(_describe_model).options(num_gpus=gpus_per_worker, **remote_args)
-        facts = ray.get(describe.remote(settings.model))
+        facts = ray.get(describe.remote(settings.model, pixel_options(settings.load)))
         if workers is None:
             gpus = ray.cluster_resources().get("GPU", 0)
             workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
@@ -175,7 +175,8 @@ class RayEncodeRun(EncodeRun):
         ).map_batches(
             EncodeActor,
             fn_constructor_kwargs={
-                "model": s.model, "out": str(self.layout.root), "fingerprint": self.fingerprint,
+                "model": s.model, "decode_options": pixel_options(s.load), "out": str(self.layout.root),
+                "fingerprint": self.fingerprint,
                 "run_id": self.run_id, "shard_bytes": s.shard_bytes,
             },
             batch_size=ENCODE_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.workers),
@@ -275,8 +276,11 @@ class EncodeActor:
     _encode = EncodeRun._encode  # the local engine's batching: a failing batch is retried row by row
     _entry_of = EncodeRun._entry_of
 
-    def __init__(self, model: ModelSettings, out: str, fingerprint: str, run_id: str, shard_bytes: int) -> None:
-        self.encoder = load_encoder(model)
+    def __init__(
+        self, model: ModelSettings, decode_options: dict[str, object], out: str, fingerprint: str, run_id: str,
+        shard_bytes: int,
+    ) -> None:
+        self.encoder = load_encoder(model, decode_options)
         if self.encoder.fingerprint != fingerprint:
             raise UsageError(f"this worker's model has fingerprint {self.encoder.fingerprint}, not {fingerprint} "
                              "(workers with different hardware or software?)")  # fmt: skip
@@ -329,9 +333,9 @@ class EncodeActor:
 # -- plumbing ---------------------------------------------------------------------------------------
 
 
-def _describe_model(model: ModelSettings) -> ModelFacts:
+def _describe_model(model: ModelSettings, decode_options: dict[str, object]) -> ModelFacts:
     """Runs on a worker (with its GPU): load the model once to learn its fingerprint and facts."""
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, decode_options)
     return ModelFacts(encoder.name, encoder.fingerprint, encoder.family, encoder.describe())
 
 

@@ -60,8 +60,9 @@ def supported_architectures() -> list[str]:
     return list(FAMILIES)
 
 
-def load_encoder(settings: ModelSettings) -> Encoder:
-    """Load the model named by settings.name (hub id + revision, local directory, or builtin:<name>); raise ModelLoadError."""
+def load_encoder(settings: ModelSettings, decode_options: dict[str, object] | None = None) -> Encoder:
+    """Load the model named by settings.name (hub id + revision, local directory, or builtin:<name>); raise ModelLoadError.
+    `decode_options`: the pixel-changing decode options its images go through (part of the fingerprint)."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     try:
@@ -77,7 +78,9 @@ def load_encoder(settings: ModelSettings) -> Encoder:
                 f"supported architectures: {', '.join(FAMILIES)}"
             )
         image_processor = load_image_processor(source)
-        return family.load(source, config, image_processor, architecture, device, dtype)
+        encoder = family.load(source, config, image_processor, architecture, device, dtype)
+        encoder.set_decode_options(decode_options or {})
+        return encoder
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt weights, incompatible config, out of memory, ...

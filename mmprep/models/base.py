@@ -238,8 +238,10 @@ def fingerprint(
     image_processor: Any,
     dtype: torch.dtype,
     weights: dict[str, Any],
+    decode: dict[str, object] | None = None,
 ) -> str:
-    """sha256 of everything that determines the stored tensors, so a cache never mixes two models' outputs."""
+    """sha256 of everything that determines the stored tensors, so a cache never mixes two models' outputs.
+    `decode`: the pixel-changing decode options in use (`decode.pixel_options`); none leaves the hash as is."""
     facts = {
         "output_format": OUTPUT_FORMAT_VERSION,
         "family": family,
@@ -250,6 +252,8 @@ def fingerprint(
         "dtype": dtype_name(dtype),
         "weights": weights,
     }
+    if decode:
+        facts["decode"] = decode
     blob = json.dumps(facts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -334,13 +338,21 @@ class Encoder(ABC):
         self.dtype = dtype
         self._image_processor = image_processor
         self._preprocessor = ImagePreprocessor(image_processor, self.input_names)
+        self._weights = weights_identity(source)
+        self.set_decode_options({})
+
+    def set_decode_options(self, options: dict[str, object]) -> None:
+        """Declare the pixel-changing decode options (`decode.pixel_options`) this encoder's images go
+        through: they change the embeddings, so they are part of the fingerprint."""
+        self.decode_options = dict(options)
         self.fingerprint = fingerprint(
             family=self.family,
-            architecture=architecture,
-            config=config,
-            image_processor=image_processor,
-            dtype=dtype,
-            weights=weights_identity(source),
+            architecture=self.architecture,
+            config=self.config,
+            image_processor=self._image_processor,
+            dtype=self.dtype,
+            weights=self._weights,
+            decode=self.decode_options,
         )
 
     # -- worker threads --------------------------------------------------------------------------
@@ -394,6 +406,8 @@ class Encoder(ABC):
             "image_processor": type(self._image_processor).__name__,
             "output_format": OUTPUT_FORMAT_VERSION,
         }
+        if self.decode_options:
+            facts["decode"] = self.decode_options
         if self.source.builtin:
             facts["note"] = "smoke-test model with random weights"
         return facts

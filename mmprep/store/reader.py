@@ -94,7 +94,7 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
     model that has entries. ValueError, listing the models, when that is not exactly one."""
     rows = list(
         conn.execute(
-            "SELECT fingerprint, name, family, EXISTS (SELECT 1 FROM entries e "
+            "SELECT fingerprint, name, family, info, EXISTS (SELECT 1 FROM entries e "
             "WHERE e.fingerprint = models.fingerprint) AS used FROM models ORDER BY created"
         )
     )
@@ -105,7 +105,7 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
         matches = matches or [r for r in rows if r["fingerprint"].startswith(model.lower())]
     if len(matches) == 1:
         return matches[0]
-    listing = ", ".join(f"{r['name']} ({r['fingerprint'][:16]})" for r in rows) or "none"
+    listing = ", ".join(f"{r['name']} ({r['fingerprint'][:16]}{_decode_note(r['info'])})" for r in rows) or "none"
     if not matches:
         what = "the cache holds no model" if model is None else f"no model matches {model!r}"
     elif model is None:
@@ -113,6 +113,12 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
     else:
         what = f"{model!r} matches {len(matches)} models; give more of the fingerprint"
     raise ValueError(f"{what} (models: {listing})")
+
+
+def _decode_note(info: str) -> str:
+    """", decoded with fast_decode, ..." for a model entry made with pixel-changing decode options."""
+    options = json.loads(info).get("decode") or {}
+    return ", decoded with " + ", ".join(f"{k}={v}" for k, v in options.items()) if options else ""
 
 
 class EmbeddingCache:

@@ -65,11 +65,13 @@ def _model_stats(db: Any, m: Any) -> dict[str, Any]:
             (fp, SHAPE_SAMPLES),
         )
     ]
+    info = json.loads(m["info"])
     return {
         "fingerprint": fp,
         "name": m["name"],
         "family": m["family"],
-        "dtype": json.loads(m["info"]).get("dtype"),
+        "dtype": info.get("dtype"),
+        "decode": info.get("decode", {}),  # pixel-changing decode options (part of the fingerprint)
         "entries": entries,
         "shards": shards,
         "shard_bytes": shard_bytes,
