@@ -23,7 +23,7 @@ from rich.table import Table
 from mmprep import __version__
 from mmprep.errors import CacheLockedError, MmprepError, UsageError
 from mmprep.manifest import check_readable
-from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings, ShardSpec
+from mmprep.settings import DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings, ShardSpec
 
 app = typer.Typer(
     name="mmprep",
@@ -210,6 +210,7 @@ def encode(
     ray_address: Annotated[Optional[str], _opt("ray-address", "Ray cluster to join [default: $RAY_ADDRESS, else a local Ray].")] = None,
     workers: Annotated[Optional[int], _opt("workers", "Ray engine: encoder actors [default: GPUs / --gpus-per-worker, else 1].", min=1)] = None,
     gpus_per_worker: Annotated[float, _opt("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", min=0)] = 0,
+    worker_restarts: Annotated[int, _opt("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", min=0)] = RAY_WORKER_RESTARTS,
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
@@ -248,7 +249,8 @@ def encode(
             from mmprep.engines.ray_engine import run_ray
 
             summary = run_ray(manifests, settings, address=ray_address, workers=workers,
-                              gpus_per_worker=gpus_per_worker, reporter=Reporter(settings.progress))  # fmt: skip
+                              gpus_per_worker=gpus_per_worker, worker_restarts=worker_restarts,
+                              reporter=Reporter(settings.progress))  # fmt: skip
         else:
             encoder = load_encoder(settings.model, pixel_options(load))
             if load.fast_decode:

@@ -9,6 +9,7 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -98,6 +99,8 @@ def print_run_summary(summary: Any, console: Console) -> None:
         table.add_row("skipped", f"{s.skipped_failed} rows that failed permanently before (not retried)")
     if s.skipped_other:
         table.add_row("skipped", f"{s.skipped_other} rows that had not failed before (--retry-failed)")
+    if s.error:
+        table.add_row("error", f"[red]{escape(s.error)}[/red] (what was committed stays; rerun to go on)")
     table.add_row("throughput", f"{s.images_per_s:.1f} images/s over {s.duration_s:.1f}s")
     table.add_row("cache", s.cache_dir)
     if s.failed:

@@ -10,6 +10,7 @@ MiB = 1024 * 1024
 
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 DEFAULT_CACHE_DIR = "mmprep-cache"
+RAY_WORKER_RESTARTS = 3  # --worker-restarts: restarts of a dead Ray encoder actor (Ray Data's own default: forever)
 
 
 def default_decode_workers() -> int:

@@ -123,3 +123,18 @@ def test_a_killed_encoder_actor_is_retried_without_losing_or_duplicating_rows(fa
     contents = cache_contents(tmp_path / "cache")  # asserts every key is indexed once
     assert len(contents) == N_GOOD
     assert verify_cache(tmp_path / "cache", deep=True).ok
+
+
+def test_an_actor_that_always_dies_fails_the_run_after_the_restart_budget(tmp_path, image_server, monkeypatch):
+    """Ray Data would restart it forever (a hang); mmprep gives up after --worker-restarts, exits 70 and
+    says why, and a rerun without the fault encodes every row."""
+    urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(4)]
+    manifest = Path(write_manifest(tmp_path / "m.jsonl", urls))
+    monkeypatch.setenv("MMPREP_FAULT", "in_encode")  # every actor dies on its first batch
+    code, summary = encode(manifest, tmp_path / "cache", "--engine", "ray", "--workers", "1", "--worker-restarts", "1")
+    assert code == summary["exit_code"] == 70 and summary["status"] == "failed"
+    assert "Ray pipeline failed" in summary["error"] and "ActorDiedError" in summary["error"] and summary["encoded"] == 0
+    monkeypatch.delenv("MMPREP_FAULT")
+    code, again = encode(manifest, tmp_path / "cache", "--engine", "ray")
+    assert code == 0 and again["encoded"] == 4 and again["error"] is None
+    assert verify_cache(tmp_path / "cache", deep=True).ok

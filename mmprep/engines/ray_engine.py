@@ -7,8 +7,10 @@
               forward, shards written under the cache dir; returns shard *descriptions*, never tensors
   driver      commits each described shard and records failures: the only SQLite writer, as in encode
 
-The cache dir must be on a file system every node shares. A worker that dies is restarted by Ray and
-its batch retried; a shard it wrote but never reported is adopted (and deduplicated) at the end.
+The cache dir must be on a file system every node shares. An encoder actor that dies is restarted by
+Ray and its batch retried, up to `worker_restarts` times; a shard it wrote but never reported is
+adopted (and deduplicated) at the end. Past that (a batch that kills every actor, say by running it
+out of memory) the run stops as "failed" (exit 70) instead of retrying forever; what it committed stays.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mmprep.manifest import Record, read_manifests
 from mmprep.models import ImagePreprocessor, load_encoder, load_preprocessor
 from mmprep.pipeline.core import MANIFEST_CHUNK, _chunks, bad_line_failure, failure_of, keys_of
 from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Prepared
-from mmprep.settings import LoadSettings, ModelSettings, Settings
+from mmprep.settings import RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings
 from mmprep.store.index import CacheIndex, FailureRecord, entry_rows
 from mmprep.store.layout import CacheLayout
 from mmprep.store.rebuild import adopt_orphans
@@ -62,7 +64,7 @@ class ModelFacts:
 
 def run_ray(
     manifests: list[str], settings: Settings, *, address: str | None = None, workers: int | None = None,
-    gpus_per_worker: float = 0, reporter: Any = None,
+    gpus_per_worker: float = 0, worker_restarts: int = RAY_WORKER_RESTARTS, reporter: Any = None,
 ) -> RunSummary:  # fmt: skip
     """Run `mmprep encode` as a Ray Data pipeline on the cluster at `address` (None: RAY_ADDRESS or a local Ray)."""
     try:
@@ -81,7 +83,8 @@ def run_ray(
         if workers is None:
             gpus = ray.cluster_resources().get("GPU", 0)
             workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
-        return RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, remote_args).run()
+        return RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, worker_restarts,
+                            remote_args).run()  # fmt: skip
 
 
 class RayEncodeRun(EncodeRun):
@@ -89,12 +92,13 @@ class RayEncodeRun(EncodeRun):
 
     def __init__(
         self, manifests: list[str], settings: Settings, facts: ModelFacts, reporter: Any, workers: int,
-        gpus_per_worker: float, remote_args: dict[str, Any],
+        gpus_per_worker: float, worker_restarts: int, remote_args: dict[str, Any],
     ) -> None:  # fmt: skip
         super().__init__(manifests, settings, facts, reporter)  # type: ignore[arg-type]
         self.facts = facts
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
+        self.worker_restarts = worker_restarts
         self.remote_args = remote_args
         self.workdir = self.layout.root / f"{WORKDIR_PREFIX}{self.run_id}"
 
@@ -180,8 +184,16 @@ class RayEncodeRun(EncodeRun):
                 "run_id": self.run_id, "shard_bytes": s.shard_bytes,
             },
             batch_size=ENCODE_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.workers),
-            num_cpus=1, num_gpus=self.gpus_per_worker, **self.remote_args,
+            num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=self.worker_restarts,
+            max_task_retries=self.worker_restarts, **self.remote_args,
         )  # fmt: skip
+        try:
+            self._commit_results(dataset)
+        except ray.exceptions.RayError as exc:  # an actor died past worker_restarts, or a load task past Ray's retries
+            self.run_error = f"the Ray pipeline failed (after up to {self.worker_restarts} restarts): {_first_line(exc)}"
+
+    def _commit_results(self, dataset: Any) -> None:
+        """Commit each shard the actors describe and record each failure, as the results stream in."""
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             failures = []
             for out in batch.to_pylist():
@@ -337,6 +349,12 @@ def _describe_model(model: ModelSettings, decode_options: dict[str, object]) -> 
     """Runs on a worker (with its GPU): load the model once to learn its fingerprint and facts."""
     encoder = load_encoder(model, decode_options)
     return ModelFacts(encoder.name, encoder.fingerprint, encoder.family, encoder.describe())
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (Ray's carry whole remote tracebacks)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -36,6 +36,7 @@ MANIFEST_CHUNK = 2048  # records read, hashed, looked up and planned at a time
 INFLIGHT = "inflight"  # state of a key another row of this run is already loading
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
+EXIT_RUN_FAILED = 70  # EX_SOFTWARE: the run gave up before its end (what was committed stays)
 
 
 @dataclass
@@ -122,6 +123,7 @@ class LoadingRun:
         self.run_id = new_run_id()
         self.counters = RunCounters()
         self.stop_signal: int | None = None
+        self.run_error: str | None = None  # set when the run gives up before its end (exit 70)
         self._inflight: set[str] = set()  # keys claimed by this run and not yet finished
         self._inflight_lock = threading.Lock()
 
@@ -268,6 +270,8 @@ class LoadingRun:
                 self.reporter.note("stopping: finishing the in-flight rows and flushing…")
 
     def exit_status(self, rows_failed: bool) -> tuple[str, int]:
+        if self.run_error is not None:
+            return "failed", EXIT_RUN_FAILED
         if self.stop_signal == signal.SIGINT:
             return "interrupted", EXIT_SIGINT
         if self.stop_signal == signal.SIGTERM:

@@ -52,7 +52,7 @@ class RunSummary:
     run_id: str
     model: str
     fingerprint: str
-    status: str  # completed | interrupted
+    status: str  # completed | interrupted | failed (the Ray engine gave up: see `error`)
     exit_code: int
     rows: int
     encoded: int
@@ -70,6 +70,7 @@ class RunSummary:
     images_per_s: float
     cache_dir: str
     errors_file: str
+    error: str | None = None  # why a failed run stopped
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -395,6 +396,7 @@ class EncodeRun(LoadingRun):
             images_per_s=round(c.images_per_s(), 2),
             cache_dir=str(self.layout.root),
             errors_file=str(errors_path),
+            error=self.run_error,
         )
         index = CacheIndex(self.layout.index)
         try:
