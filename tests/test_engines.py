@@ -41,3 +41,23 @@ def test_local_encode_never_imports_ray(tmp_path, mmprep_home):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_ray_drivers_planned_keys_live_on_disk_and_say_which_are_new():
+    """The Ray driver plans every row before any finishes; PlannedKeys keeps those claims in a temporary
+    SQLite file (memory flat however long the manifest) and removes it on close."""
+    import hashlib
+    import os
+
+    from mmprep.engines.ray_engine import PlannedKeys
+
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5000)]
+    keys += ["00" * 31 + "01", "00" * 31 + "02", "00" * 32]  # sharing every byte but the last
+    planned = PlannedKeys()
+    folder = planned._dir.name
+    assert all(planned.add(k) for k in keys)
+    assert not any(planned.add(k) for k in keys[::7])
+    assert planned.add("ff" * 32)
+    assert os.path.isdir(folder)
+    planned.close()
+    assert not os.path.exists(folder)

@@ -25,7 +25,9 @@ import os
 import pickle
 import shutil
 import signal
+import sqlite3
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -108,6 +110,7 @@ class RayEncodeRun(EncodeRun):
             shutil.rmtree(stale, ignore_errors=True)
         self._index = CacheIndex(self.layout.index)
         self._open_lookup()
+        self._planned = PlannedKeys()
         self._errors = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
         handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop, keep what is committed
@@ -129,10 +132,15 @@ class RayEncodeRun(EncodeRun):
             if self.reporter is not None:
                 self.reporter.stop(self.counters)
             self._errors.close()
+            self._planned.close()
             self._lookup.close()
             self._index.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self._finish()
+
+    def claim(self, key: str) -> bool:
+        """The driver plans every row before any finishes, so its claims go to disk, not to a set in memory."""
+        return self._planned.add(key)
 
     def _plan_rows(self) -> list[str]:
         """Classify the manifests chunk by chunk; write the rows to load into JSONL files; return their paths."""
@@ -219,6 +227,27 @@ class RayEncodeRun(EncodeRun):
         self._index.record_failures(self.fingerprint, self.run_id, failures)
         self.counters.failed += len(failures)
         self.counters.failures_by_kind.update(f.kind for f in failures)
+
+
+class PlannedKeys:
+    """The keys a Ray driver has planned in this run, in a temporary SQLite file: memory stays flat
+    however long the manifest is (a set of 100M hex keys would take ~15 GB)."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="mmprep-planned-")
+        self._db = sqlite3.connect(os.path.join(self._dir.name, "keys.sqlite"), isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE planned (key BLOB PRIMARY KEY) WITHOUT ROWID; BEGIN;"  # one transaction: never committed
+        )
+
+    def add(self, key: str) -> bool:
+        """Record `key`; False when it was planned before."""
+        return self._db.execute("INSERT OR IGNORE INTO planned VALUES (?)", (bytes.fromhex(key),)).rowcount == 1
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
 
 
 # -- CPU tasks --------------------------------------------------------------------------------------
