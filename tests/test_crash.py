@@ -114,3 +114,61 @@ def test_signal_finishes_batch_flushes_and_exits(signum, code, slow_server, tmp_
     assert verify_cache(out).ok
     rest = check_complete(out, manifest)
     assert rest["cached"] == summary["encoded"]
+
+
+# Runs `mmprep` with every file it writes capped at argv[1] bytes: the kernel then refuses a larger
+# write with EFBIG, as a full disk refuses one with ENOSPC (SIGXFSZ ignored so write() just fails).
+LIMITED_FILE_SIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from mmprep.cli import main
+sys.argv[0] = "mmprep"
+main()
+"""
+
+
+def test_a_refused_shard_write_ends_the_run_failed_with_exit_70_and_loses_nothing(tmp_path, mmprep_home):
+    """The writer cannot store a shard (file too large here; disk full in life): the run stops as
+    `failed`, exit 70, with the OS error in the summary; no half-written shard is left; the entries
+    committed before stay; a rerun with room encodes exactly the missing rows."""
+    images = tmp_path / "img"
+    images.mkdir()
+    rows = []
+    for i in range(N_ROWS):
+        path = images / f"{i}.png"
+        path.write_bytes(image_bytes("RGB", (20 + i % 5, 24), "PNG", i))
+        # the second half carries 64 KB caller ids, which the shard header stores: their shard is ~800 KB
+        rows.append({"url": str(path), "id": f"{i}-" + "x" * (65_536 if i >= N_ROWS // 2 else 8)})
+    first, whole = tmp_path / "first.jsonl", tmp_path / "whole.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows[: N_ROWS // 2]))
+    whole.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cache"
+
+    def encode(manifest: Path, *limit: str) -> subprocess.CompletedProcess:
+        launcher = ["-c", LIMITED_FILE_SIZE, *limit] if limit else ["-m", "mmprep"]
+        return subprocess.run(
+            [sys.executable, *launcher, "encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out),
+             "--allow-local-dir", str(images), "--progress", "none", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    assert encode(first).returncode == 0
+    refused = encode(whole, str(512 * 1024))
+    assert refused.returncode == 70, refused.stderr
+    summary = json.loads(refused.stdout)
+    assert summary["status"] == "failed" and summary["exit_code"] == 70
+    assert summary["error"].startswith("cannot write the cache: OSError: [Errno 27] File too large")
+    assert (summary["cached"], summary["encoded"]) == (N_ROWS // 2, 0)
+    assert "Traceback" not in refused.stderr
+    assert not list(out.rglob("*.tmp"))  # the refused shard left nothing behind
+    assert len(keys_in_index(out)) == N_ROWS // 2
+    assert verify_cache(out, deep=True).ok
+
+    rerun = encode(whole)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["encoded"] == N_ROWS // 2
+    keys = keys_in_index(out)
+    assert len(keys) == len(set(keys)) == N_ROWS
+    assert verify_cache(out, deep=True).ok

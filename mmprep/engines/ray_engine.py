@@ -199,6 +199,8 @@ class RayEncodeRun(EncodeRun):
             self._commit_results(dataset)
         except ray.exceptions.RayError as exc:  # an actor died past worker_restarts, or a load task past Ray's retries
             self.run_error = f"the Ray pipeline failed (after up to {self.worker_restarts} restarts): {_first_line(exc)}"
+        except (OSError, sqlite3.Error) as exc:  # the driver cannot write the index: disk full, I/O error, ...
+            self.run_error = f"cannot write the cache: {type(exc).__name__}: {exc}"
 
     def _commit_results(self, dataset: Any) -> None:
         """Commit each shard the actors describe and record each failure, as the results stream in."""

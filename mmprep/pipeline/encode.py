@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ from mmprep.store.lock import WriterLock
 from mmprep.store.reader import EmbeddingCache
 from mmprep.store.rebuild import adopt_orphans
 from mmprep.store.shards import ShardEntry, ShardWriter
+
+logger = logging.getLogger("mmprep.pipeline")
 
 FAILURE_FLUSH_ROWS = 256
 WRITER_TICK = 0.5  # seconds between writer housekeeping (failure commits, time-based shard flush)
@@ -161,7 +165,9 @@ class EncodeRun(LoadingRun):
                 reader.close()
             if self.reporter is not None:
                 self.reporter.stop(self.counters)
-        if self._writer_error is not None:
+        if isinstance(self._writer_error, (OSError, sqlite3.Error)):  # disk full, file too large, I/O error, ...
+            self.run_error = f"cannot write the cache: {type(self._writer_error).__name__}: {self._writer_error}"
+        elif self._writer_error is not None:
             raise self._writer_error
         return self._finish()
 
@@ -297,6 +303,7 @@ class EncodeRun(LoadingRun):
         failures: list[FailureRecord] = []
         checked: list[_Checked] = []
         errors_file = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
+        stopped = False  # _STOP taken off the queue: nothing more will come, so there is nothing to drain
         try:
             while True:
                 try:
@@ -304,6 +311,7 @@ class EncodeRun(LoadingRun):
                 except queue.Empty:
                     item = None
                 if item is _STOP:
+                    stopped = True
                     break
                 if isinstance(item, _Encoded):
                     shards.add(self._entry_of(item))
@@ -323,7 +331,8 @@ class EncodeRun(LoadingRun):
         except BaseException as exc:  # the cache cannot be written: stop the run loudly
             self._writer_error = exc
             self.stop_signal = self.stop_signal or signal.SIGTERM
-            _drain(self._writer_q)
+            if not stopped:  # the last flush can fail after _STOP: waiting for another would hang the run
+                _drain(self._writer_q)
         finally:
             errors_file.close()
             index.close()
@@ -373,7 +382,6 @@ class EncodeRun(LoadingRun):
         c = self.counters
         status, code = self.exit_status(bool(c.failed or c.skipped_failed))
         errors_path = self.layout.run_errors(self.run_id)
-        _publish_latest(errors_path, self.layout.latest_errors)
         summary = RunSummary(
             run_id=self.run_id,
             model=self.encoder.name,
@@ -398,11 +406,17 @@ class EncodeRun(LoadingRun):
             errors_file=str(errors_path),
             error=self.run_error,
         )
-        index = CacheIndex(self.layout.index)
         try:
-            index.finish_run(self.run_id, status, code, summary.as_json())
-        finally:
-            index.close()
+            _publish_latest(errors_path, self.layout.latest_errors)
+            index = CacheIndex(self.layout.index)
+            try:
+                index.finish_run(self.run_id, status, code, summary.as_json())
+            finally:
+                index.close()
+        except (OSError, sqlite3.Error) as exc:
+            if self.run_error is None:
+                raise
+            logger.warning("could not record the failed run in the index: %s", exc)  # the summary still goes out
         return summary
 
 
