@@ -71,6 +71,10 @@ class UsageError(MmprepError):
     """The run cannot start: bad flag, unreadable manifest, unloadable model (exit code 2)."""
 
 
+class CacheVersionError(UsageError):
+    """The cache's index was written by a newer mmprep, whose tables this version cannot vouch for."""
+
+
 class ModelLoadError(UsageError):
     """The model could not be loaded or its family is not supported."""
 

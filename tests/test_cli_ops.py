@@ -118,3 +118,30 @@ def test_reader_serves_what_encode_stored(cache):
         assert torch.equal(again.embeddings, got[0].embeddings)
         s = reader.stats
         assert (s.hits, s.misses, s.memory_hits) == (7, 1, 1)
+
+
+def test_an_index_from_a_newer_mmprep_is_refused_before_any_write(cache, tmp_path):
+    """A newer schema version in the index: every command and the reader refuse it (exit 2, a
+    specific error), and nothing is written to it."""
+    from mmprep.errors import CacheVersionError
+
+    out, urls = cache
+    db = sqlite3.connect(out / "index.sqlite")
+    db.execute("UPDATE meta SET value='2' WHERE name='schema_version'")
+    db.commit()
+    db.close()
+    before = (out / "index.sqlite").read_bytes()
+    manifest = tmp_path / "again.jsonl"
+    manifest.write_text(json.dumps(urls[0]) + "\n")
+    for args in (
+        ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), "--allow-local-dir",
+         str(Path(urls[0]).parent), "--progress", "none"],
+        ["stats", str(out)], ["verify", str(out)], ["gc", str(out)], ["show", str(out), urls[0]],
+        ["index", "rebuild", str(out)], ["merge", str(tmp_path / "merged"), str(out)],
+    ):  # fmt: skip
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "index schema version '2'" in result.output and "upgrade mmprep" in result.output, args
+    with pytest.raises(CacheVersionError, match="written by a newer mmprep"):
+        EmbeddingCache(out)
+    assert (out / "index.sqlite").read_bytes() == before

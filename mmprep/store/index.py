@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from mmprep import __version__
+from mmprep.errors import CacheVersionError
 from mmprep.faults import fault_point
 
 if TYPE_CHECKING:  # shards need torch; the index (and `mmprep stats`, `gc`, ...) does not
@@ -115,7 +117,26 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.row_factory = sqlite3.Row
+    try:
+        _check_schema_version(conn, path)
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _check_schema_version(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse, before any read or write, an index made by a newer mmprep: its tables may mean what this
+    one does not know, and writing them the old way would corrupt them."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    except sqlite3.OperationalError:  # no meta table yet: a new index
+        return
+    if row is not None and not (row[0].isdigit() and int(row[0]) <= SCHEMA_VERSION):
+        raise CacheVersionError(
+            f"{path} has index schema version {row[0]!r}; this mmprep ({__version__}) reads version "
+            f"{SCHEMA_VERSION} and older: the cache was written by a newer mmprep, so upgrade mmprep"
+        )
 
 
 class CacheIndex:
