@@ -581,7 +581,7 @@ EXIT_USAGE, EXIT_LOCKED = 2, 75  # 75 = EX_TEMPFAIL: try again later
 
 
 def _fail(exc: MmprepError) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(str(exc))}")  # messages may hold [brackets]
+    err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # [brackets] in messages; one line for logs
     raise typer.Exit(EXIT_LOCKED if isinstance(exc, CacheLockedError) else EXIT_USAGE)
 
 

@@ -145,3 +145,14 @@ def test_an_index_from_a_newer_mmprep_is_refused_before_any_write(cache, tmp_pat
     with pytest.raises(CacheVersionError, match="written by a newer mmprep"):
         EmbeddingCache(out)
     assert (out / "index.sqlite").read_bytes() == before
+
+
+def test_a_cache_dir_that_cannot_be_made_is_a_usage_error(tmp_path):
+    """--out below a regular file: exit 2 and a one-line reason, not a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps("https://example.com/a.jpg") + "\n")
+    result = cli("encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(blocker / "cache"), "--progress", "none")
+    assert result.exit_code == 2
+    assert f"error: cannot use {blocker / 'cache'} as a cache directory: Not a directory\n" in result.output

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from mmprep.errors import CacheLockedError
+from mmprep.errors import CacheLockedError, UsageError
 
 LOCK_NAME = ".lock"
 _POLL_S = 0.05
@@ -41,8 +41,11 @@ class WriterLock:
         """Take the lock or raise CacheLockedError naming the holder."""
         if self._fd is not None:
             raise RuntimeError("WriterLock is not re-entrant")
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file in the way, no permission, a read-only file system, ...
+            raise UsageError(f"cannot use {self.root} as a cache directory: {exc.strerror or exc}") from exc
         deadline = None if self.wait is None else time.monotonic() + self.wait
         try:
             while True:
