@@ -53,20 +53,49 @@ _PLAIN_LINE = re.compile(
 )
 
 
+# A longer line (a binary file given as a manifest, say) is refused without ever being held whole in
+# memory. 64 Mi characters fit a data URL at the default --max-bytes (20 MiB is ~27 Mi of base64) twice.
+MAX_LINE_CHARS = 64 * 1024 * 1024
+
+
 def read_manifests(paths: Iterable[str]) -> Iterator[Record | BadLine]:
     """Yield every record of every manifest in order, streaming (never the whole file in memory)."""
     plain = _PLAIN_LINE.fullmatch
     for path in paths:
         with _open(path) as stream:
-            for number, raw in enumerate(stream, start=1):
+            readline, limit, number = stream.readline, MAX_LINE_CHARS, 0
+            while raw := readline(limit):
+                number += 1
+                if len(raw) == limit and not raw.endswith("\n"):
+                    _skip_rest_of_line(stream)
+                    yield BadLine(path, number, f"line longer than {limit} characters (skipped unread)")
+                    continue
                 text = raw.strip()
                 if not text:
+                    continue
+                if not text.isascii() and not _valid_utf8(text):
+                    yield BadLine(path, number, "line is not valid UTF-8")
                     continue
                 match = plain(text)
                 if match is not None and match[1].strip():
                     yield Record(match[1], match[2], path, number)
                 else:
                     yield from parse_line(text, path, number)
+
+
+def _skip_rest_of_line(stream: IO[str]) -> None:
+    """Read past the end of an overlong line in bounded pieces."""
+    while (rest := stream.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+        pass
+
+
+def _valid_utf8(text: str) -> bool:
+    """False when decoding met bytes that are not UTF-8 (kept as lone surrogates by "surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_readable(paths: Iterable[str]) -> None:
@@ -172,13 +201,13 @@ def _open(path: str) -> IO[str]:
         raw: IO[bytes] = sys.stdin.buffer
         buffered = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw  # type: ignore[arg-type]
         if buffered.peek(2)[:2] == b"\x1f\x8b":
-            return io.TextIOWrapper(gzip.GzipFile(fileobj=buffered), encoding="utf-8", errors="replace")
-        return io.TextIOWrapper(buffered, encoding="utf-8", errors="replace")
+            return io.TextIOWrapper(gzip.GzipFile(fileobj=buffered), encoding="utf-8", errors="surrogateescape")
+        return io.TextIOWrapper(buffered, encoding="utf-8", errors="surrogateescape")
     try:
         with open(path, "rb") as probe:
             magic = probe.read(2)
         if magic == b"\x1f\x8b":
-            return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-        return open(path, encoding="utf-8", errors="replace")
+            return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+        return open(path, encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise UsageError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc

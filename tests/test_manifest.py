@@ -133,3 +133,26 @@ def test_plain_line_fast_path_reads_like_the_json_parser(tmp_path, line: str) ->
     path = tmp_path / "m.jsonl"
     path.write_text(line + "\n", encoding="utf-8")
     assert list(read_manifests([str(path)])) == parse_line(line, str(path), 1)
+
+
+def test_invalid_utf8_is_a_bad_line_not_a_silently_changed_url(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"url": "https://e.com/\xff\xfe.jpg"}\n{"url": "https://e.com/caf\xc3\xa9.jpg"}\n')
+    bad, good = list(read_manifests([str(path)]))
+    assert isinstance(bad, BadLine) and bad.line == 1 and bad.message == "line is not valid UTF-8"
+    assert good == Record("https://e.com/café.jpg", None, str(path), 2)
+
+
+def test_an_overlong_line_is_refused_without_being_held_and_reading_goes_on(tmp_path, monkeypatch):
+    import os
+
+    import mmprep.manifest as manifest
+
+    monkeypatch.setattr(manifest, "MAX_LINE_CHARS", 4096)
+    path = tmp_path / "m.jsonl"
+    binary = os.urandom(100_000).replace(b"\n", b"x").replace(b"\r", b"x")  # one 100 KB binary "line"
+    path.write_bytes(b'"https://e.com/1.jpg"\n' + binary + b'\n"https://e.com/3.jpg"\n' + b"y" * 5000)
+    items = list(read_manifests([str(path)]))
+    assert [type(i).__name__ for i in items] == ["Record", "BadLine", "Record", "BadLine"]
+    assert items[1].line == 2 and "longer than 4096 characters" in items[1].message
+    assert items[2] == Record("https://e.com/3.jpg", None, str(path), 3) and items[3].line == 4
