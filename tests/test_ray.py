@@ -109,6 +109,33 @@ def test_ray_engine_files_pixel_changing_decode_options_under_the_local_fingerpr
     assert remote["fingerprint"] == local["fingerprint"] != plain["fingerprint"]
 
 
+def test_ray_refresh_revalidates_like_the_local_engine(tmp_path, image_server):
+    """--refresh-older-than on Ray: a 304 and an unchanged body keep their entries (marked checked),
+    a changed body is re-encoded under the new ETag; the counts are the local engine's."""
+    from test_refresh import entry_row
+
+    photo = image_server.add("/photo.png", image_bytes("RGB", (40, 40), "PNG", 1), etag='"v1"')
+    plain = image_server.add("/plain.png", image_bytes("RGB", (40, 40), "PNG", 2))  # no validators
+    manifest = Path(write_manifest(tmp_path / "m.jsonl", [photo, plain]))
+    cache = tmp_path / "cache"
+    assert encode(manifest, cache, "--engine", "ray")[1]["encoded"] == 2
+    with EmbeddingCache(cache) as reader:
+        before = reader.get(photo).embeddings
+
+    code, kept = encode(manifest, cache, "--engine", "ray", "--refresh-older-than", "0s")
+    assert code == 0 and (kept["refreshed"], kept["encoded"], kept["cached"]) == (2, 0, 0)
+    assert image_server.not_modified["/photo.png"] == 1 and image_server.hits["/plain.png"] == 2
+    assert entry_row(cache, photo)["checked"] is not None and entry_row(cache, plain)["checked"] is not None
+
+    image_server.add("/photo.png", image_bytes("RGB", (40, 40), "PNG", 9), etag='"v2"')
+    code, changed = encode(manifest, cache, "--engine", "ray", "--refresh-older-than", "0s")
+    assert code == 0 and (changed["encoded"], changed["refreshed"]) == (1, 1)
+    assert entry_row(cache, photo)["etag"] == '"v2"'
+    with EmbeddingCache(cache) as reader:
+        assert not torch.equal(before, reader.get(photo).embeddings)
+    assert verify_cache(cache, deep=True).ok
+
+
 @pytest.mark.parametrize("fault", ["in_encode", "after_shard_write"])
 def test_a_killed_encoder_actor_is_retried_without_losing_or_duplicating_rows(fault, tmp_path, image_server, monkeypatch):
     urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(N_GOOD)]

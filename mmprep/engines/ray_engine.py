@@ -2,10 +2,12 @@
 
   driver      manifest → skip what is cached (EncodeRun's classify/plan: one index query per chunk)
               → the rows to load, as JSONL files under the cache dir (every node sees it)
-  CPU tasks   map_batches(load_rows): fetch (our Fetcher, one event loop per task) → decode → preprocess
+  CPU tasks   map_batches(load_rows): fetch (our Fetcher, one event loop per task; conditional for a
+              --refresh-older-than re-validation) → decode → preprocess
   actor pool  map_batches(EncodeActor): one model per actor (one per GPU, or CPU actors), batched
               forward, shards written under the cache dir; returns shard *descriptions*, never tensors
-  driver      commits each described shard and records failures: the only SQLite writer, as in encode
+  driver      commits each described shard, records failures and re-validated entries: the only
+              SQLite writer, as in encode
 
 The cache dir must be on a file system every node shares. An encoder actor that dies is restarted by
 Ray and its batch retried, up to `worker_restarts` times; a shard it wrote but never reported is
@@ -74,8 +76,6 @@ def run_ray(
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise UsageError("--engine ray needs Ray Data: pip install 'mmprep[ray]'") from exc
-    if settings.refresh_older_than is not None:
-        raise UsageError("--refresh-older-than is not supported with --engine ray; use the local engine for refreshes")
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints notices on stdout; --json owns stdout
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -160,14 +160,17 @@ class RayEncodeRun(EncodeRun):
                         if self._owns(failure.key):
                             failures.append(failure)
                         continue
-                    if not self._owns(key) or self.plan(key, state) is None:
+                    if not self._owns(key) or (plan := self.plan(key, state)) is None:
                         continue
                     if todo is None or in_file >= TODO_FILE_ROWS:
                         if todo is not None:
                             todo.close()
                         paths.append(str(self.workdir / f"todo-{len(paths):05d}.jsonl"))
                         todo, in_file = open(paths[-1], "w", encoding="utf-8"), 0
-                    todo.write(json.dumps({"key": key, **item._asdict()}) + "\n")  # type: ignore[union-attr]
+                    line = {"key": key, **item._asdict()}  # type: ignore[union-attr]
+                    if plan.refresh:  # the cached entry's validators and content hash
+                        line["plan"] = [plan.etag, plan.last_modified, plan.content_sha256]
+                    todo.write(json.dumps(line) + "\n")
                     in_file += 1
                 self._record(failures)
         finally:
@@ -203,19 +206,25 @@ class RayEncodeRun(EncodeRun):
             self.run_error = f"cannot write the cache: {type(exc).__name__}: {exc}"
 
     def _commit_results(self, dataset: Any) -> None:
-        """Commit each shard the actors describe and record each failure, as the results stream in."""
+        """Commit each shard the actors describe, record each failure and each refresh that kept its
+        entry, as the results stream in."""
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            failures = []
+            failures, checked = [], []
             for out in batch.to_pylist():
                 self.counters.bytes_fetched += out["bytes_fetched"]
                 if out["failure"] is not None:
                     failures.append(FailureRecord(**json.loads(out["failure"])))
+                if out["checked"] is not None:
+                    checked.append(tuple(json.loads(out["checked"])))
                 if out["shard"] is not None:
                     shard = json.loads(out["shard"])
                     rows = [tuple(r) for r in shard["rows"]]
                     self._index.commit_rows(shard["name"], self.fingerprint, self.run_id, shard["nbytes"],
                                             shard["sha256"], rows)  # fmt: skip
                     self.counters.encoded += len(rows)
+            if checked:
+                self._index.mark_checked(self.fingerprint, checked)
+                self.counters.refreshed += len(checked)
             self._record(failures)
             if self.stop_signal is not None:
                 break  # what is committed stays; the rest is picked up by a rerun
@@ -263,17 +272,28 @@ def load_rows(batch: Any, load: LoadSettings, model: ModelSettings) -> Any:
     if load.fast_decode and load.draft_size is None:
         load = dataclasses.replace(load, draft_size=preprocess.input_size())
     rows = [json.loads(text) for text in batch.column("text").to_pylist()]
+    plans = [row.pop("plan", None) for row in rows]  # a refresh: [etag, last_modified, content_sha256]
+    requests = [(row["url"], *(plan[:2] if plan else (None, None))) for row, plan in zip(rows, plans)]
     out = []
-    for row, fetched in zip(rows, asyncio.run(_fetch_all([r["url"] for r in rows], load))):
+    for row, plan, fetched in zip(rows, plans, asyncio.run(_fetch_all(requests, load))):
         key = row.pop("key")
         record = Record(**row)
         loaded = {"key": key, "record": json.dumps(row), "inputs": None, "content_sha256": None, "etag": None,
-                  "last_modified": None, "failure": None, "bytes_fetched": 0}  # fmt: skip
+                  "last_modified": None, "failure": None, "bytes_fetched": 0, "checked": False}  # fmt: skip
         try:
             if isinstance(fetched, RowError):
                 raise fetched
+            if fetched is None:  # 304 to a refresh's conditional request: the entry stands
+                loaded["checked"] = True
+                out.append(loaded)
+                continue
+            sha = hashlib.sha256(fetched.data).hexdigest()
             loaded.update(bytes_fetched=len(fetched.data), etag=fetched.etag, last_modified=fetched.last_modified,
-                          content_sha256=hashlib.sha256(fetched.data).hexdigest())  # fmt: skip
+                          content_sha256=sha)  # fmt: skip
+            if plan is not None and sha == plan[2]:  # a refresh found the same bytes: the entry stands
+                loaded["checked"] = True
+                out.append(loaded)
+                continue
             inputs = preprocess(decode_image(fetched.data, load))
             loaded["inputs"] = _pickle(inputs)
         except RowError as exc:
@@ -285,23 +305,22 @@ def load_rows(batch: Any, load: LoadSettings, model: ModelSettings) -> Any:
     return pa.Table.from_pylist(out, schema=_loaded_schema())
 
 
-async def _fetch_all(urls: list[str], load: LoadSettings) -> list[Fetched | RowError]:
-    """Fetch every URL with one Fetcher, at most `load.concurrency` at once."""
+async def _fetch_all(requests: list[tuple[str, str | None, str | None]], load: LoadSettings) -> list[Fetched | RowError | None]:
+    """Fetch every (url, etag, last_modified) with one Fetcher, at most `load.concurrency` at once; None
+    where a conditional request was answered 304."""
     slots = asyncio.Semaphore(load.concurrency)
 
-    async def one(fetcher: Fetcher, url: str) -> Fetched | RowError:
+    async def one(fetcher: Fetcher, url: str, etag: str | None, last_modified: str | None) -> Fetched | RowError | None:
         async with slots:
             try:
-                fetched = await fetcher.fetch(url)
-                assert fetched is not None  # only a conditional request can answer "not modified"
-                return fetched
+                return await fetcher.fetch(url, etag=etag, last_modified=last_modified)
             except RowError as exc:
                 return exc
             except Exception as exc:
                 return RowError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     async with Fetcher(load) as fetcher:
-        return list(await asyncio.gather(*(one(fetcher, url) for url in urls)))
+        return list(await asyncio.gather(*(one(fetcher, *request) for request in requests)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -341,6 +360,10 @@ class EncodeActor:
         for row in batch.to_pylist():
             if row["failure"] is not None:
                 out.append(_result(failure=row["failure"], bytes_fetched=row["bytes_fetched"]))
+                continue
+            if row["checked"]:  # a refresh that kept the entry: the driver marks it checked
+                checked = json.dumps([row["key"], row["etag"], row["last_modified"]])
+                out.append(_result(checked=checked, bytes_fetched=row["bytes_fetched"]))
                 continue
             record = Record(**json.loads(row["record"]))
             inputs = _unpickle(row["inputs"])
@@ -392,8 +415,10 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
 
 
-def _result(*, shard: str | None = None, failure: str | None = None, bytes_fetched: int = 0) -> dict[str, Any]:
-    return {"shard": shard, "failure": failure, "bytes_fetched": bytes_fetched}
+def _result(
+    *, shard: str | None = None, failure: str | None = None, checked: str | None = None, bytes_fetched: int = 0
+) -> dict[str, Any]:
+    return {"shard": shard, "failure": failure, "checked": checked, "bytes_fetched": bytes_fetched}
 
 
 def _loaded_schema() -> Any:
@@ -401,13 +426,15 @@ def _loaded_schema() -> Any:
 
     text = pa.string()
     return pa.schema([("key", text), ("record", text), ("inputs", pa.binary()), ("content_sha256", text),
-                      ("etag", text), ("last_modified", text), ("failure", text), ("bytes_fetched", pa.int64())])  # fmt: skip
+                      ("etag", text), ("last_modified", text), ("failure", text), ("bytes_fetched", pa.int64()),
+                      ("checked", pa.bool_())])  # fmt: skip
 
 
 def _result_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("shard", pa.string()), ("failure", pa.string()), ("bytes_fetched", pa.int64())])
+    text = pa.string()
+    return pa.schema([("shard", text), ("failure", text), ("checked", text), ("bytes_fetched", pa.int64())])
 
 
 def _failure_json(failure: FailureRecord) -> str:
