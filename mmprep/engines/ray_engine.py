@@ -305,9 +305,12 @@ def load_rows(batch: Any, load: LoadSettings, model: ModelSettings) -> Any:
     return pa.Table.from_pylist(out, schema=_loaded_schema())
 
 
-async def _fetch_all(requests: list[tuple[str, str | None, str | None]], load: LoadSettings) -> list[Fetched | RowError | None]:
-    """Fetch every (url, etag, last_modified) with one Fetcher, at most `load.concurrency` at once; None
-    where a conditional request was answered 304."""
+Request = tuple[str, str | None, str | None]  # url, and the ETag / Last-Modified of a conditional refresh
+
+
+async def _fetch_all(requests: list[Request], load: LoadSettings) -> list[Fetched | RowError | None]:
+    """Fetch every request with one Fetcher, at most `load.concurrency` at once; None where a
+    conditional request was answered 304."""
     slots = asyncio.Semaphore(load.concurrency)
 
     async def one(fetcher: Fetcher, url: str, etag: str | None, last_modified: str | None) -> Fetched | RowError | None:
