@@ -17,6 +17,7 @@ import io
 import json
 import re
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,23 +65,28 @@ def read_manifests(paths: Iterable[str]) -> Iterator[Record | BadLine]:
     for path in paths:
         with _open(path) as stream:
             readline, limit, number = stream.readline, MAX_LINE_CHARS, 0
-            while raw := readline(limit):
-                number += 1
-                if len(raw) == limit and not raw.endswith("\n"):
-                    _skip_rest_of_line(stream)
-                    yield BadLine(path, number, f"line longer than {limit} characters (skipped unread)")
-                    continue
-                text = raw.strip()
-                if not text:
-                    continue
-                if not text.isascii() and not _valid_utf8(text):
-                    yield BadLine(path, number, "line is not valid UTF-8")
-                    continue
-                match = plain(text)
-                if match is not None and match[1].strip():
-                    yield Record(match[1], match[2], path, number)
-                else:
-                    yield from parse_line(text, path, number)
+            try:
+                while raw := readline(limit):
+                    number += 1
+                    if len(raw) == limit and not raw.endswith("\n"):
+                        _skip_rest_of_line(stream)
+                        yield BadLine(path, number, f"line longer than {limit} characters (skipped unread)")
+                        continue
+                    text = raw.strip()
+                    if number == 1 and text.startswith("\ufeff"):  # a byte-order mark (Windows tools write one)
+                        text = text[1:].strip()
+                    if not text:
+                        continue
+                    if not text.isascii() and not _valid_utf8(text):
+                        yield BadLine(path, number, "line is not valid UTF-8")
+                        continue
+                    match = plain(text)
+                    if match is not None and match[1].strip():
+                        yield Record(match[1], match[2], path, number)
+                    else:
+                        yield from parse_line(text, path, number)
+            except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz, an I/O error
+                yield BadLine(path, number + 1, f"the rest of the manifest is unreadable: {type(exc).__name__}: {exc}")
 
 
 def _skip_rest_of_line(stream: IO[str]) -> None:
@@ -119,6 +125,8 @@ def parse_line(text: str, source: str, line: int) -> list[Record | BadLine]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return [BadLine(source, line, f"invalid JSON: {exc.msg} at column {exc.colno}")]
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits, nesting too deep
+        return [BadLine(source, line, f"unreadable JSON: {type(exc).__name__}: {str(exc)[:200]}")]
     try:
         found = list(_records_of(obj))
     except _Malformed as exc:
@@ -184,6 +192,14 @@ def _url(value: Any, field: str) -> str:
         raise _Malformed(f"{field} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise _Malformed(f"{field} is empty")
+    return _unicode(value, field)
+
+
+def _unicode(value: str, field: str) -> str:
+    """Refuse a string with an unpaired surrogate (a JSON escape like \\udcff): it is not text and
+    cannot be stored or keyed."""
+    if not value.isascii() and not _valid_utf8(value):
+        raise _Malformed(f"{field} holds an unpaired surrogate escape (not valid Unicode)")
     return value
 
 
@@ -192,7 +208,7 @@ def _id(value: Any, field: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _Malformed(f"{field} must be a string or integer, got {type(value).__name__}")
-    return str(value)
+    return _unicode(str(value), field)
 
 
 def _open(path: str) -> IO[str]:

@@ -299,6 +299,27 @@ def test_every_pixel_changing_option_changes_the_fingerprint():
     assert load_encoder(model, pixel_options(variants[3])).describe()["decode"] == {"alpha_background": [255, 255, 255]}
 
 
+def test_lines_that_once_stopped_a_run_are_bad_lines_and_the_rows_around_them_are_kept(tmp_path):
+    """An escaped lone surrogate in an id or URL broke the index commit (the whole shard was lost and
+    every later run exited 2 on the orphan); a 4400-digit id aborted the run. Now: error records."""
+    images = tmp_path / "img"
+    images.mkdir()
+    good = []
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(image_bytes("RGB", (30 + i, 30), "PNG", i))
+        good.append(json.dumps({"url": str(images / f"{i}.png"), "id": f"ok-{i}"}))
+    manifest = tmp_path / "m.jsonl"
+    bad = ['{"url": "%s", "id": "\\udcff"}' % (images / "0.png"), '{"url": "%s/\\ud800.png"}' % images,
+           '{"url": "%s", "id": %s}' % (images / "1.png", "7" * 4400)]  # fmt: skip
+    manifest.write_text("\n".join([good[0], bad[0], good[1], bad[1], bad[2], good[2]]) + "\n")
+    args = [str(manifest), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"), "--allow-local-dir", str(images)]
+    code, summary = encode_json(*args)
+    assert code == 1 and summary["status"] == "completed"
+    assert summary["encoded"] == 3 and summary["failures_by_kind"] == {"bad_manifest_line": 3}
+    code, again = encode_json(*args)  # the cache is healthy: the next run starts and finds every good row
+    assert code == 1 and again["cached"] == 3 and again["encoded"] == 0
+
+
 def test_quick_start_commands_work_as_written(tmp_path):
     """README quick start (1), run in a subprocess from the repository root like a user would."""
     env = {**os.environ, "MMPREP_CACHE_DIR": str(tmp_path / "cache")}

@@ -156,3 +156,41 @@ def test_an_overlong_line_is_refused_without_being_held_and_reading_goes_on(tmp_
     assert [type(i).__name__ for i in items] == ["Record", "BadLine", "Record", "BadLine"]
     assert items[1].line == 2 and "longer than 4096 characters" in items[1].message
     assert items[2] == Record("https://e.com/3.jpg", None, str(path), 3) and items[3].line == 4
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ('{"url": "img/a.png", "id": "\\udcff"}', "id holds an unpaired surrogate"),
+        ('{"url": "img/\\ud800.jpg"}', "url holds an unpaired surrogate"),
+        ('{"url": "a.png", "id": ' + "7" * 4400 + "}", "Exceeds the limit (4300 digits)"),
+        ("[" * 100_000, "RecursionError"),
+    ],
+)
+def test_json_that_parses_to_unstorable_values_is_a_bad_line(line, fragment):
+    """Each of these once stopped a whole run (exit 2) after work had started, or broke the cache."""
+    [bad] = parse_line(line, "m.jsonl", 7)
+    assert isinstance(bad, BadLine) and bad.line == 7 and fragment in bad.message
+
+
+def test_a_byte_order_mark_on_the_first_line_is_ignored(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"url": "https://e.com/1.jpg"}\r\n{"url": "https://e.com/2.jpg"}\r\n')
+    assert [r.url for r in read_manifests([str(path)])] == ["https://e.com/1.jpg", "https://e.com/2.jpg"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_crc"])
+def test_a_damaged_gzip_manifest_yields_what_it_can_then_one_bad_line(tmp_path, damage):
+    rows = "".join(json.dumps(f"https://e.com/{i}.jpg") + "\n" for i in range(40)).encode()
+    data = bytearray(gzip.compress(rows))
+    if damage == "truncated":
+        data = data[:-30]
+    else:
+        data[-6] ^= 0xFF  # the CRC32 trailer
+    path = tmp_path / "m.jsonl.gz"
+    path.write_bytes(bytes(data))
+    items = list(read_manifests([str(path)]))
+    *records, last = items
+    assert all(isinstance(r, Record) for r in records) and len(records) >= 20  # the readable part
+    assert isinstance(last, BadLine) and "the rest of the manifest is unreadable" in last.message
+    assert last.line == len(records) + 1
