@@ -75,8 +75,16 @@ class CacheVersionError(UsageError):
     """The cache's index was written by a newer mmprep, whose tables this version cannot vouch for."""
 
 
+class IndexUnreadableError(UsageError):
+    """The cache's index.sqlite is not a readable SQLite database (`mmprep index rebuild` recreates it)."""
+
+
 class ModelLoadError(UsageError):
     """The model could not be loaded or its family is not supported."""
+
+
+class CacheWriteError(MmprepError):
+    """The cache directory cannot be written (disk full, I/O error) before the run could start (exit code 70)."""
 
 
 class CacheLockedError(MmprepError):

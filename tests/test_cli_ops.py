@@ -156,3 +156,52 @@ def test_a_cache_dir_that_cannot_be_made_is_a_usage_error(tmp_path):
     result = cli("encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(blocker / "cache"), "--progress", "none")
     assert result.exit_code == 2
     assert f"error: cannot use {blocker / 'cache'} as a cache directory: Not a directory\n" in result.output
+
+
+def test_a_corrupt_index_is_a_usage_error_everywhere_and_index_rebuild_repairs_it(cache, tmp_path):
+    out, urls = cache
+    for leftover in out.glob("index.sqlite-*"):
+        leftover.unlink()
+    (out / "index.sqlite").write_bytes(b"\x13" * 5000)  # not a database
+    manifest = tmp_path / "again.jsonl"
+    manifest.write_text(json.dumps(urls[0]) + "\n")
+    for args in (
+        ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), "--allow-local-dir",
+         str(Path(urls[0]).parent), "--progress", "none"],
+        ["stats", str(out)], ["verify", str(out)], ["gc", str(out), "--dry-run"], ["show", str(out), urls[0]],
+        ["merge", str(tmp_path / "merged"), str(out)],
+    ):  # fmt: skip
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"is not a readable index (file is not a database); `mmprep index rebuild {out}`" in result.output, args
+    assert not (tmp_path / "merged").exists()  # a bad source is refused before DEST is made
+    assert cli("index", "rebuild", str(out)).exit_code == 0
+    assert json.loads(cli("stats", str(out), "--json").stdout)["entries"] == len(urls)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--progress", "weird"], ["--timeout", "0"], ["--timeout", "nan"], ["--max-bytes", "99999999999999TiB"],
+        ["--refresh-older-than", "soon"],
+    ],
+)  # fmt: skip
+def test_option_values_out_of_range_are_usage_errors(args, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps("https://example.com/a.jpg") + "\n")
+    result = cli("encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"), *args)
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_check_and_show_refuse_a_directory_as_their_output_file(cache, tmp_path):
+    out, urls = cache
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(urls[0]) + "\n")
+    folder = Path(urls[0]).parent
+    checked = cli("check", str(manifest), "--size", "32x32", "--allow-local-dir", str(folder), "--errors", str(folder))
+    assert checked.exit_code == 2 and "cannot write the error records" in checked.output
+    huge = cli("check", str(manifest), "--size", "100000x100000", "--allow-local-dir", str(folder))
+    assert huge.exit_code == 2  # would allocate 40 GB per row
+    shown = cli("show", str(out), urls[0], "--export", str(tmp_path))
+    assert shown.exit_code == 2 and "is a directory" in shown.output

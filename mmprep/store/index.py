@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mmprep import __version__
-from mmprep.errors import CacheVersionError
+from mmprep.errors import CacheVersionError, IndexUnreadableError
 from mmprep.faults import fault_point
 
 if TYPE_CHECKING:  # shards need torch; the index (and `mmprep stats`, `gc`, ...) does not
@@ -113,12 +113,13 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.row_factory = sqlite3.Row
     try:
-        _check_schema_version(conn, path)
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.row_factory = sqlite3.Row
+        _check_schema_version(conn, path)  # first: refuse a corrupt or newer index before changing anything
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
     except BaseException:
         conn.close()
         raise
@@ -130,8 +131,14 @@ def _check_schema_version(conn: sqlite3.Connection, path: Path) -> None:
     one does not know, and writing them the old way would corrupt them."""
     try:
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-    except sqlite3.OperationalError:  # no meta table yet: a new index
-        return
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # a new, empty index
+            return
+        raise
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        raise IndexUnreadableError(
+            f"{path} is not a readable index ({exc}); `mmprep index rebuild {path.parent}` recreates it from the shards"
+        ) from None
     if row is not None and not (row[0].isdigit() and int(row[0]) <= SCHEMA_VERSION):
         raise CacheVersionError(
             f"{path} has index schema version {row[0]!r}; this mmprep ({__version__}) reads version "

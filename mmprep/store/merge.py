@@ -82,6 +82,7 @@ def merge_caches(
             raise UsageError(f"not an mmprep cache directory (no {src.index.name}): {src.root}")
         if layout.root.exists() and src.root.resolve() == layout.root.resolve():
             raise UsageError(f"cannot merge {src.root} into itself")
+        connect(src.index, readonly=True).close()  # a corrupt or newer source is refused before DEST is made
     report = MergeReport(dest=str(layout.root), sources=[str(s.root) for s in source_layouts])
     with WriterLock(layout.root, wait):
         index = CacheIndex(layout.index)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from mmprep.errors import IndexUnreadableError
 from mmprep.store.index import ENTRY_INSERT, CacheIndex, connect
 from mmprep.store.layout import (
     GRID_SUFFIX,
@@ -270,7 +271,7 @@ def _read_old_index(path: Path) -> tuple[str, dict[str, list[tuple[Any, ...]]]]:
             }
         finally:
             conn.close()
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, IndexUnreadableError):
         return "unreadable", {}
 
 

@@ -72,7 +72,7 @@ def verify_cache(
     can (it takes the writer lock; a plain check does not and skips checks a live writer makes racy)."""
     layout = CacheLayout(Path(root))
     if not layout.index.is_file():
-        raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}; see `mmprep rebuild`")
+        raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}; see `mmprep index rebuild`")
     report = VerifyReport(deep=deep)
     try:
         if not repair:
@@ -91,7 +91,7 @@ def verify_cache(
             finally:
                 index.close()
     except sqlite3.DatabaseError as exc:
-        raise UsageError(f"index {layout.index} is unreadable ({exc}); run `mmprep rebuild`") from exc
+        raise UsageError(f"index {layout.index} is unreadable ({exc}); run `mmprep index rebuild`") from exc
     return report
 
 
