@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mmprep import __version__
-from mmprep.errors import CacheLockedError, MmprepError, UsageError
+from mmprep.errors import CacheLockedError, CacheWriteError, MmprepError, UsageError
 from mmprep.manifest import check_readable
 from mmprep.settings import DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings, ShardSpec
 
@@ -44,6 +44,11 @@ def _opt(name: str, help: str, **kw: object) -> object:
     return typer.Option(f"--{name}", envvar=_env(name), help=help, **kw)  # type: ignore[arg-type]
 
 
+PROGRESS = ("auto", "bar", "log", "none")
+MAX_SIZE = 1024**4  # sizes (--max-bytes, --shard-size) above 1 TiB are typos
+MAX_SIDE = 16384  # check --size: a side above this is a typo, and would allocate gigabytes per row
+
+
 def parse_size(text: str) -> int:
     """'20MiB', '20M', '512k', '1048576' → bytes (binary multiples)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
@@ -51,7 +56,25 @@ def parse_size(text: str) -> int:
         raise typer.BadParameter(f"not a size: {text!r} (examples: 20MiB, 512k, 1048576)")
     unit = m.group(2).lower()
     factor = 1024 ** ("kmgt".find(unit) + 1) if unit else 1
-    return int(float(m.group(1)) * factor)
+    size = int(float(m.group(1)) * factor)
+    if size > MAX_SIZE:
+        raise typer.BadParameter(f"{text!r} is over the largest size accepted, 1 TiB")
+    return size
+
+
+def _choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    from mmprep.store.gc import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
@@ -108,7 +131,7 @@ def resolve_model(model: str | None, out: Path) -> str:
 # Loading options, declared once and shared by `encode` and `check`.
 ConcurrencyOpt = Annotated[int, _opt("concurrency", "Rows loading at once (also the HTTP pool size).", min=1)]
 PerHostOpt = Annotated[int, _opt("per-host", "Concurrent requests to one host.", min=1)]
-TimeoutOpt = Annotated[float, _opt("timeout", "Total deadline per row and attempt, seconds.")]
+TimeoutOpt = Annotated[float, _opt("timeout", "Total deadline per row and attempt, seconds.", min=0.001, max=86400)]
 MaxBytesOpt = Annotated[str, _opt("max-bytes", "Largest body accepted (e.g. 20MiB).")]
 MaxRedirectsOpt = Annotated[int, _opt("max-redirects", "Redirect hops followed.", min=0)]
 RetriesOpt = Annotated[int, _opt("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", min=0)]
@@ -125,7 +148,7 @@ MaxPixelsOpt = Annotated[int, _opt("max-pixels", "Largest image (width x height)
 MaxSideOpt = Annotated[Optional[int], _opt("max-side", "Largest width or height decoded.", min=1)]
 DecodeWorkersOpt = Annotated[Optional[int], _opt("decode-workers", "Decode threads [default: CPU count].", min=1)]
 ShardOpt = Annotated[Optional[str], _opt("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.")]
-ProgressOpt = Annotated[str, _opt("progress", "auto | bar | log | none.")]
+ProgressOpt = Annotated[str, _opt("progress", "auto | bar | log | none.", callback=lambda v: _choice(v, "--progress", PROGRESS))]
 ManifestsArg = Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")]
 ModelOpt = Annotated[Optional[str], _opt("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
 RevisionOpt = Annotated[Optional[str], _opt("revision", "Hub revision (branch, tag or commit).")]
@@ -214,8 +237,6 @@ def encode(
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
-    from mmprep.store.gc import parse_duration
-
     try:
         out_dir = _cache_dir(out)
         check_readable(manifests)
@@ -231,7 +252,7 @@ def encode(
             ),
             load=load,
             shard_bytes=parse_size(shard_size),
-            refresh_older_than=parse_duration(refresh_older_than) if refresh_older_than else None,
+            refresh_older_than=_duration(refresh_older_than) if refresh_older_than else None,
             retry_failed=retry_failed,
             wait_lock=None if wait_lock == float("inf") else wait_lock,
             json=json_out,
@@ -256,8 +277,6 @@ def encode(
             if load.fast_decode:
                 settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
             summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
-    except ValueError as exc:  # a malformed duration
-        _fail(UsageError(str(exc)))
     except MmprepError as exc:
         _fail(exc)
     if json_out:
@@ -340,8 +359,8 @@ def check(
 
 def parse_wxh(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or not int(m.group(1)) or not int(m.group(2)):
-        raise typer.BadParameter(f"expected WxH like 224x224, got {text!r}")
+    if not m or not 0 < int(m.group(1)) <= MAX_SIDE or not 0 < int(m.group(2)) <= MAX_SIDE:
+        raise typer.BadParameter(f"expected WxH like 224x224, each side 1 to {MAX_SIDE}, got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -577,12 +596,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
-EXIT_USAGE, EXIT_LOCKED = 2, 75  # 75 = EX_TEMPFAIL: try again later
+EXIT_USAGE, EXIT_RUN_FAILED, EXIT_LOCKED = 2, 70, 75  # 70 = EX_SOFTWARE, 75 = EX_TEMPFAIL: try again later
 
 
 def _fail(exc: MmprepError) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # [brackets] in messages; one line for logs
-    raise typer.Exit(EXIT_LOCKED if isinstance(exc, CacheLockedError) else EXIT_USAGE)
+    codes = {CacheLockedError: EXIT_LOCKED, CacheWriteError: EXIT_RUN_FAILED}
+    raise typer.Exit(codes.get(type(exc), EXIT_USAGE))
 
 
 def main() -> None:

@@ -118,6 +118,7 @@ def test_https_passes_without_allow_http_and_http_does_not() -> None:
         ("data:text/html;base64,PGgxPg==", ErrorKind.BAD_DATA_URL),
         ("/etc/passwd", ErrorKind.BAD_PATH),
         ("file:///etc/passwd", ErrorKind.BAD_PATH),
+        ("https://xn--/x.jpg", ErrorKind.BAD_SCHEME),  # a malformed IDNA A-label (was internal_error mid-request)
     ],
 )
 def test_classification_errors(url: str, kind: ErrorKind) -> None:

@@ -122,6 +122,10 @@ class UrlPolicy:
         host = url.raw_host.decode("ascii")
         if not host:
             raise RowError(ErrorKind.BAD_SCHEME, "URL has no host")
+        try:
+            url.host  # decodes the IDNA name: a malformed A-label ("xn--") fails here, not mid-request
+        except ValueError as exc:
+            raise RowError(ErrorKind.BAD_SCHEME, f"invalid host name {host!r}: {exc}") from None
         if url.port is not None and not 0 < url.port < 65536:
             raise RowError(ErrorKind.BAD_SCHEME, f"invalid port {url.port}")
         ip = parse_ip(host)

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from mmprep.decode import decode_image
+from mmprep.errors import UsageError
 from mmprep.fetch import Fetched
 from mmprep.manifest import Record
 from mmprep.pipeline.core import LoadingRun, Plan
@@ -65,8 +66,12 @@ class CheckRun(LoadingRun):
         self._errors: Any = None
 
     def run(self) -> CheckSummary:
-        self.errors_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.errors_file, "w", encoding="utf-8") as self._errors:
+        try:
+            self.errors_file.parent.mkdir(parents=True, exist_ok=True)
+            self._errors = open(self.errors_file, "w", encoding="utf-8")
+        except OSError as exc:  # a directory, no permission, a read-only file system, ...
+            raise UsageError(f"cannot write the error records to {self.errors_file}: {exc.strerror or exc}") from exc
+        with self._errors:
             if self.reporter is not None:
                 self.reporter.start(self.counters)
             try:

@@ -340,6 +340,8 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     (embeddings; bfloat16 becomes float32; a grid goes to "<stem>.image_grid_thw.npy"). Returns the
     files written."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--export names a file (.safetensors or .npy), and {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
         import numpy as np
