@@ -172,3 +172,21 @@ def test_a_refused_shard_write_ends_the_run_failed_with_exit_70_and_loses_nothin
     keys = keys_in_index(out)
     assert len(keys) == len(set(keys)) == N_ROWS
     assert verify_cache(out, deep=True).ok
+
+
+def test_a_cache_that_cannot_be_written_at_start_up_exits_70_without_a_traceback(tmp_path, mmprep_home):
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "a.png").write_bytes(image_bytes("RGB", (20, 24), "PNG", 1))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(str(images / "a.png")) + "\n")
+    out = tmp_path / "cache"
+    cmd = ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), "--allow-local-dir", str(images),
+           "--progress", "none"]  # fmt: skip
+    full = subprocess.run([sys.executable, "-c", LIMITED_FILE_SIZE, "100", *cmd], cwd=REPO, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert full.returncode == 70, full.stderr
+    assert "error: cannot write the cache:" in full.stderr and "Traceback" not in full.stderr
+    room = subprocess.run([sys.executable, "-m", "mmprep", *cmd], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert room.returncode == 0, room.stderr
+    assert verify_cache(out, deep=True).ok

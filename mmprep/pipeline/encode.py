@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mmprep.decode import decode_image
-from mmprep.errors import ErrorKind, RowError
+from mmprep.errors import CacheWriteError, ErrorKind, RowError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched
 from mmprep.keys import stored_url
@@ -135,7 +135,10 @@ class EncodeRun(LoadingRun):
     def run(self) -> RunSummary:
         """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
         with WriterLock(self.layout.root, wait=self.settings.wait_lock):
-            return self._run_locked()
+            try:
+                return self._run_locked()
+            except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the writer ends the run as failed)
+                raise CacheWriteError(f"cannot write the cache: {type(exc).__name__}: {exc}") from exc
 
     def _run_locked(self) -> RunSummary:
         self.layout.errors.mkdir(parents=True, exist_ok=True)

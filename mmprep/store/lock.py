@@ -58,8 +58,11 @@ class WriterLock:
                     time.sleep(_POLL_S)
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                       "command": " ".join(sys.argv)[:200]}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode(), 0)
+            except OSError:  # a full disk: the note only names the holder; the flock is the lock
+                pass
         except BaseException:
             os.close(fd)
             raise
