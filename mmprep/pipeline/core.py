@@ -126,6 +126,8 @@ class LoadingRun:
         self.run_error: str | None = None  # set when the run gives up before its end (exit 70)
         self._inflight: set[str] = set()  # keys claimed by this run and not yet finished
         self._inflight_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # produce()'s, while it runs
+        self._fetching: set[asyncio.Task[Any]] = set()  # row tasks awaiting their fetch (event loop only)
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -169,7 +171,8 @@ class LoadingRun:
 
     async def produce(self) -> None:
         """Run the loading half until the manifests are exhausted or a signal arrives."""
-        self._install_signal_handlers(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self._install_signal_handlers(self._loop)
         slots = asyncio.Semaphore(self.load.concurrency)
         tasks: set[asyncio.Task[None]] = set()
         records = read_manifests(self.manifests)
@@ -193,11 +196,11 @@ class LoadingRun:
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                 if self.stop_signal is not None:
-                    for task in tasks:
-                        task.cancel()  # rows still fetching are simply not done; a rerun picks them up
+                    self._cancel_fetches()  # also when the writer (not a signal) stopped the run
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            self._loop = None
             chunks.close()
             records.close()  # closes the open manifest
             pool.shutdown(wait=True)
@@ -235,7 +238,7 @@ class LoadingRun:
         loop = asyncio.get_running_loop()
         try:
             try:
-                fetched = await fetcher.fetch(record.url, etag=plan.etag, last_modified=plan.last_modified)
+                fetched = await self._fetch(record, plan, fetcher)
                 fault_point("after_fetch")
                 if fetched is None:
                     await self.not_modified(record, key, plan)
@@ -244,7 +247,7 @@ class LoadingRun:
                 await loop.run_in_executor(pool, self.handle, record, key, fetched, plan)
             except RowError as exc:
                 await self.record_failure(failure_of(record, key, exc))
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # stopped while fetching: not done, not a failure; a rerun fetches it
                 self.release([key])
                 raise
             except Exception as exc:  # a bug: record it, keep the run going
@@ -252,6 +255,24 @@ class LoadingRun:
                 await self.record_failure(failure_of(record, key, error))
         finally:
             slots.release()
+
+    async def _fetch(self, record: Record, plan: Plan, fetcher: Fetcher) -> Fetched | None:
+        """The row's fetch, which a stop cancels (_cancel_fetches); a row that gets here after a stop is not fetched."""
+        if self.stop_signal is not None:
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        assert task is not None  # always: _load_row runs as a task
+        self._fetching.add(task)
+        try:
+            return await fetcher.fetch(record.url, etag=plan.etag, last_modified=plan.last_modified)
+        finally:
+            self._fetching.discard(task)
+
+    def _cancel_fetches(self) -> None:
+        """Event loop: cancel the rows still fetching, so a stop does not wait out their timeouts and retries.
+        Rows past their fetch (decoding, queued for the model) are left to finish and be committed."""
+        for task in self._fetching:
+            task.cancel()
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -263,9 +284,15 @@ class LoadingRun:
                 pass
 
     def on_signal(self, signum: int) -> None:
-        """Stop taking new rows; what is in flight finishes and is flushed."""
+        """Stop taking new rows and cancel the fetches in flight; rows already fetched finish and are flushed."""
         if self.stop_signal is None:
             self.stop_signal = signum
+            loop = self._loop
+            if loop is not None:  # call_soon_threadsafe: a handler may run outside the loop (Ray's signal.signal)
+                try:
+                    loop.call_soon_threadsafe(self._cancel_fetches)
+                except RuntimeError:  # the loop closed meanwhile: nothing is fetching any more
+                    pass
             if self.reporter is not None:
                 self.reporter.note("stopping: finishing the in-flight rows and flushing…")
 
