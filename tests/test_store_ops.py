@@ -277,7 +277,7 @@ def test_verify_of_a_corrupt_index_points_to_rebuild(cache: CacheLayout) -> None
     for suffix in ("-wal", "-shm"):
         Path(f"{cache.index}{suffix}").unlink(missing_ok=True)
     for repair in (False, True):
-        with pytest.raises(UsageError, match="mmprep rebuild"):
+        with pytest.raises(UsageError, match="mmprep index rebuild"):
             verify_cache(cache.root, repair=repair)
     rebuild_index(cache.root)
     assert verify_cache(cache.root, deep=True).ok
