@@ -205,3 +205,47 @@ def test_check_and_show_refuse_a_directory_as_their_output_file(cache, tmp_path)
     assert huge.exit_code == 2  # would allocate 40 GB per row
     shown = cli("show", str(out), urls[0], "--export", str(tmp_path))
     assert shown.exit_code == 2 and "is a directory" in shown.output
+
+
+def test_an_open_reader_follows_an_index_rebuild_and_refuses_use_after_close(cache, tmp_path):
+    """`index rebuild` renames a new index over the old one: an open EmbeddingCache reopens it (it
+    used to keep serving the deleted file, missing every later row); a closed one says so."""
+    out, urls = cache
+    images = Path(urls[0]).parent
+    extra = images / "extra.png"
+    extra.write_bytes(image_bytes("RGB", (40, 30), "PNG", 99))
+    manifest = tmp_path / "more.jsonl"
+    manifest.write_text(json.dumps(str(extra)) + "\n")
+    reader = EmbeddingCache(out, memory_bytes=1 << 20)
+    assert all(e is not None for e in reader.get_many(urls)) and reader.get(str(extra)) is None
+    assert cli("index", "rebuild", str(out)).exit_code == 0
+    assert cli("encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), "--allow-local-dir",
+               str(images), "--progress", "none").exit_code == 0  # fmt: skip
+    got = reader.get_many(urls + [str(extra)])
+    assert all(e is not None for e in got)
+    with EmbeddingCache(out) as fresh:
+        assert torch.equal(fresh.get(str(extra)).embeddings, got[-1].embeddings)
+    reader.close()
+    reader.close()
+    with pytest.raises(ValueError, match="closed"):
+        reader.get(urls[0])
+
+
+def test_merge_completes_a_run_copied_while_running_and_refuses_a_dest_inside_a_source(cache, tmp_path):
+    out, _ = cache
+    snapshot = tmp_path / "snapshot"  # the source as a merge taken mid-run saw it
+    import shutil
+
+    shutil.copytree(out, snapshot)
+    db = sqlite3.connect(snapshot / "index.sqlite")
+    db.execute("UPDATE runs SET status='running', finished=NULL, exit_code=NULL, summary=NULL")
+    db.commit()
+    db.close()
+    dest = tmp_path / "dest"
+    assert cli("merge", str(dest), str(snapshot)).exit_code == 0
+    assert cli("merge", str(dest), str(out)).exit_code == 0  # the same run, now finished
+    [run] = json.loads(cli("stats", str(dest), "--json").stdout)["runs"]
+    assert (run["status"], run["exit_code"], run["encoded"]) == ("completed", 0, 6)
+    nested = cli("merge", str(out / "shards" / "x"), str(out))
+    assert nested.exit_code == 2 and "lies inside the source cache" in nested.output
+    assert not (out / "shards" / "x").exists()

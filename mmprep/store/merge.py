@@ -82,6 +82,8 @@ def merge_caches(
             raise UsageError(f"not an mmprep cache directory (no {src.index.name}): {src.root}")
         if layout.root.exists() and src.root.resolve() == layout.root.resolve():
             raise UsageError(f"cannot merge {src.root} into itself")
+        if layout.root.resolve().is_relative_to(src.root.resolve()):  # its shards would be the source's orphans
+            raise UsageError(f"DEST {layout.root} lies inside the source cache {src.root}; choose a directory outside it")
         connect(src.index, readonly=True).close()  # a corrupt or newer source is refused before DEST is made
     report = MergeReport(dest=str(layout.root), sources=[str(s.root) for s in source_layouts])
     with WriterLock(layout.root, wait):
@@ -147,7 +149,12 @@ def _merge_one(
                 (*tuple(row), row["fingerprint"], row["key"]),
             ).rowcount
         for row in source.execute("SELECT * FROM runs"):
-            report.runs_merged += db.execute("INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?)", tuple(row)).rowcount
+            report.runs_merged += db.execute(  # a run copied while it was still running is completed later
+                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (run_id) DO UPDATE SET finished=excluded.finished, "
+                "status=excluded.status, exit_code=excluded.exit_code, summary=excluded.summary "
+                "WHERE runs.finished IS NULL AND excluded.finished IS NOT NULL",
+                tuple(row),
+            ).rowcount
     for errors in sorted(src.errors.glob("*.jsonl")) if src.errors.is_dir() else []:
         target = layout.errors / errors.name
         if not target.exists():

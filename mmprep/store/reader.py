@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -115,6 +116,15 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
     raise ValueError(f"{what} (models: {listing})")
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file: it changes when another file is renamed over it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _decode_note(info: str) -> str:
     """", decoded with fast_decode, ..." for a model entry made with pixel-changing decode options."""
     options = json.loads(info).get("decode") or {}
@@ -139,6 +149,7 @@ class EmbeddingCache:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
         row = resolve_model(self._conn(), model)
         self.fingerprint: str = row["fingerprint"]
         self.model_name: str = row["name"]
@@ -206,7 +217,9 @@ class EmbeddingCache:
             )  # fmt: skip
 
     def close(self) -> None:
+        """Close every thread's connection and drop the memory layer; later calls raise ValueError."""
         with self._lock:
+            self._closed = True
             self._handles.clear()
             self._memory.clear()
             self._memory_bytes = 0
@@ -225,9 +238,22 @@ class EmbeddingCache:
     # -- internals -----------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        """This thread's read-only connection, reopened when `mmprep index rebuild` has renamed a new
+        index over the old one (a connection to the old file would serve it for good)."""
+        if self._closed:
+            raise ValueError("this EmbeddingCache is closed")
+        identity = _file_identity(self.layout.index)
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.identity != identity:
+            with self._lock:
+                self._conns.remove(conn)
+                self._memory.clear()  # the new index may have dropped or replaced any entry
+                self._memory_bytes = 0
+            conn.close()
+            conn = None
         if conn is None:
             conn = self._local.conn = connect(self.layout.index, readonly=True)
+            self._local.identity = identity
             with self._lock:
                 self._conns.append(conn)
         return conn
