@@ -10,72 +10,47 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from conftest import _Server, image_bytes
+from _fetch_helpers import Handler, LocalServer, serve
+from conftest import image_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 N_FAST, N_DRIP, CONCURRENCY = 4, 6, 4  # more drip rows than slots: the producer also waits for a slot
 
 
-class DripServer:
-    """Answers every GET with a 10,000-byte Content-Length, then sends one byte every 0.5 s."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.lock = threading.Lock()
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                with state.lock:
-                    state.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", "10000")
-                self.end_headers()
-                try:
-                    for _ in range(10_000):
-                        self.wfile.write(b"\x89")
-                        self.wfile.flush()
-                        time.sleep(0.5)
-                except OSError:  # the client hung up
-                    pass
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = _Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+def drip(h: Handler) -> None:
+    """Promises 10,000 bytes, then sends one every 0.5 s: only a cancel ends the fetch in time."""
+    h.send_response(200)
+    h.send_header("Content-Type", "image/png")
+    h.send_header("Content-Length", "10000")
+    h.end_headers()
+    try:
+        for _ in range(10_000):
+            h.wfile.write(b"\x89")
+            h.wfile.flush()
+            time.sleep(0.5)
+    except OSError:  # the client hung up
+        pass
 
 
 @pytest.fixture()
-def drip_server() -> Iterator[DripServer]:
-    server = DripServer()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
+def drip_server() -> Iterator[LocalServer]:
+    with serve() as server:
+        for i in range(N_DRIP):
+            server.routes[f"/drip/{i}.png"] = drip
+        yield server
 
 
-def entry_urls(out: Path) -> list[str]:
+def column(out: Path, table: str) -> list[str]:
+    """The url column of an index table."""
     db = sqlite3.connect(out / "index.sqlite")
     try:
-        return [r[0] for r in db.execute("SELECT url FROM entries")]
-    finally:
-        db.close()
-
-
-def failure_urls(out: Path) -> list[str]:
-    db = sqlite3.connect(out / "index.sqlite")
-    try:
-        return [r[0] for r in db.execute("SELECT url FROM failures")]
+        return [r[0] for r in db.execute(f"SELECT url FROM {table}")]
     finally:
         db.close()
 
@@ -91,7 +66,7 @@ def test_signal_cancels_dripping_fetches_and_commits_the_fetched_rows(
         path = images / f"{i}.png"
         path.write_bytes(image_bytes("RGB", (24 + i, 24), "PNG", i))
         rows.append(str(path))
-    rows += [f"http://127.0.0.1:{drip_server.port}/drip/{i}.png" for i in range(N_DRIP)]
+    rows += [f"http://127.0.0.1:{drip_server.server_address[1]}/drip/{i}.png" for i in range(N_DRIP)]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "cache"
@@ -104,7 +79,7 @@ def test_signal_cancels_dripping_fetches_and_commits_the_fetched_rows(
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while drip_server.requests < CONCURRENCY:  # every slot holds a dripping fetch
+        while len(drip_server.seen) < CONCURRENCY:  # every slot holds a dripping fetch
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.05)
         time.sleep(1.0)  # a couple of bytes in: the fetches are reading bodies, not connecting
@@ -121,8 +96,8 @@ def test_signal_cancels_dripping_fetches_and_commits_the_fetched_rows(
     summary = json.loads(stdout)
     assert summary["status"] == "interrupted" and summary["exit_code"] == code
     assert summary["encoded"] == N_FAST and summary["failed"] == 0
-    urls = entry_urls(out)
+    urls = column(out, "entries")
     assert len(urls) == N_FAST and not any("/drip/" in u for u in urls)  # the fetched rows were committed
-    assert failure_urls(out) == []  # a cancelled fetch is not a failure: a rerun fetches it
+    assert column(out, "failures") == []  # a cancelled fetch is not a failure: a rerun fetches it
     assert Path(summary["errors_file"]).read_text() == ""
-    assert drip_server.requests == CONCURRENCY  # no drip row started after the signal
+    assert len(drip_server.seen) == CONCURRENCY  # no drip row started after the signal
