@@ -42,7 +42,7 @@ from mmprep.fetch import Fetched, Fetcher
 from mmprep.manifest import Record, read_manifests
 from mmprep.models import ImagePreprocessor, load_encoder, load_preprocessor
 from mmprep.pipeline.core import MANIFEST_CHUNK, _chunks, bad_line_failure, failure_of, keys_of
-from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Prepared
+from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Prepared, cache_write_message
 from mmprep.settings import RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings
 from mmprep.store.index import CacheIndex, FailureRecord, entry_rows
 from mmprep.store.layout import CacheLayout
@@ -203,7 +203,7 @@ class RayEncodeRun(EncodeRun):
         except ray.exceptions.RayError as exc:  # an actor died past worker_restarts, or a load task past Ray's retries
             self.run_error = f"the Ray pipeline failed (after up to {self.worker_restarts} restarts): {_first_line(exc)}"
         except (OSError, sqlite3.Error) as exc:  # the driver cannot write the index: disk full, I/O error, ...
-            self.run_error = f"cannot write the cache: {type(exc).__name__}: {exc}"
+            self.run_error = cache_write_message(exc)
 
     def _commit_results(self, dataset: Any) -> None:
         """Commit each shard the actors describe, record each failure and each refresh that kept its

@@ -56,7 +56,7 @@ class RunSummary:
     run_id: str
     model: str
     fingerprint: str
-    status: str  # completed | interrupted | failed (the Ray engine gave up: see `error`)
+    status: str  # completed | interrupted | failed (the cache could not be written, or Ray gave up: see `error`)
     exit_code: int
     rows: int
     encoded: int
@@ -138,7 +138,7 @@ class EncodeRun(LoadingRun):
             try:
                 return self._run_locked()
             except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the writer ends the run as failed)
-                raise CacheWriteError(f"cannot write the cache: {type(exc).__name__}: {exc}") from exc
+                raise CacheWriteError(cache_write_message(exc)) from exc
 
     def _run_locked(self) -> RunSummary:
         self.layout.errors.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ class EncodeRun(LoadingRun):
             if self.reporter is not None:
                 self.reporter.stop(self.counters)
         if isinstance(self._writer_error, (OSError, sqlite3.Error)):  # disk full, file too large, I/O error, ...
-            self.run_error = f"cannot write the cache: {type(self._writer_error).__name__}: {self._writer_error}"
+            self.run_error = cache_write_message(self._writer_error)
         elif self._writer_error is not None:
             raise self._writer_error
         return self._finish()
@@ -421,6 +421,11 @@ class EncodeRun(LoadingRun):
                 raise
             logger.warning("could not record the failed run in the index: %s", exc)  # the summary still goes out
         return summary
+
+
+def cache_write_message(exc: BaseException) -> str:
+    """How a run reports the OS or SQLite error that stopped it writing the cache."""
+    return f"cannot write the cache: {type(exc).__name__}: {exc}"
 
 
 def _drain(q: queue.Queue[Any]) -> None:
