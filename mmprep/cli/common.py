@@ -1,0 +1,156 @@
+"""What every command shares: the Typer app, option helpers, value parsers, output helpers, exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from mmprep.errors import CacheLockedError, CacheWriteError, MmprepError, UsageError
+from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ShardSpec
+
+app = typer.Typer(
+    name="mmprep",
+    help="Precompute vision-model embeddings for JSONL image manifests into a safetensors cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+_D = LoadSettings()  # defaults shown in --help come from the one place they are defined
+
+
+def env_name(name: str) -> str:
+    return "MMPREP_" + name.upper().replace("-", "_")
+
+
+def option(name: str, help: str, **kw: object) -> object:
+    return typer.Option(f"--{name}", envvar=env_name(name), help=help, **kw)  # type: ignore[arg-type]
+
+
+PROGRESS = ("auto", "bar", "log", "none")
+MAX_SIZE = 1024**4  # sizes (--max-bytes, --shard-size) above 1 TiB are typos
+MAX_SIDE = 16384  # check --size: a side above this is a typo, and would allocate gigabytes per row
+
+
+def parse_size(text: str) -> int:
+    """'20MiB', '20M', '512k', '1048576' → bytes (binary multiples)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise typer.BadParameter(f"not a size: {text!r} (examples: 20MiB, 512k, 1048576)")
+    unit = m.group(2).lower()
+    factor = 1024 ** ("kmgt".find(unit) + 1) if unit else 1
+    size = int(float(m.group(1)) * factor)
+    if size > MAX_SIZE:
+        raise typer.BadParameter(f"{text!r} is over the largest size accepted, 1 TiB")
+    return size
+
+
+def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def parse_duration_option(text: str) -> float:
+    """'30d', '12h' → seconds; a bad value is a usage error."""
+    from mmprep.store.gc import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        rgb = tuple(int(p) for p in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise typer.BadParameter(f"expected R,G,B with values 0-255, got {text!r}")
+    return rgb  # type: ignore[return-value]
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'jpeg,png' → ('JPEG', 'PNG'), checked against the formats Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    names = tuple(f.strip().upper() for f in text.split(",") if f.strip())
+    unknown = [n for n in names if n not in Image.OPEN]
+    if not names or unknown:
+        raise typer.BadParameter(f"unknown image format(s) {unknown or text!r}; Pillow knows e.g. JPEG, PNG, WEBP, GIF")
+    return names
+
+
+
+def parse_shard(text: str | None) -> ShardSpec | None:
+    """'2/4' → ShardSpec(2, 4); parts are numbered from 1."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise typer.BadParameter(f"expected I/N with 1 <= I <= N (e.g. 1/4), got {text!r}")
+    return ShardSpec(int(m.group(1)), int(m.group(2)))
+
+
+def parse_wxh(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or not 0 < int(m.group(1)) <= MAX_SIDE or not 0 < int(m.group(2)) <= MAX_SIDE:
+        raise typer.BadParameter(f"expected WxH like 224x224, each side 1 to {MAX_SIDE}, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def age_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cache_dir_of(path: Path | None) -> Path:
+    return path or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
+CacheDirArg = Annotated[Optional[Path], typer.Argument(help="Cache directory [default: $MMPREP_CACHE_DIR or ./mmprep-cache].")]
+
+
+
+def quiet_transformers() -> None:
+    """Our own progress output replaces transformers' per-load progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def model_label(m: dict) -> str:
+    """The model's name, plus the pixel-changing decode flags its entries were made with."""
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + ",".join(map(str, v))) for k, v in m["decode"].items()]
+    return f"{m['name']} ({' '.join(flags)})" if flags else m["name"]
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+EXIT_USAGE, EXIT_RUN_FAILED, EXIT_LOCKED = 2, 70, 75  # 70 = EX_SOFTWARE, 75 = EX_TEMPFAIL: try again later
+
+
+def fail(exc: MmprepError) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # [brackets] in messages; one line for logs
+    codes = {CacheLockedError: EXIT_LOCKED, CacheWriteError: EXIT_RUN_FAILED}
+    raise typer.Exit(codes.get(type(exc), EXIT_USAGE))
+

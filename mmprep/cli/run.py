@@ -1,0 +1,263 @@
+"""`mmprep encode` and `mmprep check`: the two commands that read manifests and load images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mmprep.cli.common import (
+    _D, app, cache_dir_of, check_choice, err, fail, human_bytes, option, parse_duration_option,
+    parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, quiet_transformers, PROGRESS,
+)
+from mmprep.errors import MmprepError, UsageError
+from mmprep.manifest import check_readable
+from mmprep.settings import DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings
+
+def resolve_model(model: str | None, out: Path) -> str:
+    """--model, else $MMPREP_MODEL (handled by the option), else the cache's only model; never a builtin."""
+    if model:
+        return model
+    from mmprep.store.index import CacheIndex
+
+    index_path = out / "index.sqlite"
+    names: list[str] = []
+    if index_path.is_file():
+        index = CacheIndex(index_path, readonly=True)
+        try:
+            names = sorted({row["name"] for row in index.models()})
+        finally:
+            index.close()
+    if len(names) == 1:
+        return names[0]
+    if names:
+        raise UsageError(
+            f"the cache {out} holds several models ({', '.join(names)}); choose one with --model or MMPREP_MODEL"
+        )
+    raise UsageError(
+        "no model given: pass --model (a Hugging Face id, a local directory, or builtin:tiny-clip for a "
+        "smoke test) or set MMPREP_MODEL"
+    )
+
+
+# Loading options, declared once and shared by `encode` and `check`.
+ConcurrencyOpt = Annotated[int, option("concurrency", "Rows loading at once (also the HTTP pool size).", min=1)]
+PerHostOpt = Annotated[int, option("per-host", "Concurrent requests to one host.", min=1)]
+TimeoutOpt = Annotated[float, option("timeout", "Total deadline per row and attempt, seconds.", min=0.001, max=86400)]
+MaxBytesOpt = Annotated[str, option("max-bytes", "Largest body accepted (e.g. 20MiB).")]
+MaxRedirectsOpt = Annotated[int, option("max-redirects", "Redirect hops followed.", min=0)]
+RetriesOpt = Annotated[int, option("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", min=0)]
+AllowHttpOpt = Annotated[bool, option("allow-http", "Allow plain http:// URLs.")]
+AllowLocalOpt = Annotated[Optional[list[Path]], option("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).")]
+AllowPrivateOpt = Annotated[bool, option("allow-private-network", "Allow loopback/private/link-local destinations.")]
+AllowHostOpt = Annotated[Optional[list[str]], option("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).")]
+DenyHostOpt = Annotated[Optional[list[str]], option("deny-host", "Always refuse this host, IP or CIDR (repeatable).")]
+FormatsOpt = Annotated[str, option("formats", "Allowed image formats, comma-separated.")]
+AlphaOpt = Annotated[Optional[str], option("alpha-background", "Composite alpha onto R,G,B instead of convert('RGB').")]
+ExifOpt = Annotated[bool, option("exif-transpose", "Apply EXIF orientation before encoding.")]
+FastDecodeOpt = Annotated[bool, option("fast-decode", "Decode large JPEGs at a reduced DCT scale (>= 2x the model input; not bit-exact).")]
+MaxPixelsOpt = Annotated[int, option("max-pixels", "Largest image (width x height) decoded.", min=1)]
+MaxSideOpt = Annotated[Optional[int], option("max-side", "Largest width or height decoded.", min=1)]
+DecodeWorkersOpt = Annotated[Optional[int], option("decode-workers", "Decode threads [default: CPU count].", min=1)]
+ShardOpt = Annotated[Optional[str], option("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.")]
+ProgressOpt = Annotated[str, option("progress", "auto | bar | log | none.", callback=lambda v: check_choice(v, "--progress", PROGRESS))]
+ManifestsArg = Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")]
+ModelOpt = Annotated[Optional[str], option("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
+RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).")]
+
+
+def load_settings(
+    concurrency: int, per_host: int, timeout: float, max_bytes: str, max_redirects: int, retries: int,
+    allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
+    allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
+    exif_transpose: bool, max_pixels: int, max_side: int | None, decode_workers: int | None,
+    shard: str | None = None, fast_decode: bool = False,
+) -> LoadSettings:  # fmt: skip
+    """The loading options of `encode` and `check` as one LoadSettings."""
+    extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
+    return LoadSettings(
+        concurrency=concurrency,
+        per_host=per_host,
+        timeout=timeout,
+        max_bytes=parse_size(max_bytes),
+        max_redirects=max_redirects,
+        retries=retries,
+        allow_http=allow_http,
+        allow_local_dirs=tuple(p.resolve() for p in allow_local_dir or ()),
+        allow_private_network=allow_private_network,
+        allow_hosts=tuple(allow_host or ()),
+        deny_hosts=tuple(deny_host or ()),
+        formats=parse_formats(formats),
+        alpha_background=parse_rgb(alpha_background),
+        exif_transpose=exif_transpose,
+        fast_decode=fast_decode,
+        max_pixels=max_pixels,
+        max_side=max_side,
+        shard=parse_shard(shard),
+        **extra,
+    )
+
+
+@app.command()
+def encode(
+    manifests: ManifestsArg,
+    model: ModelOpt = None,
+    out: Annotated[Optional[Path], option("out", f"Cache directory [env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}].")] = None,
+    revision: RevisionOpt = None,
+    device: Annotated[str, option("device", "auto | cpu | cuda | cuda:N.")] = "auto",
+    dtype: Annotated[str, option("dtype", "auto | float32 | float16 | bfloat16.")] = "auto",
+    batch_size: Annotated[int, option("batch-size", "Images per forward pass.", min=1)] = 32,
+    concurrency: ConcurrencyOpt = _D.concurrency,
+    per_host: PerHostOpt = _D.per_host,
+    timeout: TimeoutOpt = _D.timeout,
+    max_bytes: MaxBytesOpt = "20MiB",
+    max_redirects: MaxRedirectsOpt = _D.max_redirects,
+    retries: RetriesOpt = _D.retries,
+    allow_http: AllowHttpOpt = _D.allow_http,
+    allow_local_dir: AllowLocalOpt = None,
+    allow_private_network: AllowPrivateOpt = False,
+    allow_host: AllowHostOpt = None,
+    deny_host: DenyHostOpt = None,
+    formats: FormatsOpt = ",".join(_D.formats),
+    alpha_background: AlphaOpt = None,
+    exif_transpose: ExifOpt = False,
+    fast_decode: FastDecodeOpt = False,
+    max_pixels: MaxPixelsOpt = _D.max_pixels,
+    max_side: MaxSideOpt = None,
+    decode_workers: DecodeWorkersOpt = None,
+    shard: ShardOpt = None,
+    shard_size: Annotated[str, option("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
+    refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.")] = None,
+    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
+    retry_failed: Annotated[bool, option("retry-failed", "Only retry rows that failed before with a retryable kind.")] = False,
+    progress: ProgressOpt = "auto",
+    engine: Annotated[str, option("engine", "local (this process) | ray (a Ray Data pipeline; pip install 'mmprep[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], option("ray-address", "Ray cluster to join [default: $RAY_ADDRESS, else a local Ray].")] = None,
+    workers: Annotated[Optional[int], option("workers", "Ray engine: encoder actors [default: GPUs / --gpus-per-worker, else 1].", min=1)] = None,
+    gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", min=0)] = 0,
+    worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", min=0)] = RAY_WORKER_RESTARTS,
+    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
+) -> None:
+    """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
+    try:
+        out_dir = cache_dir_of(out)
+        check_readable(manifests)
+        load = load_settings(
+            concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
+            allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
+            max_side, decode_workers, shard, fast_decode,
+        )  # fmt: skip
+        settings = Settings(
+            out=out_dir,
+            model=ModelSettings(
+                name=resolve_model(model, out_dir), revision=revision, device=device, dtype=dtype, batch_size=batch_size
+            ),
+            load=load,
+            shard_bytes=parse_size(shard_size),
+            refresh_older_than=parse_duration_option(refresh_older_than) if refresh_older_than else None,
+            retry_failed=retry_failed,
+            wait_lock=None if wait_lock == float("inf") else wait_lock,
+            json=json_out,
+            progress=progress,
+        )
+        from mmprep.decode import pixel_options
+        from mmprep.models import load_encoder
+        from mmprep.pipeline import EncodeRun
+        from mmprep.report import Reporter, print_run_summary
+
+        quiet_transformers()
+        if engine not in ("local", "ray"):
+            raise UsageError(f"--engine must be local or ray, not {engine!r}")
+        if engine == "ray":  # the model loads on the Ray workers, not here
+            from mmprep.engines.ray_engine import run_ray
+
+            summary = run_ray(manifests, settings, address=ray_address, workers=workers,
+                              gpus_per_worker=gpus_per_worker, worker_restarts=worker_restarts,
+                              reporter=Reporter(settings.progress))  # fmt: skip
+        else:
+            encoder = load_encoder(settings.model, pixel_options(load))
+            if load.fast_decode:
+                settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
+            summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
+    except MmprepError as exc:
+        fail(exc)
+    if json_out:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        print_run_summary(summary, err)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def check(
+    manifests: ManifestsArg,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="Instead of a model's processor, resize to WxH.")] = None,
+    errors: Annotated[Path, option("errors", "Where to write the error records (JSONL).")] = Path("mmprep-check-errors.jsonl"),
+    concurrency: ConcurrencyOpt = _D.concurrency,
+    per_host: PerHostOpt = _D.per_host,
+    timeout: TimeoutOpt = _D.timeout,
+    max_bytes: MaxBytesOpt = "20MiB",
+    max_redirects: MaxRedirectsOpt = _D.max_redirects,
+    retries: RetriesOpt = _D.retries,
+    allow_http: AllowHttpOpt = _D.allow_http,
+    allow_local_dir: AllowLocalOpt = None,
+    allow_private_network: AllowPrivateOpt = False,
+    allow_host: AllowHostOpt = None,
+    deny_host: DenyHostOpt = None,
+    formats: FormatsOpt = ",".join(_D.formats),
+    alpha_background: AlphaOpt = None,
+    exif_transpose: ExifOpt = False,
+    fast_decode: FastDecodeOpt = False,
+    max_pixels: MaxPixelsOpt = _D.max_pixels,
+    max_side: MaxSideOpt = None,
+    decode_workers: DecodeWorkersOpt = None,
+    shard: ShardOpt = None,
+    progress: ProgressOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
+    try:
+        check_readable(manifests)
+        load = load_settings(
+            concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
+            allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
+            max_side, decode_workers, shard, fast_decode,
+        )  # fmt: skip
+        if model and size:
+            raise UsageError("--model and --size exclude each other")
+        prepare: Any = None
+        if model:
+            from mmprep.models import load_preprocessor
+
+            quiet_transformers()
+            prepare = load_preprocessor(ModelSettings(name=model, revision=revision))
+            load = dataclasses.replace(load, draft_size=prepare.input_size())
+        elif size:
+            width, height = parse_wxh(size)
+            prepare = lambda image: image.resize((width, height))  # noqa: E731
+            load = dataclasses.replace(load, draft_size=(width, height))
+        from mmprep.pipeline import CheckRun
+        from mmprep.report import Reporter
+
+        summary = CheckRun(manifests, load, errors, prepare, Reporter(progress)).run()
+    except MmprepError as exc:
+        fail(exc)
+    if json_out:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        s = summary
+        err.print(
+            f"check {s.status}: {s.rows} rows, [green]{s.ok} ok[/green], "
+            f"{'[red]' if s.failed else ''}{s.failed} failed{'[/red]' if s.failed else ''} "
+            f"{s.failures_by_kind or ''}, {s.duplicates} duplicates · {s.images_per_s:.1f} images/s, "
+            f"{human_bytes(int(s.bytes_per_s))}/s over {s.duration_s:.1f}s"
+        )
+        if s.failed:
+            err.print(f"errors: {s.errors_file}")
+    raise typer.Exit(summary.exit_code)
+
