@@ -89,3 +89,11 @@ class CacheWriteError(MmprepError):
 
 class CacheLockedError(MmprepError):
     """Another process holds the cache directory's writer lock (exit code 75)."""
+
+
+class MissingExtraError(UsageError):
+    """An optional dependency is not installed; the message names the extra that brings it (exit code 2)."""
+
+
+class ExportFormatError(UsageError):
+    """The model's entries do not fit the export format asked for (e.g. token sequences as one vector per row)."""

@@ -85,3 +85,25 @@ class Settings:
     json: bool = False
     progress: str = "auto"  # auto | bar | log | none
     log_every: float = 10.0  # seconds between plain progress lines (non-TTY)
+
+
+EXPORT_FORMATS = ("npy", "parquet")
+EC_KEYS = ("url", "vllm")  # vllm-ec directory names: the entry key (sha256 of the URL), or vLLM's own hash
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything one `mmprep export` needs."""
+
+    cache_dir: Path
+    out: Path
+    format: str  # one of EXPORT_FORMATS
+    model: str | None = None  # name or fingerprint; None: the cache's only model
+    dtype: str | None = None  # float16 | float32; None: the stored dtype (bfloat16 becomes float32)
+    rows_per_file: int = 100_000  # npy / parquet: rows per output file (memory does not depend on it)
+    overwrite: bool = False  # npy / parquet: replace a non-empty OUT
+    key: str = "url"  # vllm-ec: one of EC_KEYS
+    vllm_model_id: str | None = None  # vllm-ec --key vllm: the vLLM server's --model string
+    prune_empty: bool = False  # vllm-ec: remove the empty directories vLLM leaves behind on misses
+    progress: str = "auto"  # auto | bar | log | none
+    batch_rows: int = 2048  # entries read from the cache per step
