@@ -140,7 +140,7 @@ def build_cached(cache_dir: Path, manifest: Path, fingerprint: str, model_name: 
         with open(manifest, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 url = json.loads(line)["url"]
-                writer.add(ShardEntry(cache_key(url), url, None, vector.clone(), None, "0" * 64, now))
+                writer.add(ShardEntry(cache_key(url), url, None, {"embeddings": vector.clone()}, "0" * 64, now))
                 if number % shard_rows == 0 or number == rows:
                     written = writer.flush()
                     if written is not None:

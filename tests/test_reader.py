@@ -26,8 +26,8 @@ def make_entry(url: str, qwen: bool = False) -> ShardEntry:
     g = torch.Generator().manual_seed(int(cache_key(url)[:8], 16))
     return ShardEntry(
         key=cache_key(url), url=url, caller_id="c-" + url[-5:],
-        embeddings=torch.randn(16, 8, generator=g).bfloat16() if qwen else torch.randn(16, generator=g),
-        image_grid_thw=torch.tensor([[1, 8, 8]]) if qwen else None,
+        tensors={"embeddings": torch.randn(16, 8, generator=g).bfloat16(), "image_grid_thw": torch.tensor([[1, 8, 8]])}
+        if qwen else {"embeddings": torch.randn(16, generator=g)},
         content_sha256="c" * 64, created=5.0,
     )  # fmt: skip
 
@@ -117,7 +117,7 @@ def test_qwen_entry_and_vllm_input(layout: CacheLayout) -> None:
         mm = to_vllm(got)
         assert mm["image_embeds"].shape == (16, 8) and mm["image_grid_thw"].shape == (1, 3)
         assert cache.stats.bytes_in_memory == 16 * 8 * 2 + 3 * 8
-    with EmbeddingCache(layout.root, model="tiny-clip") as cache, pytest.raises(ValueError, match="not a Qwen2-VL"):
+    with EmbeddingCache(layout.root, model="tiny-clip") as cache, pytest.raises(ValueError, match="no precomputed-embedding"):
         to_vllm(cache.get(URLS[0]))
 
 

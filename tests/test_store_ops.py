@@ -36,8 +36,8 @@ def make_entry(url: str, *, grid: bool = False, created: float = 1.0) -> ShardEn
     g = torch.Generator().manual_seed(int(cache_key(url)[:8], 16))
     return ShardEntry(
         key=cache_key(url), url=url, caller_id=None,
-        embeddings=torch.randn(4, 8, generator=g) if grid else torch.randn(16, generator=g),
-        image_grid_thw=torch.tensor([[1, 4, 4]]) if grid else None,
+        tensors={"embeddings": torch.randn(4, 8, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+        if grid else {"embeddings": torch.randn(16, generator=g)},
         content_sha256="c" * 64, created=created,
     )  # fmt: skip
 

@@ -353,7 +353,9 @@ class EncodeActor:
         self.batch_size = model.batch_size
         self.shard_bytes = shard_bytes
         # one writer per actor, under a name of its own: shard names never collide across actors
-        self.shards = ShardWriter(CacheLayout(Path(out)), fingerprint, self.encoder.name, f"{run_id}-{uuid.uuid4().hex[:6]}")
+        self.shards = ShardWriter(
+            CacheLayout(Path(out)), fingerprint, self.encoder.name, f"{run_id}-{uuid.uuid4().hex[:6]}", self.encoder.family
+        )
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa

@@ -392,6 +392,10 @@ class Encoder(ABC):
     def output_shape(self) -> list[int | str]:
         """The per-image "embeddings" shape, symbolic where it depends on the image (e.g. ["n_tokens", 3584])."""
 
+    def extra_outputs(self) -> dict[str, dict[str, object]]:
+        """The tensors stored per image besides "embeddings": name -> {"shape": symbolic, "dtype": name}."""
+        return {}
+
     def describe(self) -> dict[str, object]:
         """JSON-able facts for the index's models table."""
         facts: dict[str, object] = {
@@ -402,7 +406,10 @@ class Encoder(ABC):
             "dtype": dtype_name(self.dtype),
             "device": str(self.device),
             "fingerprint": self.fingerprint,
-            "output": {"embeddings": {"shape": self.output_shape(), "dtype": dtype_name(self.dtype)}},
+            "output": {
+                "embeddings": {"shape": self.output_shape(), "dtype": dtype_name(self.dtype)},
+                **self.extra_outputs(),
+            },
             "image_processor": type(self._image_processor).__name__,
             "output_format": OUTPUT_FORMAT_VERSION,
         }

@@ -72,6 +72,9 @@ class Qwen2VLEncoder(Encoder):
             for tokens, grid in zip(torch.split(merged, sizes), grids)
         ]
 
+    def extra_outputs(self) -> dict[str, dict[str, object]]:
+        return {"image_grid_thw": {"shape": [1, 3], "dtype": "int64"}}
+
     def output_shape(self) -> list[int | str]:
         vision = self.config.vision_config
         return ["n_tokens", int(getattr(vision, "out_hidden_size", None) or vision.hidden_size)]

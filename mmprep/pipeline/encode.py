@@ -256,10 +256,7 @@ class EncodeRun(LoadingRun):
         entry = local.reader.get_key(other)
         if entry is None:  # vanished (gc) between the two reads: just encode
             return None
-        outputs = {"embeddings": entry.embeddings.clone()}
-        if entry.image_grid_thw is not None:
-            outputs["image_grid_thw"] = entry.image_grid_thw.clone()
-        return outputs
+        return {name: tensor.clone() for name, tensor in entry.tensors.items()}
 
     # -- model thread ---------------------------------------------------------------------------
 
@@ -302,7 +299,7 @@ class EncodeRun(LoadingRun):
 
     def _writer_loop(self) -> None:
         index = CacheIndex(self.layout.index)
-        shards = ShardWriter(self.layout, self.fingerprint, self.encoder.name, self.run_id)
+        shards = ShardWriter(self.layout, self.fingerprint, self.encoder.name, self.run_id, self.encoder.family)
         failures: list[FailureRecord] = []
         checked: list[_Checked] = []
         errors_file = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
@@ -346,8 +343,7 @@ class EncodeRun(LoadingRun):
             key=item.row.key,
             url=stored_url(r.url),
             caller_id=r.id,
-            embeddings=item.outputs["embeddings"],
-            image_grid_thw=item.outputs.get("image_grid_thw"),
+            tensors=dict(item.outputs),
             content_sha256=item.row.content_sha256,
             created=time.time(),
             etag=item.row.etag,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,26 @@ TMP_SUFFIX = ".tmp"
 SHARD_FORMAT = "mmprep.shard"
 SHARD_FORMAT_VERSION = "1"
 GRID_SUFFIX = ".image_grid_thw"  # second tensor of a Qwen2-VL entry: "<key>.image_grid_thw"
+EMBEDDINGS = "embeddings"  # the one tensor every entry has, stored under the bare key
+_TENSOR_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def shard_tensor_name(key: str, name: str) -> str:
+    """Where an entry's tensor `name` lives in a shard: "<key>" for the embeddings, "<key>.<name>" for the rest."""
+    if name == EMBEDDINGS:
+        return key
+    if not _TENSOR_NAME.fullmatch(name):
+        raise ValueError(f"tensor name {name!r} cannot be stored: expected lowercase letters, digits and '_'")
+    return f"{key}.{name}"
+
+
+def entry_tensor_name(key: str, stored: str) -> str:
+    """The inverse of `shard_tensor_name`: an entry's tensor name from its name in the shard."""
+    if stored == key:
+        return EMBEDDINGS
+    if not stored.startswith(key + "."):
+        raise ValueError(f"shard tensor {stored!r} does not belong to entry {key}")
+    return stored[len(key) + 1 :]
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 
 from mmprep.errors import UsageError
 from mmprep.keys import cache_key
+from mmprep.serving import to_vllm as to_vllm  # noqa: F401 (the old home of to_vllm, kept as an alias)
 from mmprep.store.index import connect
-from mmprep.store.layout import GRID_SUFFIX, CacheLayout
+from mmprep.store.layout import EMBEDDINGS, CacheLayout, entry_tensor_name
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,28 @@ _KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class CachedEmbedding:
-    """One cached entry: the model's output for one image URL."""
+    """One cached entry: the model's named tensors for one image URL ("embeddings" always, plus the
+    family's others, e.g. "image_grid_thw"; README "What is stored per family")."""
 
     key: str
     url: str
     shard: str
     fingerprint: str
-    embeddings: torch.Tensor
-    image_grid_thw: torch.Tensor | None  # Qwen2-VL only, shape [1, 3]
+    tensors: dict[str, torch.Tensor]
+    family: str  # the model family (pooled, llava, qwen2_vl, ...): what `mmprep.serving.to_vllm` dispatches on
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.tensors[EMBEDDINGS]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        """[1, 3] int64 for the families with dynamic resolution (Qwen2-VL and later), else None."""
+        return self.tensors.get("image_grid_thw")
 
     @property
     def nbytes(self) -> int:
-        n = self.embeddings.numel() * self.embeddings.element_size()
-        if self.image_grid_thw is not None:
-            n += self.image_grid_thw.numel() * self.image_grid_thw.element_size()
-        return n
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 @dataclass(frozen=True)
@@ -276,9 +284,8 @@ class EmbeddingCache:
         for attempt in range(2):
             try:
                 handle = self._handle(row.shard)
-                grid_name = key + GRID_SUFFIX
-                grid = handle.get_tensor(grid_name) if grid_name in row.tensors else None
-                return CachedEmbedding(key, row.url, row.shard, self.fingerprint, handle.get_tensor(key), grid)
+                tensors = {entry_tensor_name(key, name): handle.get_tensor(name) for name in row.tensors}
+                return CachedEmbedding(key, row.url, row.shard, self.fingerprint, tensors, self.family)
             except (OSError, SafetensorError) as exc:
                 with self._lock:
                     self._handles.pop(row.shard, None)
@@ -313,13 +320,6 @@ class EmbeddingCache:
             _key, old = self._memory.popitem(last=False)
             self._memory_bytes -= old.nbytes
             self._evictions += 1
-
-
-def to_vllm(entry: CachedEmbedding) -> dict[str, torch.Tensor]:
-    """A Qwen2-VL entry as vLLM's precomputed-embedding input: multi_modal_data={"image": to_vllm(e)}."""
-    if entry.image_grid_thw is None:
-        raise ValueError(f"entry {entry.key[:16]} has no image_grid_thw (not a Qwen2-VL entry)")
-    return {"image_embeds": entry.embeddings, "image_grid_thw": entry.image_grid_thw}
 
 
 def show_entry(root: Path | str, url_or_key: str, model: str | None = None) -> dict[str, Any]:
@@ -362,9 +362,9 @@ def _stored_tensors(layout: CacheLayout, shard: str, names: list[str]) -> dict[s
 
 
 def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
-    """Write an entry to `path`: .safetensors (tensors "embeddings" and "image_grid_thw"), or .npy
-    (embeddings; bfloat16 becomes float32; a grid goes to "<stem>.image_grid_thw.npy"). Returns the
-    files written."""
+    """Write all of an entry's tensors to `path`: .safetensors (one tensor per name: "embeddings",
+    "image_grid_thw", ...), or .npy (the embeddings; each other tensor to "<stem>.<name>.npy";
+    bfloat16 becomes float32). Returns the files written."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--export names a file (.safetensors or .npy), and {path} is a directory")
@@ -372,17 +372,16 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     if path.suffix == ".npy":
         import numpy as np
 
-        emb = entry.embeddings
-        np.save(path, (emb.float() if emb.dtype == torch.bfloat16 else emb).numpy())
-        written = [path]
-        if entry.image_grid_thw is not None:
-            grid_path = path.with_name(path.stem + ".image_grid_thw.npy")
-            np.save(grid_path, entry.image_grid_thw.numpy())
-            written.append(grid_path)
+        written = []
+        for name, tensor in entry.tensors.items():
+            target = path if name == EMBEDDINGS else path.with_name(f"{path.stem}.{name}.npy")
+            np.save(target, (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy())
+            written.append(target)
         return written
-    tensors = {"embeddings": entry.embeddings.contiguous()}
-    if entry.image_grid_thw is not None:
-        tensors["image_grid_thw"] = entry.image_grid_thw.contiguous()
-    meta = {"key": entry.key, "url": entry.url, "model_fingerprint": entry.fingerprint, "shard": entry.shard}
+    tensors = {name: tensor.contiguous() for name, tensor in entry.tensors.items()}
+    meta = {
+        "key": entry.key, "url": entry.url, "model_fingerprint": entry.fingerprint, "shard": entry.shard,
+        "family": entry.family,
+    }  # fmt: skip
     save_file(tensors, str(path), metadata=meta)
     return [path]

@@ -65,6 +65,7 @@ class ShardInfo:
     entries: list[dict[str, Any]]  # the entries' self-descriptions, as stored
     tensors: dict[str, tuple[str, list[int]]]  # tensor name -> (torch dtype name, shape)
     nbytes: int  # file size
+    recorded_family: str | None = None  # the shard's "model_family" (absent in shards of mmprep <= 0.x)
 
     def tensor_bytes(self, name: str) -> int:
         dtype, shape = self.tensors[name]
@@ -95,7 +96,10 @@ class ShardInfo:
 
     @property
     def family(self) -> str:
-        """The model family as far as the tensors tell: qwen2_vl (grid tensor), pooled (1-D), llava."""
+        """The family the shard records; for older shards, as far as the tensors tell: qwen2_vl (grid
+        tensor), pooled (1-D), llava (the only families that existed before shards recorded it)."""
+        if self.recorded_family:
+            return self.recorded_family
         if any(name.endswith(GRID_SUFFIX) for name in self.tensors):
             return "qwen2_vl"
         first = self.tensors.get(self.entries[0]["key"]) if self.entries else None
@@ -150,7 +154,7 @@ def read_shard(layout: CacheLayout, name: str) -> ShardInfo:
                 raise KeyError(f"entry without {sorted(missing)}")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShardUnreadable(f"{name}: bad self-description ({exc!r})") from exc
-    return ShardInfo(name, path, fingerprint, model, run_id, entries, tensors, nbytes)
+    return ShardInfo(name, path, fingerprint, model, run_id, entries, tensors, nbytes, meta.get("model_family"))
 
 
 def shard_files(layout: CacheLayout) -> tuple[list[str], list[Path]]:

@@ -14,42 +14,55 @@ from safetensors.torch import save
 
 from mmprep import __version__
 from mmprep.store.layout import (
-    GRID_SUFFIX,
     SHARD_FORMAT,
     SHARD_FORMAT_VERSION,
     SHARD_SUFFIX,
     TMP_SUFFIX,
     CacheLayout,
+    shard_tensor_name,
 )
 
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One encoded image waiting for (or written to) a shard."""
+    """One encoded image waiting for (or written to) a shard: its named tensors ("embeddings" and the
+    family's others, e.g. "image_grid_thw") and where the image came from."""
 
     key: str
     url: str  # as stored: data URLs are replaced by "data:sha256=<hex>"
     caller_id: str | None
-    embeddings: torch.Tensor
-    image_grid_thw: torch.Tensor | None
+    tensors: dict[str, torch.Tensor]  # name -> tensor; "embeddings" always present
     content_sha256: str
     created: float
     etag: str | None = None
     last_modified: str | None = None
 
+    def __post_init__(self) -> None:
+        if "embeddings" not in self.tensors:
+            raise ValueError(f"entry {self.key[:16]} has no 'embeddings' tensor (has {sorted(self.tensors)})")
+        for name in self.tensors:
+            shard_tensor_name(self.key, name)  # rejects names that cannot be stored
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.tensors["embeddings"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        return self.tensors.get("image_grid_thw")
+
     @property
     def tensor_names(self) -> list[str]:
-        names = [self.key]
-        if self.image_grid_thw is not None:
-            names.append(self.key + GRID_SUFFIX)
-        return names
+        """The names in the shard: "<key>" for the embeddings first, then "<key>.<name>" for the others."""
+        return [shard_tensor_name(self.key, name) for name in self.tensors]
 
     @property
     def nbytes(self) -> int:
-        n = self.embeddings.numel() * self.embeddings.element_size()
-        if self.image_grid_thw is not None:
-            n += self.image_grid_thw.numel() * self.image_grid_thw.element_size()
-        return n
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under their shard names, contiguous (what safetensors stores)."""
+        return {shard_tensor_name(self.key, name): t.contiguous() for name, t in self.tensors.items()}
 
     def describe(self) -> dict[str, object]:
         """The entry's self-description stored in the shard metadata (enough to rebuild the index)."""
@@ -87,6 +100,7 @@ class ShardWriter:
     fingerprint: str
     model_name: str
     run_id: str
+    family: str | None = None  # recorded in each shard, so `index rebuild` restores it without the index
     _pending: list[ShardEntry] = field(default_factory=list)
     _pending_bytes: int = 0
     _oldest: float | None = None
@@ -117,9 +131,7 @@ class ShardWriter:
         entries, self._pending, self._pending_bytes, self._oldest = self._pending, [], 0, None
         tensors: dict[str, torch.Tensor] = {}
         for e in entries:
-            tensors[e.key] = e.embeddings.contiguous()
-            if e.image_grid_thw is not None:
-                tensors[e.key + GRID_SUFFIX] = e.image_grid_thw.contiguous()
+            tensors.update(e.shard_tensors())
         metadata = {
             "format": SHARD_FORMAT,
             "format_version": SHARD_FORMAT_VERSION,
@@ -127,6 +139,7 @@ class ShardWriter:
             "model_fingerprint": self.fingerprint,
             "model": self.model_name,
             "run_id": self.run_id,
+            **({"model_family": self.family} if self.family else {}),
             "entries": json.dumps([e.describe() for e in entries], separators=(",", ":")),
         }
         blob = save(tensors, metadata=metadata)
