@@ -18,6 +18,19 @@ def default_decode_workers() -> int:
 
 
 @dataclass(frozen=True)
+class ManifestSettings:
+    """How manifest rows are read: which columns of a tabular manifest (parquet, csv, tsv) hold the URL and id."""
+
+    url_col: str = "url"  # --url-col
+    id_col: str | None = None  # --id-col; None: the `id` column when the file has one, else no id
+
+    @property
+    def columns_chosen(self) -> bool:
+        """Whether --url-col / --id-col differ from the defaults (they only mean something for tabular files)."""
+        return self != ManifestSettings()
+
+
+@dataclass(frozen=True)
 class LoadSettings:
     """How rows are fetched and decoded: URL policy, limits, decoder options."""
 
@@ -44,6 +57,7 @@ class LoadSettings:
     max_side: int | None = None
     decode_workers: int = field(default_factory=default_decode_workers)
     shard: ShardSpec | None = None  # None: every row
+    manifest: ManifestSettings = field(default_factory=ManifestSettings)
     user_agent: str | None = None  # None: mmprep/<version>
 
 

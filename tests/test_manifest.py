@@ -103,7 +103,7 @@ def test_read_manifests_streams_files_gzip_and_blank_lines(tmp_path):
 
 
 def test_gzip_detected_by_magic_not_name(tmp_path):
-    odd = tmp_path / "manifest.txt"
+    odd = tmp_path / "manifest.data"
     odd.write_bytes(gzip.compress(b'"https://x/1"\n'))
     assert urls(read_manifests([str(odd)])) == [("https://x/1", None)]
 
@@ -146,7 +146,7 @@ def test_invalid_utf8_is_a_bad_line_not_a_silently_changed_url(tmp_path):
 def test_an_overlong_line_is_refused_without_being_held_and_reading_goes_on(tmp_path, monkeypatch):
     import os
 
-    import mmprep.manifest as manifest
+    import mmprep.manifest.source as manifest
 
     monkeypatch.setattr(manifest, "MAX_LINE_CHARS", 4096)
     path = tmp_path / "m.jsonl"
@@ -194,3 +194,74 @@ def test_a_damaged_gzip_manifest_yields_what_it_can_then_one_bad_line(tmp_path, 
     assert all(isinstance(r, Record) for r in records) and len(records) >= 20  # the readable part
     assert isinstance(last, BadLine) and "the rest of the manifest is unreadable" in last.message
     assert last.line == len(records) + 1
+
+
+def test_lines_end_at_lf_only_whatever_the_endings_and_every_line_number_is_exact(tmp_path, monkeypatch):
+    """A raw CR is JSON whitespace: it must not split a line (issue 15); CRLF and mixed endings still work."""
+    lines = [
+        b'{"url": "https://e.com/1.jpg",\r "id": "x"}',  # CR between tokens
+        b'{"url":\r\r"https://e.com/2.jpg"}',  # several
+        b"\r",  # a line holding only a CR: blank
+        b'"https://e.com/4.jpg"\r',  # CRLF ending
+        b'{"messages": [{"role": "user",\r"content": [{"type": "image_url", "image_url": "https://e.com/5.jpg"}]}]}',
+        b"{bad\rjson}",  # still one bad line, not two
+        b'{"url": "https://e.com/7.jpg"}\r',
+        b'{"url": "https://e.com/8.jpg"}',
+    ]
+    data = b"\n".join(lines)  # mixed: LF, CRLF (the lines ending in \r) and no final newline
+    expected = [
+        ("Record", "https://e.com/1.jpg", 1), ("Record", "https://e.com/2.jpg", 2), ("Record", "https://e.com/4.jpg", 4),
+        ("Record", "https://e.com/5.jpg", 5), ("BadLine", None, 6), ("Record", "https://e.com/7.jpg", 7),
+        ("Record", "https://e.com/8.jpg", 8),
+    ]  # fmt: skip
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(data)
+    packed = tmp_path / "m.jsonl.gz"
+    packed.write_bytes(gzip.compress(data))
+    for source in (path, packed):
+        got = [(type(i).__name__, getattr(i, "url", None), i.line) for i in read_manifests([str(source)])]
+        assert got == expected, source
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert [(type(i).__name__, getattr(i, "url", None), i.line) for i in read_manifests(["-"])] == expected
+
+
+def test_surrounding_whitespace_is_stripped_from_urls_not_from_ids(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"url": " https://e.com/1.jpg\\t", "id": " k "}\n{"url": "  /data/x.png "}\n"\\nhttps://e.com/3.jpg "\n')
+    assert [(r.url, r.id) for r in read_manifests([str(path)])] == [
+        ("https://e.com/1.jpg", " k "), ("/data/x.png", None), ("https://e.com/3.jpg", None)
+    ]
+
+
+def batch_line(custom_id: str, body: dict, endpoint: str = "/v1/chat/completions") -> str:
+    """One line of an OpenAI Batch API input file, in the documented key order."""
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body})
+
+
+def test_openai_batch_envelope_url_is_the_endpoint_never_an_image():
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://e.com/a.jpg", "detail": "low"}},
+    ]}], "max_tokens": 10}  # fmt: skip
+    assert urls(parse_line(batch_line("r1", chat), "b.jsonl", 1)) == [("https://e.com/a.jpg", "r1:0")]
+    text_only = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_line(batch_line("r2", text_only), "b.jsonl", 2) == []  # the endpoint is not taken as an image
+    [bad] = parse_line(batch_line("r3", {"model": "x", "prompt": "hi"}, "/v1/completions"), "b.jsonl", 3)
+    assert isinstance(bad, BadLine) and "neither messages (Chat Completions) nor input (Responses)" in bad.message
+
+
+def test_responses_api_input_image_parts_bare_and_in_a_batch_line():
+    body = {"model": "gpt-4.1", "input": [
+        {"role": "user", "content": [
+            {"type": "input_text", "text": "compare"},
+            {"type": "input_image", "image_url": "https://e.com/1.jpg", "detail": "auto"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+        ]},
+        {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "https://e.com/3.jpg"}]},
+    ]}  # fmt: skip
+    expected = [("https://e.com/1.jpg", "q:0"), ("data:image/png;base64,AAAA", "q:1"), ("https://e.com/3.jpg", "q:2")]
+    assert urls(parse_line(batch_line("q", body, "/v1/responses"), "b", 1)) == expected
+    assert urls(parse_line(json.dumps(body), "b", 1)) == [(u, None) for u, _ in expected]  # a bare Responses body
+    assert parse_line(json.dumps({"model": "x", "input": "just text"}), "b", 1) == []
+    [bad] = parse_line(json.dumps({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}), "b", 4)
+    assert isinstance(bad, BadLine) and bad.message == "an input_image given by file_id cannot be fetched: give image_url instead"

@@ -98,6 +98,20 @@ def test_ray_engine_makes_the_local_engines_cache_and_reruns_fetch_nothing(manif
     assert again["failures_by_kind"] == {"bad_manifest_line": 1} and code2 == 1
 
 
+def test_ray_engine_reads_a_parquet_manifest_with_custom_columns_like_the_local_engine(tmp_path, image_server):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    urls = [image_server.add(f"/pq{i}.png", image_bytes("RGB", (22 + i, 22), "PNG", 50 + i)) for i in range(4)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"link": urls[:2] + [None] + urls[2:], "sku": list("abcde")}), path, row_group_size=2)
+    code, s = encode(path, tmp_path / "ray", "--engine", "ray", "--workers", "1", "--url-col", "link", "--id-col", "sku")
+    assert code == 1 and (s["rows"], s["encoded"], s["failures_by_kind"]) == (5, 4, {"bad_manifest_line": 1})
+    [bad] = [json.loads(line) for line in Path(s["errors_file"]).read_text().splitlines()]
+    assert (bad["source"], bad["line"], bad["message"]) == (str(path), 3, "column 'link' is null")
+    db = sqlite3.connect(tmp_path / "ray" / "index.sqlite")
+    assert sorted(r[0] for r in db.execute("SELECT caller_id FROM entries")) == ["a", "b", "d", "e"]
+    db.close()  # (resume reads the manifest the same way: tests/test_encode_manifests.py covers it locally)
+
+
 def test_ray_engine_files_pixel_changing_decode_options_under_the_local_fingerprint(tmp_path, image_server):
     """The driver and every actor fold --exif-transpose into the fingerprint exactly as the local engine does."""
     urls = [image_server.add(f"/x{i}.png", image_bytes("RGB", (30 + i, 28), "PNG", i), "image/png") for i in range(2)]

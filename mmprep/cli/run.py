@@ -15,7 +15,9 @@ from mmprep.cli.common import (
 )
 from mmprep.errors import MmprepError, UsageError
 from mmprep.manifest import check_readable
-from mmprep.settings import DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings
+from mmprep.settings import (
+    DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ManifestSettings, ModelSettings, Settings,
+)  # fmt: skip
 
 def resolve_model(model: str | None, out: Path) -> str:
     """--model, else $MMPREP_MODEL (handled by the option), else the cache's only model; never a builtin."""
@@ -64,7 +66,9 @@ MaxSideOpt = Annotated[Optional[int], option("max-side", "Largest width or heigh
 DecodeWorkersOpt = Annotated[Optional[int], option("decode-workers", "Decode threads [default: CPU count].", min=1)]
 ShardOpt = Annotated[Optional[str], option("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.")]
 ProgressOpt = Annotated[str, option("progress", "auto | bar | log | none.", callback=lambda v: check_choice(v, "--progress", PROGRESS))]
-ManifestsArg = Annotated[list[str], typer.Argument(help="JSONL manifests (.gz ok); '-' reads stdin.")]
+ManifestsArg = Annotated[list[str], typer.Argument(help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.")]
+UrlColOpt = Annotated[str, option("url-col", "Parquet/CSV/TSV manifests: the column holding the image URL.")]
+IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id [default: 'id' when there is one].")]
 ModelOpt = Annotated[Optional[str], option("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
 RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).")]
 
@@ -74,7 +78,7 @@ def load_settings(
     allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
     allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
     exif_transpose: bool, max_pixels: int, max_side: int | None, decode_workers: int | None,
-    shard: str | None = None, fast_decode: bool = False,
+    shard: str | None = None, fast_decode: bool = False, url_col: str = ManifestSettings.url_col, id_col: str | None = None,
 ) -> LoadSettings:  # fmt: skip
     """The loading options of `encode` and `check` as one LoadSettings."""
     extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
@@ -97,6 +101,7 @@ def load_settings(
         max_pixels=max_pixels,
         max_side=max_side,
         shard=parse_shard(shard),
+        manifest=ManifestSettings(url_col=url_col, id_col=id_col),
         **extra,
     )
 
@@ -129,6 +134,8 @@ def encode(
     max_side: MaxSideOpt = None,
     decode_workers: DecodeWorkersOpt = None,
     shard: ShardOpt = None,
+    url_col: UrlColOpt = ManifestSettings.url_col,
+    id_col: IdColOpt = None,
     shard_size: Annotated[str, option("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
     refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.")] = None,
     wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
@@ -144,12 +151,12 @@ def encode(
     """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
     try:
         out_dir = cache_dir_of(out)
-        check_readable(manifests)
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard, fast_decode,
+            max_side, decode_workers, shard, fast_decode, url_col, id_col,
         )  # fmt: skip
+        check_readable(manifests, load.manifest)
         settings = Settings(
             out=out_dir,
             model=ModelSettings(
@@ -217,17 +224,19 @@ def check(
     max_side: MaxSideOpt = None,
     decode_workers: DecodeWorkersOpt = None,
     shard: ShardOpt = None,
+    url_col: UrlColOpt = ManifestSettings.url_col,
+    id_col: IdColOpt = None,
     progress: ProgressOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
     try:
-        check_readable(manifests)
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard, fast_decode,
+            max_side, decode_workers, shard, fast_decode, url_col, id_col,
         )  # fmt: skip
+        check_readable(manifests, load.manifest)
         if model and size:
             raise UsageError("--model and --size exclude each other")
         prepare: Any = None

@@ -148,7 +148,7 @@ class RayEncodeRun(EncodeRun):
         paths: list[str] = []
         todo, in_file = None, 0
         try:
-            for chunk in _chunks(read_manifests(self.manifests), MANIFEST_CHUNK):
+            for chunk in _chunks(read_manifests(self.manifests, self.load.manifest), MANIFEST_CHUNK):
                 if self.stop_signal is not None:
                     break
                 failures = []

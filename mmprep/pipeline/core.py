@@ -175,7 +175,7 @@ class LoadingRun:
         self._install_signal_handlers(self._loop)
         slots = asyncio.Semaphore(self.load.concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        records = read_manifests(self.manifests)
+        records = read_manifests(self.manifests, self.load.manifest)
         chunks = _chunks(records, MANIFEST_CHUNK)
         pool = ThreadPoolExecutor(max_workers=self.load.decode_workers, thread_name_prefix="mmprep-decode")
         try:
