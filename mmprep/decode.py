@@ -4,11 +4,22 @@
   never the extension or Content-Type. Other known formats are named from a small magic table.
 - Size limits (`max_pixels`, `max_side`, Pillow's decompression-bomb guard) are checked from the
   header, before any pixel is decoded.
-- Colour: `convert("RGB")` exactly as the online serving path does, except 16-bit greyscale
-  ("I;16*" and "I"), which is scaled to 8 bit by `value >> 8` (clipped to 0..65535 first) instead
-  of being clipped at 255. With `alpha_background`, images with alpha are composited onto it.
-- EXIF orientation is NOT applied by default (like vLLM / HF processors: plain open + convert);
-  `exif_transpose=True` applies `ImageOps.exif_transpose`.
+- Orientation and colour follow the decode profile (`LoadSettings.decode_as`, README "Decode
+  profiles"), each a step-by-step copy of the loader it is named after, so the pixels are the ones
+  that loader gives:
+  - `vllm` (default): vLLM's `ImageMediaIO.load_bytes` (vllm/multimodal/media/image.py): EXIF
+    orientation applied (`normalize_image`: `ImageOps.exif_transpose`, a failure ignored), then an
+    RGB image is kept as is, RGBA is pasted onto the background through its alpha (`rgba_to_rgb`),
+    any other mode with transparency (LA, PA, or a `transparency` entry: P/L with tRNS) is converted
+    to RGBA first (`convert_image_mode`), everything else gets `convert("RGB")`.
+  - `hf`: transformers' `convert_to_rgb` (image_transforms.py): no EXIF; an image with an alpha band
+    or a `transparency` entry (RGB with tRNS included) is alpha-composited onto the background,
+    everything else gets `convert("RGB")`.
+  - `pil`: the decode mmprep used before profiles, kept bit for bit (older caches stay valid):
+    `convert("RGB")` (alpha dropped), except 16-bit greyscale ("I;16*" and "I"), scaled to 8 bit by
+    `value >> 8` instead of clipped at 255; no EXIF.
+  `exif_transpose` and `alpha_background` override a profile's orientation and background (vllm and
+  hf: white). Only the options that change pixels enter the fingerprint (`pixel_options`).
 - Animated images (GIF, WEBP, APNG, MPO): the first frame.
 - `fast_decode` (opt-in): a JPEG well over the model's input size is decoded at 1/2, 1/4 or 1/8 scale
   in the DCT domain (libjpeg's scaled IDCT, Pillow's draft mode), never below DRAFT_MARGIN x
@@ -19,16 +30,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ErrorKind, RowError
-from .settings import LoadSettings
+from .settings import DECODE_PROFILES, LoadSettings
 
-__all__ = ["DRAFT_MARGIN", "decode_image", "pixel_options"]
+__all__ = ["DRAFT_MARGIN", "decode_flags", "decode_image", "exif_transpose_of", "pixel_options", "to_rgb"]
 
 DRAFT_MARGIN = 2  # fast decode never scales a side below this multiple of the model's input size
+WHITE = (255, 255, 255)
+# What each profile does without overrides: (EXIF orientation applied, background of transparent pixels).
+PROFILE_DEFAULTS: dict[str, tuple[bool, tuple[int, int, int] | None]] = {
+    "vllm": (True, WHITE),  # vLLM: normalize_image, rgba_background_color=(255, 255, 255)
+    "hf": (False, WHITE),  # transformers' convert_to_rgb
+    "pil": (False, None),  # convert("RGB"): alpha dropped
+}
+assert set(PROFILE_DEFAULTS) == set(DECODE_PROFILES)
 
 # Register every plugin once, at import, so worker threads never mutate Pillow's registry.
 Image.init()
@@ -61,18 +81,47 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
 )
 
 
+def exif_transpose_of(settings: LoadSettings) -> bool:
+    """Whether EXIF orientation is applied: the `exif_transpose` override, else the profile's choice."""
+    if settings.exif_transpose is not None:
+        return settings.exif_transpose
+    return PROFILE_DEFAULTS[settings.decode_as][0]
+
+
 def pixel_options(settings: LoadSettings) -> dict[str, object]:
-    """The decode options that change pixels, where they differ from the default (a full decode, plain
-    `convert("RGB")`, no EXIF orientation). They are part of the model fingerprint, so a cache never
-    mixes entries decoded two ways under one model."""
+    """The decode options that change pixels, as the model fingerprint records them. `pil` without
+    overrides records nothing (so caches written before decode profiles existed keep their
+    fingerprint); an override is recorded only where it differs from the profile's own choice. A
+    cache thus never mixes entries decoded two ways under one model."""
+    profile = settings.decode_as
+    if profile not in PROFILE_DEFAULTS:
+        raise ValueError(f"unknown decode profile {profile!r} (expected one of {', '.join(DECODE_PROFILES)})")
+    exif, background = PROFILE_DEFAULTS[profile]
     options: dict[str, object] = {}
+    if profile != "pil":
+        options["decode_as"] = profile
     if settings.fast_decode:
         options["fast_decode"] = True
-    if settings.exif_transpose:
-        options["exif_transpose"] = True
-    if settings.alpha_background is not None:
+    if exif_transpose_of(settings) != exif:
+        options["exif_transpose"] = not exif
+    if settings.alpha_background is not None and tuple(settings.alpha_background) != background:
         options["alpha_background"] = list(settings.alpha_background)
     return options
+
+
+def decode_flags(options: dict[str, object], *, profile: bool = False) -> list[str]:
+    """Recorded decode options (`pixel_options`) as the flags that give them (`--decode-as vllm`,
+    `--no-exif-transpose`, ...); `profile`: name the profile also when it is the unrecorded `pil`."""
+    flags = ["--decode-as pil"] if profile and "decode_as" not in options else []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags.append(f"{flag} {','.join(map(str, value))}")
+        else:
+            flags.append(f"{flag} {value}")
+    return flags
 
 
 def decode_image(data: bytes, settings: LoadSettings) -> Image.Image:
@@ -86,9 +135,7 @@ def decode_image(data: bytes, settings: LoadSettings) -> Image.Image:
             if settings.fast_decode and settings.draft_size is not None:
                 _draft(im, settings.draft_size)
             im.load()
-            if settings.exif_transpose:
-                im = ImageOps.exif_transpose(im)
-            return _to_rgb(im, settings.alpha_background)
+            return to_rgb(im, settings)
     except RowError:
         raise
     except UnidentifiedImageError:
@@ -132,8 +179,49 @@ def _draft(im: Image.Image, target: tuple[int, int]) -> None:
         im.draft("RGB", bound)
 
 
-def _to_rgb(im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
-    """Convert any decoded mode to RGB: convert("RGB"), 16-bit scaled, alpha composited if asked."""
+def to_rgb(im: Image.Image, settings: LoadSettings) -> Image.Image:
+    """Orient and convert a loaded image to RGB as the decode profile's loader does (module docstring)."""
+    profile = settings.decode_as
+    exif = exif_transpose_of(settings)
+    background = settings.alpha_background or PROFILE_DEFAULTS[profile][1]
+    if profile == "pil":
+        if exif:
+            im = ImageOps.exif_transpose(im)
+        return _pil_rgb(im, settings.alpha_background)
+    if exif:
+        with contextlib.suppress(Exception):  # vllm.multimodal.image.normalize_image: a bad EXIF is ignored
+            im = ImageOps.exif_transpose(im)
+    assert background is not None
+    if profile == "vllm":
+        return _vllm_rgb(im, background)
+    return _hf_rgb(im, background)
+
+
+def _vllm_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """vLLM's `ImageMediaIO._convert_image_mode` to "RGB" (vllm/multimodal/media/image.py), with its
+    `rgba_to_rgb` and `convert_image_mode` (vllm/multimodal/image.py), step by step."""
+    if im.mode == "RGB":  # kept as is, a tRNS colour key included
+        return im
+    if im.mode != "RGBA" and not (im.mode in ("LA", "PA") or "transparency" in im.info):
+        return im.convert("RGB")
+    if im.mode != "RGBA":
+        im = im.convert("RGBA")
+    converted = Image.new("RGB", im.size, background)  # rgba_to_rgb
+    converted.paste(im, mask=im.split()[3])
+    return converted
+
+
+def _hf_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """transformers' `convert_to_rgb` for a PIL image (transformers/image_transforms.py), step by step."""
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, (*background, 255))
+        return Image.alpha_composite(canvas, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _pil_rgb(im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    """The `pil` profile: convert("RGB"), 16-bit scaled, alpha composited onto `background` if given."""
     if im.mode == "I" or im.mode.startswith("I;16"):
         im = _sixteen_bit_to_l(im)
     elif im.mode == "P" and isinstance(im.info.get("transparency"), bytes):

@@ -50,7 +50,7 @@ class Reporter:
     def note(self, message: str) -> None:
         """A one-off message (e.g. 'stopping…') that does not disturb the bar."""
         if self.mode != "none":
-            self.console.print(f"[yellow]{message}[/yellow]")
+            self.console.print(f"[yellow]{escape(message)}[/yellow]", soft_wrap=True)  # one line in logs
 
     def _tick(self, counters: Any) -> None:
         interval = 0.25 if self._live is not None else self.every
@@ -101,6 +101,12 @@ def print_run_summary(summary: Any, console: Console) -> None:
         table.add_row("skipped", f"{s.skipped_other} rows that had not failed before (--retry-failed)")
     if s.error:
         table.add_row("error", f"[red]{escape(s.error)}[/red] (what was committed stays; rerun to go on)")
+    for other in s.other_decodes:
+        table.add_row(
+            "other decode",
+            f"[yellow]{other['entries']} entries of this model decoded with {escape(other['flags'])} "
+            f"are not reused; pass {escape(other['flags'])} to use them[/yellow]",
+        )
     table.add_row("throughput", f"{s.images_per_s:.1f} images/s over {s.duration_s:.1f}s")
     table.add_row("cache", s.cache_dir)
     if s.failed:

@@ -10,6 +10,8 @@ MiB = 1024 * 1024
 
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 DEFAULT_CACHE_DIR = "mmprep-cache"
+DECODE_PROFILES: tuple[str, ...] = ("vllm", "hf", "pil")  # --decode-as: whose image loader the pixels mirror
+DEFAULT_DECODE_AS = "vllm"  # what vLLM's server computes from the same image (README: "Decode profiles")
 RAY_WORKER_RESTARTS = 3  # --worker-restarts: restarts of a dead Ray encoder actor (Ray Data's own default: forever)
 
 
@@ -49,8 +51,9 @@ class LoadSettings:
     allow_hosts: tuple[str, ...] = ()
     deny_hosts: tuple[str, ...] = ()
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    alpha_background: tuple[int, int, int] | None = None  # None: PIL convert("RGB")
-    exif_transpose: bool = False
+    decode_as: str = DEFAULT_DECODE_AS  # vllm | hf | pil: the decode profile (decode.py)
+    alpha_background: tuple[int, int, int] | None = None  # None: the profile's (vllm, hf: white; pil: none)
+    exif_transpose: bool | None = None  # None: the profile's (vllm: on; hf, pil: off)
     fast_decode: bool = False  # --fast-decode: JPEG DCT-domain downscaling (draft mode) towards draft_size
     draft_size: tuple[int, int] | None = None  # the model's input (W, H); fast decode keeps >= DRAFT_MARGIN x this
     max_pixels: int = 64_000_000

@@ -31,7 +31,7 @@ from _image_corpus import (
     rgb_pixels,
 )
 
-DEFAULT = LoadSettings()
+DEFAULT = LoadSettings(decode_as="pil")  # these tests pin the `pil` profile; test_decode_profiles.py the others
 WHITE_BG = replace(DEFAULT, alpha_background=(255, 255, 255))
 
 
@@ -199,7 +199,7 @@ def left_red_right_blue() -> Image.Image:
     return im
 
 
-def test_exif_orientation_is_ignored_by_default() -> None:
+def test_exif_orientation_is_ignored_by_the_pil_profile() -> None:
     im = decode_image(exif_jpeg(left_red_right_blue(), orientation=6), DEFAULT)
     assert im.size == (32, 16)
     assert_close(im.getpixel((4, 8)), (255, 0, 0), tolerance=8)

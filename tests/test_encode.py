@@ -50,6 +50,15 @@ def stored(cache: Path, url: str) -> dict[str, torch.Tensor]:
         return {n: f.get_tensor(n) for n in json.loads(names)}
 
 
+def served_as_vllm_loads_it(data: bytes) -> Image.Image:
+    """The default decode profile's pixels for an image without EXIF orientation or RGB colour key:
+    transformers' convert_to_rgb (transparency on white; test_decode_profiles.py checks the equality)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    with Image.open(io.BytesIO(data)) as image:
+        return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
 @pytest.fixture()
 def served(image_server):
     """Six distinct images of different modes/formats/sizes on the server."""
@@ -137,7 +146,7 @@ def test_pooled_embeddings_equal_a_direct_transformers_forward(tmp_path, image_s
     model = CLIPModel.from_pretrained(model_dir).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir)
     for path, url in served.items():
-        image = Image.open(io.BytesIO(image_server.routes[path].body)).convert("RGB")
+        image = served_as_vllm_loads_it(image_server.routes[path].body)
         with torch.inference_mode():
             out = model.get_image_features(**processor(images=image, return_tensors="pt"))
         expected = getattr(out, "pooler_output", out)[0]
@@ -161,7 +170,7 @@ def test_qwen2_vl_entries_carry_grid_and_equal_direct_forward(tmp_path, image_se
     processor = AutoImageProcessor.from_pretrained(model_dir)
     merge = model.config.vision_config.spatial_merge_size
     for path, url in zip(["/a.png", "/b.jpg", "/c.webp"], urls):
-        image = Image.open(io.BytesIO(image_server.routes[path].body)).convert("RGB")
+        image = served_as_vllm_loads_it(image_server.routes[path].body)
         inputs = processor(images=image, return_tensors="pt")
         with torch.inference_mode():
             out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
@@ -255,8 +264,9 @@ def test_stats_table_and_json(tmp_path, image_server, served):
 def test_pixel_changing_decode_options_get_their_own_fingerprint(tmp_path, image_server):
     """--fast-decode (like --exif-transpose and --alpha-background) changes the embeddings, so its
     entries live under a fingerprint of their own: one cache never mixes them with exact ones."""
+    from mmprep.decode import pixel_options
     from mmprep.models import load_encoder
-    from mmprep.settings import ModelSettings
+    from mmprep.settings import LoadSettings, ModelSettings
     from mmprep.store.reader import EmbeddingCache
 
     cache = tmp_path / "cache"
@@ -267,36 +277,47 @@ def test_pixel_changing_decode_options_get_their_own_fingerprint(tmp_path, image
     _, fast = encode_json(*base, "--fast-decode")
     _, fast_again = encode_json(*base, "--fast-decode")
     _, exact_again = encode_json(*base)
-    assert exact["fingerprint"] == load_encoder(ModelSettings("builtin:tiny-clip")).fingerprint  # default: unchanged
+    default = load_encoder(ModelSettings("builtin:tiny-clip"), pixel_options(LoadSettings())).fingerprint
+    assert exact["fingerprint"] == default  # the default decode profile (vllm), nothing else
     assert fast["fingerprint"] != exact["fingerprint"]
     assert (exact["encoded"], fast["encoded"]) == (3, 3)  # not served from the exact entries
     assert (fast_again["cached"], exact_again["cached"]) == (3, 3)
     assert (fast_again["fingerprint"], exact_again["fingerprint"]) == (fast["fingerprint"], exact["fingerprint"])
 
-    with pytest.raises(ValueError, match="matches 2 models.*decoded with fast_decode=True"):
+    with pytest.raises(ValueError, match="matches 2 models.*decoded with decode_as=vllm, fast_decode=True"):
         EmbeddingCache(cache, model="builtin:tiny-clip")
     with EmbeddingCache(cache, model=exact["fingerprint"]) as a, EmbeddingCache(cache, model=fast["fingerprint"]) as b:
         for url in urls:
             assert not torch.equal(a.get(url).embeddings, b.get(url).embeddings)  # the pixels really differ
 
     models = {m["fingerprint"]: m for m in json.loads(run_cli("stats", str(cache), "--json").stdout)["models"]}
-    assert models[exact["fingerprint"]]["decode"] == {} and models[fast["fingerprint"]]["decode"] == {"fast_decode": True}
-    assert "builtin:tiny-clip (--fast-decode)" in run_cli("stats", str(cache)).stdout
+    assert models[exact["fingerprint"]]["decode"] == {"decode_as": "vllm"}
+    assert models[fast["fingerprint"]]["decode"] == {"decode_as": "vllm", "fast_decode": True}
+    assert "builtin:tiny-clip (--decode-as vllm --fast-decode)" in run_cli("stats", str(cache)).stdout
 
 
 def test_every_pixel_changing_option_changes_the_fingerprint():
+    from dataclasses import replace
+
     from mmprep.decode import pixel_options
     from mmprep.models import load_encoder
     from mmprep.settings import LoadSettings, ModelSettings
 
-    variants = [LoadSettings(), LoadSettings(fast_decode=True), LoadSettings(exif_transpose=True),
-                LoadSettings(alpha_background=(255, 255, 255)), LoadSettings(alpha_background=(0, 0, 0)),
-                LoadSettings(fast_decode=True, exif_transpose=True)]  # fmt: skip
+    pil = LoadSettings(decode_as="pil")
+    variants = [pil, replace(pil, fast_decode=True), replace(pil, exif_transpose=True),
+                replace(pil, alpha_background=(255, 255, 255)), replace(pil, alpha_background=(0, 0, 0)),
+                replace(pil, fast_decode=True, exif_transpose=True), LoadSettings(), LoadSettings(decode_as="hf"),
+                LoadSettings(exif_transpose=False), LoadSettings(alpha_background=(0, 0, 0))]  # fmt: skip
     model = ModelSettings("builtin:tiny-clip")
     prints = [load_encoder(model, pixel_options(v)).fingerprint for v in variants]
     assert len(set(prints)) == len(variants)
-    assert prints[0] == load_encoder(model).fingerprint == load_encoder(model, pixel_options(LoadSettings(max_side=99))).fingerprint
+    # pil without overrides is the fingerprint of caches made before decode profiles (no decode facts)
+    assert prints[0] == load_encoder(model).fingerprint == load_encoder(model, pixel_options(replace(pil, max_side=99))).fingerprint
     assert load_encoder(model, pixel_options(variants[3])).describe()["decode"] == {"alpha_background": [255, 255, 255]}
+    # an override equal to the profile's own choice is no variant: white is vllm's background, EXIF its default
+    same = LoadSettings(alpha_background=(255, 255, 255), exif_transpose=True)
+    assert load_encoder(model, pixel_options(same)).fingerprint == prints[6]
+    assert load_encoder(model, pixel_options(LoadSettings())).describe()["base_fingerprint"] == prints[0]
 
 
 def test_lines_that_once_stopped_a_run_are_bad_lines_and_the_rows_around_them_are_kept(tmp_path):

@@ -134,8 +134,10 @@ def quiet_transformers() -> None:
 
 def model_label(m: dict) -> str:
     """The model's name, plus the pixel-changing decode flags its entries were made with."""
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + ",".join(map(str, v))) for k, v in m["decode"].items()]
-    return f"{m['name']} ({' '.join(flags)})" if flags else m["name"]
+    from mmprep.decode import decode_flags
+
+    flags = " ".join(decode_flags(m["decode"]))
+    return f"{m['name']} ({flags})" if flags else m["name"]
 
 
 def human_bytes(n: int) -> str:

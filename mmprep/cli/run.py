@@ -10,13 +10,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mmprep.cli.common import (
-    _D, app, cache_dir_of, check_choice, err, fail, human_bytes, option, parse_duration_option,
+    _D, app, cache_dir_of, check_choice, env_name, err, fail, human_bytes, option, parse_duration_option,
     parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, quiet_transformers, PROGRESS,
 )
 from mmprep.errors import MmprepError, UsageError
 from mmprep.manifest import check_readable
 from mmprep.settings import (
-    DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ManifestSettings, ModelSettings, Settings,
+    DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ManifestSettings, ModelSettings,
+    Settings,
 )  # fmt: skip
 
 def resolve_model(model: str | None, out: Path) -> str:
@@ -58,8 +59,9 @@ AllowPrivateOpt = Annotated[bool, option("allow-private-network", "Allow loopbac
 AllowHostOpt = Annotated[Optional[list[str]], option("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).")]
 DenyHostOpt = Annotated[Optional[list[str]], option("deny-host", "Always refuse this host, IP or CIDR (repeatable).")]
 FormatsOpt = Annotated[str, option("formats", "Allowed image formats, comma-separated.")]
-AlphaOpt = Annotated[Optional[str], option("alpha-background", "Composite alpha onto R,G,B instead of convert('RGB').")]
-ExifOpt = Annotated[bool, option("exif-transpose", "Apply EXIF orientation before encoding.")]
+DecodeAsOpt = Annotated[str, option("decode-as", "Decode like vllm (EXIF, alpha on white) | hf (convert_to_rgb) | pil (convert('RGB'), caches made before profiles).", callback=lambda v: check_choice(v, "--decode-as", DECODE_PROFILES))]
+AlphaOpt = Annotated[Optional[str], option("alpha-background", "Composite transparency onto R,G,B [default: the profile's: white, pil: dropped].")]
+ExifOpt = Annotated[Optional[bool], typer.Option("--exif-transpose/--no-exif-transpose", envvar=env_name("exif-transpose"), show_default=False, help="Apply EXIF orientation, or not [default: the profile's: on for vllm].")]
 FastDecodeOpt = Annotated[bool, option("fast-decode", "Decode large JPEGs at a reduced DCT scale (>= 2x the model input; not bit-exact).")]
 MaxPixelsOpt = Annotated[int, option("max-pixels", "Largest image (width x height) decoded.", min=1)]
 MaxSideOpt = Annotated[Optional[int], option("max-side", "Largest width or height decoded.", min=1)]
@@ -77,8 +79,9 @@ def load_settings(
     concurrency: int, per_host: int, timeout: float, max_bytes: str, max_redirects: int, retries: int,
     allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
     allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
-    exif_transpose: bool, max_pixels: int, max_side: int | None, decode_workers: int | None,
+    exif_transpose: bool | None, max_pixels: int, max_side: int | None, decode_workers: int | None,
     shard: str | None = None, fast_decode: bool = False, url_col: str = ManifestSettings.url_col, id_col: str | None = None,
+    decode_as: str = _D.decode_as,
 ) -> LoadSettings:  # fmt: skip
     """The loading options of `encode` and `check` as one LoadSettings."""
     extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
@@ -95,6 +98,7 @@ def load_settings(
         allow_hosts=tuple(allow_host or ()),
         deny_hosts=tuple(deny_host or ()),
         formats=parse_formats(formats),
+        decode_as=decode_as,
         alpha_background=parse_rgb(alpha_background),
         exif_transpose=exif_transpose,
         fast_decode=fast_decode,
@@ -127,8 +131,9 @@ def encode(
     allow_host: AllowHostOpt = None,
     deny_host: DenyHostOpt = None,
     formats: FormatsOpt = ",".join(_D.formats),
+    decode_as: DecodeAsOpt = _D.decode_as,
     alpha_background: AlphaOpt = None,
-    exif_transpose: ExifOpt = False,
+    exif_transpose: ExifOpt = None,
     fast_decode: FastDecodeOpt = False,
     max_pixels: MaxPixelsOpt = _D.max_pixels,
     max_side: MaxSideOpt = None,
@@ -154,7 +159,7 @@ def encode(
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard, fast_decode, url_col, id_col,
+            max_side, decode_workers, shard, fast_decode, url_col, id_col, decode_as,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
         settings = Settings(
@@ -217,8 +222,9 @@ def check(
     allow_host: AllowHostOpt = None,
     deny_host: DenyHostOpt = None,
     formats: FormatsOpt = ",".join(_D.formats),
+    decode_as: DecodeAsOpt = _D.decode_as,
     alpha_background: AlphaOpt = None,
-    exif_transpose: ExifOpt = False,
+    exif_transpose: ExifOpt = None,
     fast_decode: FastDecodeOpt = False,
     max_pixels: MaxPixelsOpt = _D.max_pixels,
     max_side: MaxSideOpt = None,
@@ -234,7 +240,7 @@ def check(
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard, fast_decode, url_col, id_col,
+            max_side, decode_workers, shard, fast_decode, url_col, id_col, decode_as,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
         if model and size:

@@ -121,6 +121,7 @@ class RayEncodeRun(EncodeRun):
             self.adopted = adopt_orphans(self._index, self.layout)
             f = self.facts
             self._index.register_model(f.fingerprint, f.name, f.family, f.description)
+            self.find_other_decodes(self._index, f.description)
             self._index.start_run(self.run_id, f.fingerprint, f.name)
             todo = self._plan_rows()
             if todo and self.stop_signal is None:

@@ -345,15 +345,17 @@ class Encoder(ABC):
         """Declare the pixel-changing decode options (`decode.pixel_options`) this encoder's images go
         through: they change the embeddings, so they are part of the fingerprint."""
         self.decode_options = dict(options)
-        self.fingerprint = fingerprint(
+        facts = dict(
             family=self.family,
             architecture=self.architecture,
             config=self.config,
             image_processor=self._image_processor,
             dtype=self.dtype,
             weights=self._weights,
-            decode=self.decode_options,
         )
+        self.fingerprint = fingerprint(**facts, decode=self.decode_options)
+        # The same model decoded without options (the `pil` profile): what ties its decode variants together.
+        self.base_fingerprint = fingerprint(**facts)
 
     # -- worker threads --------------------------------------------------------------------------
 
@@ -415,6 +417,7 @@ class Encoder(ABC):
         }
         if self.decode_options:
             facts["decode"] = self.decode_options
+            facts["base_fingerprint"] = self.base_fingerprint
         if self.source.builtin:
             facts["note"] = "smoke-test model with random weights"
         return facts

@@ -19,13 +19,13 @@ import signal
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmprep.decode import decode_image
+from mmprep.decode import decode_flags, decode_image, pixel_options
 from mmprep.errors import CacheWriteError, ErrorKind, RowError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched
@@ -33,7 +33,7 @@ from mmprep.keys import stored_url
 from mmprep.manifest import BadLine, Record
 from mmprep.models import Encoder
 from mmprep.pipeline.core import INFLIGHT, PLAIN, LoadingRun, Plan, failure_of, keys_of
-from mmprep.settings import Settings
+from mmprep.settings import LoadSettings, Settings
 from mmprep.store.index import CacheIndex, FailureRecord
 from mmprep.store.lookup import KeyLookup
 from mmprep.store.layout import CacheLayout
@@ -75,6 +75,8 @@ class RunSummary:
     cache_dir: str
     errors_file: str
     error: str | None = None  # why a failed run stopped
+    # Entries of this model cached under other decode options, not reused by this run: [{decode, flags, entries}]
+    other_decodes: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -131,6 +133,7 @@ class EncodeRun(LoadingRun):
         self._local = threading.local()  # per decode thread: read-only index and reader for content dedup
         self._readers: list[Any] = []
         self.adopted: list[str] = []
+        self.other_decodes: list[dict[str, Any]] = []
 
     def run(self) -> RunSummary:
         """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
@@ -145,7 +148,9 @@ class EncodeRun(LoadingRun):
         index = CacheIndex(self.layout.index)
         try:
             self.adopted = adopt_orphans(index, self.layout)  # a crashed run's written-but-unindexed shards
-            index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, self.encoder.describe())
+            description = self.encoder.describe()
+            index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, description)
+            self.find_other_decodes(index, description)
             index.start_run(self.run_id, self.fingerprint, self.encoder.name)
         finally:
             index.close()
@@ -173,6 +178,18 @@ class EncodeRun(LoadingRun):
         elif self._writer_error is not None:
             raise self._writer_error
         return self._finish()
+
+    def find_other_decodes(self, index: CacheIndex, description: dict[str, Any]) -> None:
+        """Say at start (and in the summary) when the cache holds this model's entries decoded another
+        way: this run does not reuse them (a changed --decode-as default would re-encode them all)."""
+        base = str(description.get("base_fingerprint", self.fingerprint))
+        self.other_decodes = [
+            {"decode": options, "flags": " ".join(decode_flags(options, profile=True)), "entries": count}
+            for options, count in index.decode_variants(self.fingerprint, base)
+        ]
+        if self.reporter is not None:
+            for other in self.other_decodes:
+                self.reporter.note(other_decode_message(other, self.settings.load))
 
     def _open_lookup(self) -> None:
         """The read-only index connection and the per-run key lookup that classify() asks."""
@@ -404,6 +421,7 @@ class EncodeRun(LoadingRun):
             cache_dir=str(self.layout.root),
             errors_file=str(errors_path),
             error=self.run_error,
+            other_decodes=self.other_decodes,
         )
         try:
             _publish_latest(errors_path, self.layout.latest_errors)
@@ -417,6 +435,15 @@ class EncodeRun(LoadingRun):
                 raise
             logger.warning("could not record the failed run in the index: %s", exc)  # the summary still goes out
         return summary
+
+
+def other_decode_message(other: dict[str, Any], load: LoadSettings) -> str:
+    """One line telling how to keep using entries cached under other decode options."""
+    this = " ".join(decode_flags(pixel_options(load), profile=True))
+    return (
+        f"note: the cache holds {other['entries']} entries of this model decoded with {other['flags']}, "
+        f"which this run ({this}) does not reuse; to keep using them, run with {other['flags']}"
+    )
 
 
 def cache_write_message(exc: BaseException) -> str:

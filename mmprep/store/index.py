@@ -217,6 +217,19 @@ class CacheIndex:
     def models(self) -> list[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM models ORDER BY created"))
 
+    def decode_variants(self, fingerprint: str, base_fingerprint: str) -> list[tuple[dict[str, Any], int]]:
+        """The other decode variants of one model in this cache (same `base_fingerprint`, another
+        fingerprint) that hold entries: (their recorded decode options, entries)."""
+        variants = []
+        for row in self.models():
+            info = json.loads(row["info"])
+            if row["fingerprint"] == fingerprint or base_fingerprint not in (row["fingerprint"], info.get("base_fingerprint")):
+                continue
+            (count,) = self.conn.execute("SELECT COUNT(*) FROM entries WHERE fingerprint=?", (row["fingerprint"],)).fetchone()
+            if count:
+                variants.append((info.get("decode") or {}, count))
+        return variants
+
     def entry(self, fingerprint: str, key: str) -> sqlite3.Row | None:
         return self.conn.execute(
             "SELECT * FROM entries WHERE fingerprint=? AND key=?", (fingerprint, key)
