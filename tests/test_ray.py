@@ -113,11 +113,12 @@ def test_ray_engine_reads_a_parquet_manifest_with_custom_columns_like_the_local_
 
 
 def test_ray_engine_files_pixel_changing_decode_options_under_the_local_fingerprint(tmp_path, image_server):
-    """The driver and every actor fold --exif-transpose into the fingerprint exactly as the local engine does."""
+    """The driver and every actor fold decode overrides (--no-exif-transpose against the default vllm
+    profile) into the fingerprint exactly as the local engine does."""
     urls = [image_server.add(f"/x{i}.png", image_bytes("RGB", (30 + i, 28), "PNG", i), "image/png") for i in range(2)]
     manifest = Path(write_manifest(tmp_path / "m.jsonl", urls))
-    _, local = encode(manifest, tmp_path / "local", "--exif-transpose")
-    code, remote = encode(manifest, tmp_path / "ray", "--exif-transpose", "--engine", "ray", "--workers", "1")
+    _, local = encode(manifest, tmp_path / "local", "--no-exif-transpose")
+    code, remote = encode(manifest, tmp_path / "ray", "--no-exif-transpose", "--engine", "ray", "--workers", "1")
     _, plain = encode(manifest, tmp_path / "local")
     assert code == 0 and remote["encoded"] == local["encoded"] == 2
     assert remote["fingerprint"] == local["fingerprint"] != plain["fingerprint"]
