@@ -92,6 +92,107 @@ def save_llava(directory: Path, seed: int = 0, *, feature_layer: int = -2, strat
     return directory
 
 
+# Language model of the tiny VLMs below: small, but with real attention and an LM head, for logits tests.
+TINY_LM = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+IMAGE_TOKEN = 127  # the image placeholder id of the tiny VLMs
+
+
+def redraw_vision_weights(model: torch.nn.Module, std: float = 0.2) -> None:
+    """Add N(0, std) noise to every vision-tower / projector / image_newline weight: default init leaves
+    some projectors at zero (Gemma 3), which would make every image's tokens equal."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("vision_tower", "multi_modal_projector", "image_newline")):
+                param.add_(torch.randn_like(param) * std)
+
+
+def save_gemma3(directory: Path, seed: int = 0, *, pan_and_scan: bool = True) -> Path:
+    """Gemma 3 with a 32 px SigLIP tower and 4 soft tokens per view; pan-and-scan crops (min 16 px, at
+    most 3) when `pan_and_scan`, else the hub default (pan-and-scan settings null)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    config = Gemma3Config(
+        text_config=dict(TINY_LM, model_type="gemma3_text", sliding_window=64),
+        vision_config=dict(TINY_TOWER, model_type="siglip_vision_model", image_size=32, patch_size=8, vision_use_head=False),
+        mm_tokens_per_image=4, boi_token_index=125, eoi_token_index=126, image_token_index=IMAGE_TOKEN,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    redraw_vision_weights(model)
+    model.save_pretrained(directory)
+    crops = dict(
+        do_pan_and_scan=True, pan_and_scan_min_crop_size=16, pan_and_scan_max_num_crops=3,
+        pan_and_scan_min_ratio_to_activate=1.2,
+    ) if pan_and_scan else {}  # fmt: skip
+    Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **crops).save_pretrained(directory)
+    return directory
+
+
+def save_internvl(directory: Path, seed: int = 0) -> Path:
+    """InternVL (HF format) with 32 px tiles of 4 tokens each (pixel shuffle 0.5), 1..6 tiles + thumbnail."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    config = InternVLConfig(
+        text_config=dict(TINY_LM, model_type="qwen2"),
+        vision_config=dict(TINY_TOWER, image_size=[32, 32], patch_size=[8, 8]),
+        image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    redraw_vision_weights(model)
+    model.save_pretrained(directory)
+    # crop_to_patches left false, as hub checkpoints ship it: the InternVL processor turns tiling on per call
+    GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, min_patches=1, max_patches=6).save_pretrained(directory)
+    return directory
+
+
+LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def save_llava_next(directory: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT with a 32 px CLIP tower (16 patch tokens per tile) and anyres grids up to 3 tiles."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    config = LlavaNextConfig(
+        vision_config=dict(TINY_TOWER, model_type="clip_vision_model", image_size=32, patch_size=8),
+        text_config=dict(TINY_LM, model_type="llama"),
+        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    redraw_vision_weights(model)
+    model.save_pretrained(directory)
+    LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
+    ).save_pretrained(directory)
+    return directory
+
+
+def tiny_tokenizer(**special_tokens: str) -> object:
+    """A real fast tokenizer over the tiny VLMs' 128-token vocabulary (whitespace-split words "w0".."w116"),
+    with the placeholders where the tiny configs expect them: <start_of_image> 125, <end_of_image> 126,
+    <image> 127 (IMAGE_TOKEN). `special_tokens` names them for a processor, e.g. image_token="<image>"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", *(f"w{i}" for i in range(117)), "\n\n", "<img>", "</img>", "<video>", "w117"]
+    words += ["<start_of_image>", "<end_of_image>", "<image>"]
+    assert len(words) == 128 and words[IMAGE_TOKEN] == "<image>"
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", extra_special_tokens=special_tokens
+    )
+
+
 def save_bert(directory: Path) -> Path:
     """A real model of an architecture mmprep does not encode images with."""
     from transformers import BertConfig, BertModel

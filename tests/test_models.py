@@ -197,7 +197,7 @@ def test_llava_checkpoint_without_projector_weights_fails_to_load(models: dict[s
     name = next(k for k in weights if "multi_modal_projector.linear_2.weight" in k)
     del weights[name]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="lacks vision-tower or projector weights: linear_2.weight"):
+    with pytest.raises(ModelLoadError, match="lacks vision-tower or projector weights: multi_modal_projector.linear_2.weight"):
         load(broken)
 
 

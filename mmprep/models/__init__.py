@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from mmprep.errors import ModelLoadError
-from mmprep.models import llava, pooled, qwen2_vl
+from mmprep.models import gemma3, internvl, llava, llava_next, pooled, qwen2_vl
 from mmprep.models.base import (
     OUTPUT_FORMAT_VERSION,
     Encoder,
@@ -17,7 +17,6 @@ from mmprep.models.base import (
     load_config,
     ImagePreprocessor,
     load_image_processor,
-    load_preprocessor,
     resolve_device,
     resolve_dtype,
     resolve_source,
@@ -44,6 +43,9 @@ FAMILIES: dict[str, type[Any]] = {
     **{arch: pooled.PooledEncoder for arch in pooled.ARCHITECTURES},
     **{arch: qwen2_vl.Qwen2VLEncoder for arch in qwen2_vl.ARCHITECTURES},
     **{arch: llava.LlavaEncoder for arch in llava.ARCHITECTURES},
+    **{arch: llava_next.LlavaNextEncoder for arch in llava_next.ARCHITECTURES},
+    **{arch: gemma3.Gemma3Encoder for arch in gemma3.ARCHITECTURES},
+    **{arch: internvl.InternVLEncoder for arch in internvl.ARCHITECTURES},
 }
 # config.model_type -> architecture, for configs saved without `architectures`
 _BY_MODEL_TYPE = {
@@ -53,11 +55,28 @@ _BY_MODEL_TYPE = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
 }
 
 
 def supported_architectures() -> list[str]:
     return list(FAMILIES)
+
+
+def load_preprocessor(settings: ModelSettings) -> ImagePreprocessor:
+    """Only the image processor of the model named by `settings`, called as its family's encoder calls it
+    (for `mmprep check` and the Ray engine's CPU tasks); no weights are read."""
+    source = resolve_source(settings.name, settings.revision)
+    image_processor = load_image_processor(source)
+    try:
+        config = load_config(source)
+    except ModelLoadError:  # an image processor without a model config: preprocess as configured
+        return ImagePreprocessor(image_processor)
+    family = FAMILIES.get(_architecture_of(config))
+    options = family.image_options_for(config, image_processor) if family is not None else None
+    return ImagePreprocessor(image_processor, options=options)
 
 
 def load_encoder(settings: ModelSettings, decode_options: dict[str, object] | None = None) -> Encoder:

@@ -16,7 +16,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 
 from mmprep.errors import ErrorKind, ModelLoadError, RowError
-from mmprep.settings import ModelSettings
 
 logger = logging.getLogger("mmprep.models")
 
@@ -239,9 +238,11 @@ def fingerprint(
     dtype: torch.dtype,
     weights: dict[str, Any],
     decode: dict[str, object] | None = None,
+    image_call: dict[str, Any] | None = None,
 ) -> str:
     """sha256 of everything that determines the stored tensors, so a cache never mixes two models' outputs.
-    `decode`: the pixel-changing decode options in use (`decode.pixel_options`); none leaves the hash as is."""
+    `decode`: the pixel-changing decode options in use (`decode.pixel_options`); `image_call`: the arguments
+    the image processor is called with (`ImageOptions.call_kwargs`); empty ones leave the hash as is."""
     facts = {
         "output_format": OUTPUT_FORMAT_VERSION,
         "family": family,
@@ -254,6 +255,8 @@ def fingerprint(
     }
     if decode:
         facts["decode"] = decode
+    if image_call:
+        facts["image_call"] = image_call
     blob = json.dumps(facts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -286,33 +289,54 @@ def processor_input_size(processor: Any) -> tuple[int, int] | None:
     return None  # longest_edge / pixel budgets (Qwen2-VL) / patch budgets (SigLIP 2 NaFlex)
 
 
+def processor_image_defaults(config: Any) -> dict[str, Any]:
+    """The image-processor arguments the model's full transformers processor passes on every call (its
+    class-level `images_kwargs`, e.g. InternVLProcessor's crop_to_patches=True). They override the image
+    processor's own config (preprocessor_config.json) in `ProcessorMixin._merge_kwargs`, so an encoder that
+    calls the image processor alone must pass them to see the pixels serving (transformers, vLLM) sees."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", ""))
+    processor_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    defaults = dict(getattr(processor_class, "images_kwargs", None) or {})
+    defaults.pop("return_tensors", None)  # we ask for "pt" ourselves
+    return defaults
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a family calls its image processor: extra arguments, and whether every image ends up one fixed size."""
+
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # part of the fingerprint
+    fixed_size: bool = True  # False: tiles / crops / grids follow the image, so --fast-decode has no target size
+
+
 class ImagePreprocessor:
     """A model's image processor applied to one image at a time, safely from many threads."""
 
-    def __init__(self, processor: Any, select: Callable[[Any], Sequence[str]] | None = None) -> None:
+    def __init__(
+        self, processor: Any, select: Callable[[Any], Sequence[str]] | None = None, options: ImageOptions | None = None
+    ) -> None:
         self._processor = processor
         self._select = select
+        self._options = options or ImageOptions()
         self._local = threading.local()
 
     def input_size(self) -> tuple[int, int] | None:
         """The (W, H) every image is resized to, for --fast-decode; None for dynamic resolution."""
-        return processor_input_size(self._processor)
+        return processor_input_size(self._processor) if self._options.fixed_size else None
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         processor = getattr(self._local, "processor", None)
         if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
             processor = self._local.processor = copy.deepcopy(self._processor)
         try:
-            batch = processor(images=image, return_tensors="pt")
+            batch = processor(images=image, return_tensors="pt", **self._options.call_kwargs)
             names = self._select(batch) if self._select is not None else list(batch.keys())
             return {key: batch[key] for key in names}
         except Exception as exc:
             raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
-
-
-def load_preprocessor(settings: ModelSettings) -> ImagePreprocessor:
-    """Only the image processor of the model named by `settings` (a ModelSettings): for `mmprep check`."""
-    return ImagePreprocessor(load_image_processor(resolve_source(settings.name, settings.revision)))
 
 
 class Encoder(ABC):
@@ -337,7 +361,8 @@ class Encoder(ABC):
         self.device = device
         self.dtype = dtype
         self._image_processor = image_processor
-        self._preprocessor = ImagePreprocessor(image_processor, self.input_names)
+        self.image_options = self.image_options_for(config, image_processor)
+        self._preprocessor = ImagePreprocessor(image_processor, self.input_names, self.image_options)
         self._weights = weights_identity(source)
         self.set_decode_options({})
 
@@ -352,10 +377,16 @@ class Encoder(ABC):
             image_processor=self._image_processor,
             dtype=self.dtype,
             weights=self._weights,
+            image_call=self.image_options.call_kwargs,
         )
         self.fingerprint = fingerprint(**facts, decode=self.decode_options)
         # The same model decoded without options (the `pil` profile): what ties its decode variants together.
         self.base_fingerprint = fingerprint(**facts)
+
+    @classmethod
+    def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:
+        """How this family calls its image processor (default: as configured, fixed size if it has one)."""
+        return ImageOptions()
 
     # -- worker threads --------------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""Gemma 3: the projector's soft tokens of an image (and of its pan-and-scan crops), what the language model sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmprep.models.base import Encoder, ImageOptions, ModelSource, output_of, owned, processor_image_defaults
+from mmprep.models.vision_parts import load_vision_model
+
+ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+
+# The pan-and-scan settings of the image processor config that mmprep passes on like serving kwargs.
+_PAN_AND_SCAN = (
+    "do_pan_and_scan",
+    "pan_and_scan_min_crop_size",
+    "pan_and_scan_max_num_crops",
+    "pan_and_scan_min_ratio_to_activate",
+)
+
+
+class Gemma3Encoder(Encoder):
+    """Per image "embeddings" [n_views * mm_tokens_per_image, text_hidden]: `get_image_features` of the
+    image and then of each pan-and-scan crop (processor order), flattened: the sequence the language
+    model's image placeholders receive (`Gemma3Model.forward` masked_scatter), and what vLLM's
+    `Gemma3ForConditionalGeneration._process_image_input` computes per image.
+
+    Pan-and-scan: transformers' Gemma3Processor passes do_pan_and_scan=False (and its crop settings) on
+    every call, over preprocessor_config.json; serving turns it on per call (vLLM:
+    mm_processor_kwargs={"do_pan_and_scan": True}). mmprep takes the pan_and_scan_* values that are set
+    (non-null) in preprocessor_config.json as those call arguments, the processor's defaults otherwise.
+    """
+
+    family = "gemma3"
+
+    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+    ) -> Gemma3Encoder:
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3Model
+
+        model = load_vision_model(source, config, architecture, dtype, shell=Gemma3Model, parts=("multi_modal_projector",))
+        return cls(
+            model=model.to(device).eval(),
+            source=source,
+            config=config,
+            image_processor=image_processor,
+            architecture=architecture,
+            device=device,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:
+        kwargs = processor_image_defaults(config)
+        for name in _PAN_AND_SCAN:
+            if getattr(image_processor, name, None) is not None:
+                kwargs[name] = getattr(image_processor, name)
+        return ImageOptions(kwargs, fixed_size=not kwargs.get("do_pan_and_scan"))
+
+    def input_names(self, processed: Any) -> list[str]:
+        return ["pixel_values"]  # [1 + n_crops, 3, H, W]: the image, then its crops
+
+    def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One forward over every view of every image; per image its views' soft tokens, in order (model dtype)."""
+        views = [int(item["pixel_values"].shape[0]) for item in items]
+        pixel_values = self.to_device([item["pixel_values"] for item in items], self.dtype)
+        with torch.inference_mode():
+            tokens = output_of(self.model.get_image_features(pixel_values=pixel_values)).to("cpu")
+        return [{"embeddings": owned(image.flatten(0, 1))} for image in torch.split(tokens, views)]
+
+    def output_shape(self) -> list[int | str]:
+        return ["n_tokens", int(self.config.text_config.hidden_size)]

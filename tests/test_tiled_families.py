@@ -1,0 +1,271 @@
+"""Gemma 3, InternVL (HF format), LLaVA-NeXT — families whose image becomes several views (pan-and-scan
+crops, tiles, an anyres grid): mmprep's tensors against transformers' own processor + forward, the
+language model's logits from pixels against logits from the cached tokens, batching, vision-only loading."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _model_helpers import (
+    IMAGE_TOKEN,
+    features_of,
+    pattern_image,
+    save_gemma3,
+    save_internvl,
+    save_llava_next,
+    tiny_tokenizer,
+)
+
+from mmprep.errors import ModelLoadError
+from mmprep.models import Encoder, load_encoder, load_preprocessor
+from mmprep.settings import ModelSettings
+
+# wide, very wide, tall, square, and a very small image: different crop / tile / grid counts per image
+SIZES = [(60, 40), (200, 90), (33, 120), (256, 256), (5, 3)]
+IMAGES = [pattern_image(size, seed) for seed, size in enumerate(SIZES)]
+ATOL = 1e-5
+PROMPT_ATOL = 1e-4
+# How serving turns pan-and-scan on (vLLM: mm_processor_kwargs); the tiny checkpoint's
+# preprocessor_config.json holds the same values, which is what mmprep reads.
+PAN_AND_SCAN = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=16, pan_and_scan_max_num_crops=3)
+
+
+@dataclass
+class Reference:
+    """transformers' own path for one family: the full model, and its processor's inputs for one image."""
+
+    model: Any
+    inputs: Callable[[Any], dict[str, torch.Tensor]]  # image -> model inputs (prompt with one image)
+    view_tokens: int  # tokens of the first view (base image / first tile), for the "moved view" negative
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image's tokens in the order the language model's placeholders receive them."""
+        pixels = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+        with torch.no_grad():
+            features = features_of(self.model.get_image_features(**pixels))
+        return features[0] if isinstance(features, (list, tuple)) else features.flatten(0, 1)
+
+
+def gemma3_reference(path: Path, serving_kwargs: dict[str, Any]) -> Reference:
+    from transformers import AutoImageProcessor, Gemma3ForConditionalGeneration, Gemma3Processor
+
+    tokenizer = tiny_tokenizer(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image>")
+    processor = Gemma3Processor(AutoImageProcessor.from_pretrained(path, backend="pil"), tokenizer, image_seq_length=4)
+    model = Gemma3ForConditionalGeneration.from_pretrained(path).eval()
+    return Reference(
+        model, lambda image: dict(processor(images=image, text="w5 w6 <start_of_image> w7", return_tensors="pt", **serving_kwargs)), 4
+    )
+
+
+def internvl_reference(path: Path) -> Reference:
+    from transformers import AutoImageProcessor, InternVLForConditionalGeneration, InternVLProcessor
+
+    # InternVLProcessor cannot be built without torchvision (its video processor); it adds these to every
+    # image-processor call and expands each image to <img> + image_seq_length * tiles <IMG_CONTEXT> + </img>.
+    assert InternVLProcessor.images_kwargs == {"crop_to_patches": True}
+    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    model = InternVLForConditionalGeneration.from_pretrained(path).eval()
+    per_tile = 4  # (32 / 8) ** 2 patches, pixel-shuffled by 0.5 per side
+
+    def inputs(image: Any) -> dict[str, torch.Tensor]:
+        pixel_values = image_processor(images=image, crop_to_patches=True, return_tensors="pt")["pixel_values"]
+        ids = [1, 5, 6, 121, *[IMAGE_TOKEN] * (per_tile * pixel_values.shape[0]), 122, 7]
+        input_ids = torch.tensor([ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+
+    return Reference(model, inputs, per_tile)
+
+
+def llava_next_reference(path: Path) -> Reference:
+    from transformers import AutoImageProcessor, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    processor = LlavaNextProcessor(
+        AutoImageProcessor.from_pretrained(path, backend="pil"), tiny_tokenizer(image_token="<image>"),
+        patch_size=8, vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+    )  # fmt: skip
+    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    return Reference(model, lambda image: dict(processor(images=image, text="w5 w6 <image> w7", return_tensors="pt")), 16)
+
+
+FAMILIES = ["gemma3", "gemma3_no_pan_and_scan", "internvl", "llava_next"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiled")
+    return {
+        "gemma3": save_gemma3(root / "gemma3"),
+        "gemma3_no_pan_and_scan": save_gemma3(root / "gemma3_plain", pan_and_scan=False),
+        "internvl": save_internvl(root / "internvl"),
+        "llava_next": save_llava_next(root / "llava_next"),
+    }
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints: dict[str, Path]) -> dict[str, Reference]:
+    return {
+        "gemma3": gemma3_reference(checkpoints["gemma3"], PAN_AND_SCAN),
+        "gemma3_no_pan_and_scan": gemma3_reference(checkpoints["gemma3_no_pan_and_scan"], {}),
+        "internvl": internvl_reference(checkpoints["internvl"]),
+        "llava_next": llava_next_reference(checkpoints["llava_next"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def encoders(checkpoints: dict[str, Path]) -> dict[str, Encoder]:
+    return {name: load_encoder(ModelSettings(name=str(path))) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def batched(encoders: dict[str, Encoder]) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Every test image through preprocess, then ONE batched encode, per family."""
+    return {name: enc.encode([enc.preprocess(image) for image in IMAGES]) for name, enc in encoders.items()}
+
+
+# -- fidelity ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensors_equal_transformers_processor_and_forward(
+    family: str, encoders: dict[str, Encoder], references: dict[str, Reference], batched: dict[str, Any]
+) -> None:
+    encoder, reference = encoders[family], references[family]
+    hidden = encoder.output_shape()[1]
+    counts = []
+    for image, out in zip(IMAGES, batched[family], strict=True):
+        inputs = reference.inputs(image)
+        expected = reference.features(inputs)
+        embeddings = out["embeddings"]
+        assert embeddings.dtype == torch.float32 and embeddings.shape == (int((inputs["input_ids"] == IMAGE_TOKEN).sum()), hidden)
+        assert embeddings.is_contiguous() and embeddings.untyped_storage().nbytes() == embeddings.numel() * 4
+        torch.testing.assert_close(embeddings, expected, atol=ATOL, rtol=0)
+        assert embeddings.std(dim=0).min() > 1e-3  # every channel varies across tokens: weights are not at zero
+        if family == "llava_next":
+            assert set(out) == {"embeddings", "image_sizes"}
+            assert torch.equal(out["image_sizes"], inputs["image_sizes"]) and out["image_sizes"].dtype == torch.int64
+        else:
+            assert set(out) == {"embeddings"}
+        counts.append(embeddings.shape[0])
+    assert not torch.allclose(batched[family][0]["embeddings"][:4], batched[family][3]["embeddings"][:4])  # images differ
+    if family == "gemma3_no_pan_and_scan":
+        assert counts == [4] * len(IMAGES)  # hub default: one view per image, however wide
+    else:
+        assert len(set(counts)) >= 3 and max(counts) > min(counts)  # crops / tiles / grids follow each image
+    # --fast-decode aims at a fixed input size only where every image is resized to one
+    assert encoder.input_size() == ((32, 32) if family == "gemma3_no_pan_and_scan" else None)
+
+
+def test_gemma3_pan_and_scan_views(batched: dict[str, Any]) -> None:
+    """Wide and tall images get crops after the full view; the 5x3 image is too small to crop."""
+    views = [out["embeddings"].shape[0] // 4 for out in batched["gemma3"]]
+    assert views == [3, 3, 4, 1, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_encode_equals_one_by_one(family: str, encoders: dict[str, Encoder], batched: dict[str, Any]) -> None:
+    encoder = encoders[family]
+    for image, together in zip(IMAGES, batched[family], strict=True):
+        alone = encoder.encode([encoder.preprocess(image)])[0]
+        assert alone.keys() == together.keys()
+        for name in alone:
+            torch.testing.assert_close(alone[name], together[name], atol=ATOL, rtol=0)
+
+
+def test_ray_and_check_preprocess_like_the_encoder(checkpoints: dict[str, Path], encoders: dict[str, Encoder]) -> None:
+    """load_preprocessor (Ray CPU tasks, `mmprep check`) applies the family's processor arguments too: InternVL tiles."""
+    for family in ("internvl", "gemma3"):
+        preprocess = load_preprocessor(ModelSettings(name=str(checkpoints[family])))
+        assert preprocess.input_size() is None
+        got, want = preprocess(IMAGES[1]), encoders[family].preprocess(IMAGES[1])
+        assert torch.equal(got["pixel_values"], want["pixel_values"]) and want["pixel_values"].shape[0] > 1
+
+
+# -- serving equivalence: the cached tokens substitute for the vision encoder ------------------------
+
+
+def logits_from_tokens(model: Any, inputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The language model's logits with the image placeholders filled with `tokens` (no pixels)."""
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids).detach().clone()
+    mask = ids == IMAGE_TOKEN
+    assert int(mask.sum()) == tokens.shape[0]
+    embeds[mask] = tokens.to(embeds.dtype)
+    extra = {k: v for k, v in inputs.items() if k in ("attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, **extra).logits
+
+
+def wrong_layouts(tokens: torch.Tensor, view: int) -> dict[str, torch.Tensor]:
+    return {"reversed": tokens.flip(0), "first view moved last": torch.cat([tokens[view:], tokens[:view]])}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
+def test_logits_from_cached_tokens_equal_logits_from_pixels(
+    family: str, references: dict[str, Reference], batched: dict[str, Any]
+) -> None:
+    reference = references[family]
+    image, cached = IMAGES[1], batched[family][1]["embeddings"]  # 200x90: several crops / tiles / grid cells
+    inputs = reference.inputs(image)
+    with torch.no_grad():
+        from_pixels = reference.model(**inputs).logits
+    assert from_pixels.std() > 1e-3
+    torch.testing.assert_close(logits_from_tokens(reference.model, inputs, cached), from_pixels, atol=PROMPT_ATOL, rtol=0)
+    for name, wrong in wrong_layouts(cached, reference.view_tokens).items():
+        diff = (logits_from_tokens(reference.model, inputs, wrong) - from_pixels).abs().max()
+        assert diff > 100 * PROMPT_ATOL, f"{name}: a wrong layout went unnoticed ({diff})"
+
+
+# -- vision-only loading ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "tensor"),
+    [
+        ("gemma3", "multi_modal_projector.mm_input_projection_weight"),
+        ("internvl", "multi_modal_projector.linear_1.weight"),
+        ("llava_next", "image_newline"),
+        ("llava_next", "vision_tower.*layers.0.mlp.fc1.weight"),
+    ],
+)
+def test_checkpoint_missing_vision_weights_fails_at_load(
+    family: str, tensor: str, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """At load, naming the missing tensors; not mid-run."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints[family], broken)
+    weights = load_file(broken / "model.safetensors")
+    (name,) = [k for k in weights if re.fullmatch(rf"(model\.)?{tensor}", k)]
+    del weights[name]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"lacks vision-tower or projector weights: {tensor}"):
+        load_encoder(ModelSettings(name=str(broken)))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
+def test_language_model_is_never_read(family: str, checkpoints: dict[str, Path], encoders: dict[str, Encoder], tmp_path: Path) -> None:
+    """A checkpoint stripped of every language-model tensor encodes exactly like the full one."""
+    from safetensors.torch import load_file, save_file
+
+    vision_only = tmp_path / "vision_only"
+    shutil.copytree(checkpoints[family], vision_only)
+    weights = load_file(vision_only / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "language_model" not in k and not k.startswith("lm_head")}
+    assert len(kept) < len(weights)
+    save_file(kept, vision_only / "model.safetensors", metadata={"format": "pt"})
+    encoder = load_encoder(ModelSettings(name=str(vision_only)))
+    names = [name for name, _ in encoder.model.named_parameters()]  # type: ignore[attr-defined]
+    assert not any("language_model" in n or "lm_head" in n for n in names)
+    got = encoder.encode([encoder.preprocess(IMAGES[1])])[0]
+    want = encoders[family].encode([encoders[family].preprocess(IMAGES[1])])[0]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=0, rtol=0)
