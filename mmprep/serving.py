@@ -43,6 +43,12 @@ def _vllm_qwen2_vl(entry: CachedEmbedding) -> dict[str, torch.Tensor]:
     return {"image_embeds": entry.embeddings, "image_grid_thw": _need(entry, "image_grid_thw")}
 
 
+def _one_image(entry: CachedEmbedding) -> torch.Tensor:
+    """[1, n_tokens, hidden]: the entry's token sequence with the image axis vLLM's parser needs
+    (vllm/multimodal/parse.py `MultiModalDataParser.is_embeddings`: a 3-D tensor or a list of 2-D ones)."""
+    return entry.embeddings.unsqueeze(0)
+
+
 def _vllm_llava(entry: CachedEmbedding) -> torch.Tensor:
     """[1, n_tokens, text_hidden]: the projected tokens of one image, with the image axis vLLM expects.
 
@@ -52,7 +58,47 @@ def _vllm_llava(entry: CachedEmbedding) -> torch.Tensor:
     2-D tensors as embeddings: a bare 2-D tensor would be read as pixels. For several images, pass
     `torch.cat([to_vllm(e) for e in entries])` (same token count) or `[e.embeddings for e in entries]`.
     """
-    return entry.embeddings.unsqueeze(0)
+    return _one_image(entry)
+
+
+def _vllm_llava_next(entry: CachedEmbedding) -> torch.Tensor:
+    """[1, n_tokens, text_hidden]: the PACKED sequence (base tile, anyres grid unpadded, image_newline).
+
+    vllm/model_executor/models/llava_next.py: `LlavaNextImageEmbeddingInputs` (data: ["bn", "ifs", "hs"])
+    and `LlavaNextForConditionalGeneration._process_image_input`, which returns image embeds as given: they
+    must already be what `_merge_image_patch_embeddings(strategy="spatial_unpad")` builds from pixels, i.e.
+    transformers' `pack_image_features`, which is what is stored. vLLM takes no `image_sizes` with embeds
+    (the prompt gets one <image> per token: `BaseLlavaMultiModalProcessor._get_prompt_updates`); the stored
+    "image_sizes" tensor is for transformers-side use and for checking.
+    """
+    return _one_image(entry)
+
+
+def _vllm_internvl(entry: CachedEmbedding) -> torch.Tensor:
+    """[1, n_tiles * image_seq_length, text_hidden]: every tile's tokens in processor order, flattened.
+
+    vLLM serves transformers-format `InternVLForConditionalGeneration` with
+    vllm/model_executor/models/interns1.py (registry.py): `InternS1ImageEmbeddingInputs` (data: ["ni",
+    "tifs", "hs"]), `_parse_and_validate_image_input` and `_process_vision_input` (embeds used as given);
+    `get_replacement_interns1_image` expands the image to <img> + one <IMG_CONTEXT> per token + </img>.
+    The original-format InternVLChatModel (internvl.py: `InternVLImageEmbeddingInputs`,
+    `_process_vision_input`) takes the same layout. Per-tile embeddings are never needed: from pixels,
+    vLLM flattens the tiles the same way (`image_embeds.view(-1, hidden)` in `_process_vision_input`).
+    """
+    return _one_image(entry)
+
+
+def _vllm_gemma3(entry: CachedEmbedding) -> Any:
+    """vLLM 0.32 takes no precomputed image embeddings for Gemma 3: vllm/model_executor/models/gemma3_mm.py
+    `Gemma3ForConditionalGeneration._parse_and_validate_image_input` asserts `image_embeds is None`, and
+    `Gemma3MultiModalProcessor._get_prompt_updates` needs the image's size (ImageProcessorItems) to lay out
+    the prompt. The stored embeddings are what its `_process_image_input` computes per image (every view's
+    soft tokens, flattened), for transformers (`inputs_embeds` / `mm_encoder_outputs`) or a later vLLM."""
+    raise ServingFormatError(
+        f"entry {entry.key[:16]} is a Gemma 3 entry: vLLM 0.32 has no precomputed-embedding image input for "
+        "Gemma 3 (gemma3_mm.py asserts image_embeds is None); entry.embeddings is the per-image sequence its "
+        "encoder computes, for transformers' inputs_embeds"
+    )
 
 
 def _vllm_pooled(entry: CachedEmbedding) -> Any:
@@ -66,7 +112,11 @@ VLLM_LAYOUTS: dict[str, Callable[[CachedEmbedding], Any]] = {
     "pooled": _vllm_pooled,
     "llava": _vllm_llava,
     "qwen2_vl": _vllm_qwen2_vl,
+    "llava_next": _vllm_llava_next,
+    "internvl": _vllm_internvl,
+    "gemma3": _vllm_gemma3,
 }
+_REFUSED = frozenset({"pooled", "gemma3"})  # families whose builder explains why vLLM takes no embeddings
 
 
 def to_vllm(entry: CachedEmbedding) -> Any:
@@ -75,6 +125,6 @@ def to_vllm(entry: CachedEmbedding) -> Any:
     if build is None:
         raise ServingFormatError(
             f"entry {entry.key[:16]} is of family {entry.family!r}, which has no vLLM layout "
-            f"(families with one: {', '.join(f for f in VLLM_LAYOUTS if f != 'pooled')})"
+            f"(families with one: {', '.join(f for f in VLLM_LAYOUTS if f not in _REFUSED)})"
         )
     return build(entry)

@@ -24,7 +24,9 @@ from _model_helpers import (
 
 from mmprep.errors import ModelLoadError
 from mmprep.models import Encoder, load_encoder, load_preprocessor
+from mmprep.serving import ServingFormatError, to_vllm
 from mmprep.settings import ModelSettings
+from mmprep.store.reader import CachedEmbedding, EmbeddingCache
 
 # wide, very wide, tall, square, and a very small image: different crop / tile / grid counts per image
 SIZES = [(60, 40), (200, 90), (33, 120), (256, 256), (5, 3)]
@@ -128,6 +130,40 @@ def batched(encoders: dict[str, Encoder]) -> dict[str, list[dict[str, torch.Tens
     return {name: enc.encode([enc.preprocess(image) for image in IMAGES]) for name, enc in encoders.items()}
 
 
+@pytest.fixture(scope="module")
+def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[CachedEmbedding]]:
+    """`mmprep encode` (the CLI, in batches of 2 mixed sizes) of the test images saved as PNG files, per
+    family; the entries read back with EmbeddingCache, in image order."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmprep.cli import app
+
+    root = tmp_path_factory.mktemp("cached")
+    paths = [root / "images" / f"{i}-{w}x{h}.png" for i, (w, h) in enumerate(SIZES)]
+    paths[0].parent.mkdir()
+    for image, path in zip(IMAGES, paths, strict=True):
+        image.save(path)  # lossless: decoding gives back the very pixels of IMAGES
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"url": str(path)}) + "\n" for path in paths))
+    entries = {}
+    for family in ("gemma3", "internvl", "llava_next"):
+        out = root / family
+        result = CliRunner().invoke(
+            app,
+            ["encode", str(manifest), "--model", str(checkpoints[family]), "--out", str(out), "--batch-size", "2",
+             "--allow-local-dir", str(paths[0].parent), "--progress", "none", "--json"],
+            catch_exceptions=False,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["encoded"] == len(IMAGES) and summary["failed"] == 0
+        with EmbeddingCache(out) as cache:
+            entries[family] = [cache.get(str(path)) for path in paths]
+    return entries
+
+
 # -- fidelity ---------------------------------------------------------------------------------------
 
 
@@ -159,6 +195,27 @@ def test_tensors_equal_transformers_processor_and_forward(
         assert len(set(counts)) >= 3 and max(counts) > min(counts)  # crops / tiles / grids follow each image
     # --fast-decode aims at a fixed input size only where every image is resized to one
     assert encoder.input_size() == ((32, 32) if family == "gemma3_no_pan_and_scan" else None)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
+def test_pipeline_stores_every_tensor_of_the_encoder(family: str, cached: dict[str, Any], batched: dict[str, Any]) -> None:
+    """Through `mmprep encode`, shards and EmbeddingCache: the family and every named tensor, as encoded."""
+    for entry, encoded in zip(cached[family], batched[family], strict=True):
+        assert entry is not None and entry.family == family
+        assert entry.tensors.keys() == encoded.keys()
+        for name, tensor in encoded.items():
+            torch.testing.assert_close(entry.tensors[name], tensor, atol=ATOL, rtol=0)
+
+
+def test_to_vllm_layouts(cached: dict[str, Any]) -> None:
+    """InternVL and LLaVA-NeXT: [1, n_tokens, hidden] (vLLM's parser reads a 2-D tensor as pixels); Gemma 3:
+    refused, since vLLM 0.32 takes no image embeddings for it."""
+    for family in ("internvl", "llava_next"):
+        for entry in cached[family]:
+            mm = to_vllm(entry)
+            assert mm.ndim == 3 and mm.shape[0] == 1 and torch.equal(mm[0], entry.embeddings)
+    with pytest.raises(ServingFormatError, match="no precomputed-embedding image input for Gemma 3"):
+        to_vllm(cached["gemma3"][0])
 
 
 def test_gemma3_pan_and_scan_views(batched: dict[str, Any]) -> None:
@@ -207,16 +264,18 @@ def wrong_layouts(tokens: torch.Tensor, view: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
 def test_logits_from_cached_tokens_equal_logits_from_pixels(
-    family: str, references: dict[str, Reference], batched: dict[str, Any]
+    family: str, references: dict[str, Reference], cached: dict[str, Any]
 ) -> None:
+    """The cache entry (to_vllm's tensor where vLLM has one) fills the image placeholders in place of the encoder."""
     reference = references[family]
-    image, cached = IMAGES[1], batched[family][1]["embeddings"]  # 200x90: several crops / tiles / grid cells
-    inputs = reference.inputs(image)
+    entry = cached[family][1]  # 200x90: several crops / tiles / grid cells
+    tokens = entry.embeddings if family == "gemma3" else to_vllm(entry)[0]
+    inputs = reference.inputs(IMAGES[1])
     with torch.no_grad():
         from_pixels = reference.model(**inputs).logits
     assert from_pixels.std() > 1e-3
-    torch.testing.assert_close(logits_from_tokens(reference.model, inputs, cached), from_pixels, atol=PROMPT_ATOL, rtol=0)
-    for name, wrong in wrong_layouts(cached, reference.view_tokens).items():
+    torch.testing.assert_close(logits_from_tokens(reference.model, inputs, tokens), from_pixels, atol=PROMPT_ATOL, rtol=0)
+    for name, wrong in wrong_layouts(tokens, reference.view_tokens).items():
         diff = (logits_from_tokens(reference.model, inputs, wrong) - from_pixels).abs().max()
         assert diff > 100 * PROMPT_ATOL, f"{name}: a wrong layout went unnoticed ({diff})"
 
