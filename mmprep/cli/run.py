@@ -70,7 +70,7 @@ ShardOpt = Annotated[Optional[str], option("shard", "Process only part I of N (e
 ProgressOpt = Annotated[str, option("progress", "auto | bar | log | none.", callback=lambda v: check_choice(v, "--progress", PROGRESS))]
 ManifestsArg = Annotated[list[str], typer.Argument(help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.")]
 UrlColOpt = Annotated[str, option("url-col", "Parquet/CSV/TSV manifests: the column holding the image URL.")]
-IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id [default: 'id' when there is one].")]
+IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id (default: the 'id' column when there is one).")]
 ModelOpt = Annotated[Optional[str], option("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
 RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).")]
 
