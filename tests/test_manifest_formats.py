@@ -205,6 +205,25 @@ def test_an_overlong_csv_line_is_skipped_in_bounded_pieces_and_reading_goes_on(t
     ]
 
 
+def test_an_unreadable_csv_header_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmprep.manifest.source.MAX_LINE_CHARS", 4096)
+    monkeypatch.setattr("mmprep.manifest.delimited.MAX_LINE_CHARS", 4096)
+    long_header = tmp_path / "long.csv"
+    long_header.write_bytes(b"x" * 10_000 + b"\nhttps://e.com/1.jpg\n")
+    with pytest.raises(UsageError, match="unreadable header row: line longer than 4096 characters"):
+        check_readable([str(long_header)])
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"not a gzip stream")  # gzip by its magic bytes, then garbage
+    with pytest.raises(UsageError, match=f"cannot read manifest {broken}"):
+        check_readable([str(broken)])
+
+
+def test_one_parquet_column_as_url_and_id(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"url": ["https://e.com/1.jpg"]}), path)
+    assert items(path, "url", "url") == [Record("https://e.com/1.jpg", "https://e.com/1.jpg", str(path), 1)]
+
+
 def test_invalid_utf8_in_a_csv_cell_is_a_bad_row(tmp_path):
     path = tmp_path / "m.csv"
     path.write_bytes(b"url\nhttps://e.com/\xff.jpg\nhttps://e.com/caf\xc3\xa9.jpg\n")

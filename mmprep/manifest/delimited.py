@@ -11,6 +11,7 @@ import csv
 from collections.abc import Iterator
 from typing import IO
 
+from mmprep.errors import UsageError
 from mmprep.manifest.records import BadLine, Record
 from mmprep.manifest.source import MAX_LINE_CHARS, READ_ERRORS, open_text, skip_rest_of_line, unreadable_rest
 from mmprep.manifest.tabular import Columns, pick_columns, row_record
@@ -51,27 +52,29 @@ class _BoundedLines:
 def header_of(path: str, kind: str) -> list[str]:
     """The column names of a CSV/TSV manifest (empty for an empty file)."""
     with open_text(path, newline="") as stream:
-        return _header(csv.reader(_BoundedLines(stream), delimiter=DELIMITERS[kind]))
+        lines = _BoundedLines(stream)
+        return _header(csv.reader(lines, delimiter=DELIMITERS[kind]), path)
 
 
-def _header(reader: Iterator[list[str]]) -> list[str]:
-    for row in reader:
-        if row:
-            return [name.lstrip("\ufeff").strip() for name in row]
+def _header(reader: Iterator[list[str]], path: str) -> list[str]:
+    csv.field_size_limit(MAX_LINE_CHARS)  # the default (128 Ki) would refuse a data URL cell
+    try:
+        for row in reader:
+            if row:
+                return [name.lstrip("\ufeff").strip() for name in row]
+    except (_OverlongLine, csv.Error) as exc:
+        raise UsageError(f"manifest {path}: unreadable header row: {exc}") from None
+    except READ_ERRORS as exc:
+        raise UsageError(f"cannot read manifest {path}: {type(exc).__name__}: {exc}") from None
     return []
 
 
 def read_delimited(path: str, kind: str, settings: ManifestSettings) -> Iterator[Record | BadLine]:
     """Every data row of a CSV (`kind="csv"`) or TSV (`"tsv"`) manifest as a record, streamed."""
-    csv.field_size_limit(MAX_LINE_CHARS)  # the default (128 Ki) would refuse a data URL cell
     with open_text(path, newline="") as stream:
         lines = _BoundedLines(stream)
         reader = csv.reader(lines, delimiter=DELIMITERS[kind])
-        try:
-            columns = pick_columns(_header(reader), settings, path)
-        except (_OverlongLine, csv.Error) as exc:
-            yield BadLine(path, lines.count, f"unreadable header row: {exc}")
-            return
+        columns = pick_columns(_header(reader, path), settings, path)
         yield from _rows(reader, lines, columns, path)
 
 

@@ -66,10 +66,10 @@ def read_parquet(path: str, settings: ManifestSettings) -> Iterator[Record | Bad
     row = 0
     try:
         columns = _columns(file, settings, path)
-        names = [columns.url_name] + ([columns.id_name] if columns.id_name is not None else [])
+        names = list(dict.fromkeys(n for n in (columns.url_name, columns.id_name) if n is not None))
         for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=names, use_threads=False):
-            urls = batch.column(0).to_pylist()
-            ids = batch.column(1).to_pylist() if columns.id_name is not None else [None] * len(urls)
+            urls = batch.column(columns.url_name).to_pylist()
+            ids = batch.column(columns.id_name).to_pylist() if columns.id_name is not None else [None] * len(urls)
             for url, rid in zip(urls, ids):
                 row += 1
                 yield row_record(url, rid, columns, path, row)
