@@ -16,7 +16,7 @@ from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ShardSpec
 
 app = typer.Typer(
     name="mmprep",
-    help="Precompute vision-model embeddings for JSONL image manifests into a safetensors cache.",
+    help="Precompute vision-model embeddings for image manifests (JSONL, parquet, CSV/TSV, URL lists) into a safetensors cache.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
