@@ -242,3 +242,40 @@ def test_formats_mix_in_one_run_in_order(tmp_path):
     got = list(read_manifests([str(jsonl), str(parquet), str(txt)], ManifestSettings("link")))
     assert [r.url for r in got] == ["https://e.com/1.jpg", "https://e.com/2.jpg", "https://e.com/3.jpg"]
     check_readable([str(jsonl), str(parquet), str(txt)], ManifestSettings("link"))  # the column applies to b.parquet
+
+
+PEAK_READ = """
+import sys
+from mmprep.manifest import read_manifests
+assert sum(1 for _ in read_manifests([sys.argv[1]])) == int(sys.argv[2])
+"""
+PEAK_NAIVE = """
+import sys
+import pyarrow.parquet as pq
+assert len(pq.read_table(sys.argv[1]).column("url").to_pylist()) == int(sys.argv[2])
+"""
+
+
+def peak_mb(tmp_path: Path, code: str, *args: str) -> float:
+    """Peak RSS (VmHWM, MB) of a fresh Python process running `code` (benchmarks/peak.py)."""
+    import subprocess
+
+    out = tmp_path / "peak.txt"
+    subprocess.run([sys.executable, "-m", "benchmarks.peak", str(out), "-c", code, *args], check=True,
+                   cwd=Path(__file__).resolve().parent.parent, timeout=300)  # fmt: skip
+    return float(out.read_text())
+
+
+def test_a_parquet_manifest_is_read_a_batch_at_a_time_not_whole(tmp_path):
+    """75x the rows, in one row group (~45 MB of URLs), cost about the same peak memory (+8 MB here); reading
+    the whole table (the negative control) costs the URLs' size several times over (+230 MB here)."""
+    paths = {}
+    for rows in (2_000, 150_000):
+        paths[rows] = tmp_path / f"m{rows}.parquet"
+        column = pa.array([f"https://images.example.com/{i:08d}/" + "x" * 260 for i in range(rows)])
+        pq.write_table(pa.table({"url": column}), paths[rows], row_group_size=rows)
+    small = peak_mb(tmp_path, PEAK_READ, str(paths[2_000]), "2000")
+    big = peak_mb(tmp_path, PEAK_READ, str(paths[150_000]), "150000")
+    naive = peak_mb(tmp_path, PEAK_NAIVE, str(paths[150_000]), "150000")
+    assert big - small < 30, (small, big)
+    assert naive - small > 90, (small, naive)  # the same measurement sees a whole-file read
