@@ -9,6 +9,7 @@ to `to_vllm` (same dispatch on `entry.family`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,3 +129,61 @@ def to_vllm(entry: CachedEmbedding) -> Any:
             f"(families with one: {', '.join(f for f in VLLM_LAYOUTS if f not in _REFUSED)})"
         )
     return build(entry)
+
+
+# -- vLLM encoder-cache connector (ECExampleConnector) layouts: ONE image's element of embed_multimodal() --
+
+
+@dataclass(frozen=True)
+class EcLayout:
+    """How an entry of one family becomes the `ec_cache` tensor vLLM's runner caches for that image, and
+    how many rows that tensor must have (the placeholder tokens vLLM reserves; a mismatch kills the engine)."""
+
+    family: str
+    tensor: Callable[[CachedEmbedding], torch.Tensor]
+    rows: Callable[[CachedEmbedding], int]
+
+
+def _ec_qwen2_vl(config: Any) -> EcLayout:
+    """Qwen2-VL / Qwen2.5-VL: the merged tokens [t*h*w / merge², hidden].
+
+    vllm/model_executor/models/qwen2_vl.py: `Qwen2VLForConditionalGeneration.embed_multimodal` returns
+    `_process_image_input`'s split of the merged tokens, one [tokens, hidden] tensor per image.
+    """
+    merge = int(config.vision_config.spatial_merge_size)
+    return EcLayout(
+        "qwen2_vl", lambda e: e.embeddings, lambda e: int(_need(e, "image_grid_thw").prod()) // merge**2
+    )
+
+
+def _ec_llava(config: Any) -> EcLayout:
+    """LLaVA: the projected patch tokens [(image_size / patch_size)², text_hidden] (+1 with the "full"
+    strategy, which keeps CLS). vllm/model_executor/models/llava.py: `embed_multimodal` returns the
+    projector's [images, tokens, hidden] output, one [tokens, hidden] element per image."""
+    vision = config.vision_config
+    tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    tokens += 1 if config.vision_feature_select_strategy == "full" else 0
+    return EcLayout("llava", lambda e: e.embeddings, lambda e: tokens)
+
+
+EC_LAYOUTS: dict[str, Callable[[Any], EcLayout]] = {"qwen2_vl": _ec_qwen2_vl, "llava": _ec_llava}
+
+
+def vllm_ec_layout(family: str, model_info: dict[str, Any]) -> EcLayout:
+    """The EC layout of a cached model (`model_info`: its row in the index's models table); reads the
+    model's config (local or hub cache, offline) for the numbers that fix each image's token count."""
+    build = EC_LAYOUTS.get(family)
+    if build is None:
+        raise ServingFormatError(
+            f"model {model_info.get('name')} ({family}) has no vLLM encoder-cache layout (families with one: "
+            f"{', '.join(EC_LAYOUTS)}); pooled vectors are for retrieval (--format npy or parquet)"
+        )
+    from mmprep.models.base import load_config, reason_of, resolve_source
+
+    try:
+        config = load_config(resolve_source(str(model_info["name"]), model_info.get("revision")))
+    except Exception as exc:  # the model is not on this machine any more, or not readable offline
+        raise ServingFormatError(
+            f"cannot read the config of {model_info.get('name')} to check token counts: {reason_of(exc)}"
+        ) from exc
+    return build(config)

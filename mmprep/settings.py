@@ -102,9 +102,10 @@ class Settings:
     json: bool = False
     progress: str = "auto"  # auto | bar | log | none
     log_every: float = 10.0  # seconds between plain progress lines (non-TTY)
+    vllm_model_id: str | None = None  # also record vLLM's identifier of each image for a server with this --model
 
 
-EXPORT_FORMATS = ("npy", "parquet")
+EXPORT_FORMATS = ("npy", "parquet", "vllm-ec")
 EC_KEYS = ("url", "vllm")  # vllm-ec directory names: the entry key (sha256 of the URL), or vLLM's own hash
 
 

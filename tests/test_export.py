@@ -213,3 +213,9 @@ def test_missing_pyarrow_names_the_extra(cache: dict, monkeypatch: pytest.Monkey
     result = cli("export", str(cache["out"]), "--out", str(cache["root"] / "no-arrow"), "--model", "builtin:tiny-clip")
     assert result.exit_code == 2 and "pip install 'mmprep[parquet]'" in result.output
     assert not (cache["root"] / "no-arrow").exists()
+
+
+def test_pooled_model_has_no_vllm_store(cache: dict) -> None:
+    result = cli("export", str(cache["out"]), "--out", str(cache["root"] / "ec"), "--format", "vllm-ec", "--model", "builtin:tiny-clip")
+    assert result.exit_code == 2 and "no vLLM encoder-cache layout" in result.output
+    assert not (cache["root"] / "ec").exists()

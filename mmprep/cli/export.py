@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from mmprep.cli.common import (
     PROGRESS,
@@ -50,8 +51,11 @@ def export(
     except MmprepError as exc:
         fail(exc)
     if json_out:
-        print(json.dumps(dataclasses.asdict(report), indent=2))
-    err.print(report.summary_line(), soft_wrap=True, highlight=False)
+        print(json.dumps(dataclasses.asdict(report) | {"exit_code": report.exit_code}, indent=2))
+    for line in getattr(report, "refused", ()):
+        err.print(f"[red]refused[/red] {escape(line)}", soft_wrap=True, highlight=False)
+    err.print(escape(report.summary_line()), soft_wrap=True, highlight=False)
+    raise typer.Exit(report.exit_code)
 
 
 def _settings(

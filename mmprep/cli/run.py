@@ -151,6 +151,7 @@ def encode(
     workers: Annotated[Optional[int], option("workers", "Ray engine: encoder actors [default: GPUs / --gpus-per-worker, else 1].", min=1)] = None,
     gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", min=0)] = 0,
     worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", min=0)] = RAY_WORKER_RESTARTS,
+    vllm_model_id: Annotated[Optional[str], option("vllm-model-id", "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).")] = None,
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
@@ -174,6 +175,7 @@ def encode(
             wait_lock=None if wait_lock == float("inf") else wait_lock,
             json=json_out,
             progress=progress,
+            vllm_model_id=vllm_model_id or None,
         )
         from mmprep.decode import pixel_options
         from mmprep.models import load_encoder
@@ -183,6 +185,8 @@ def encode(
         quiet_transformers()
         if engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, not {engine!r}")
+        if engine == "ray" and vllm_model_id:
+            raise UsageError("--vllm-model-id works with --engine local only (run it locally once after a Ray run)")
         if engine == "ray":  # the model loads on the Ray workers, not here
             from mmprep.engines.ray_engine import run_ray
 

@@ -15,6 +15,17 @@ from mmprep.store.reader import CachedEmbedding, EmbeddingCache, resolve_model
 
 
 @dataclass(frozen=True)
+class ListedRow:
+    """One entry as listed by the index, before its tensors are read."""
+
+    key: str
+    url: str
+    caller_id: str | None
+    content_sha256: str
+    vllm_identifier: str | None = None
+
+
+@dataclass(frozen=True)
 class ExportRow:
     """One cached entry with the metadata an export writes next to its tensors."""
 
@@ -63,22 +74,50 @@ class CacheSource:
         (n,) = self._conn.execute("SELECT count(*) FROM entries WHERE fingerprint=?", (self.fingerprint,)).fetchone()
         return int(n)
 
-    def batches(self, extra_sql: str = "", params: tuple[Any, ...] = ()) -> Iterator[list[ExportRow]]:
-        """Every entry of the model (optionally filtered by `extra_sql` on entries `e`), `batch_rows` at a time."""
-        cursor = self._conn.execute(
-            "SELECT e.key, e.url, e.caller_id, e.content_sha256 FROM entries e "
-            f"WHERE e.fingerprint=? {extra_sql} ORDER BY e.shard, e.key",
-            (self.fingerprint, *params),
-        )
+    def listing(self, *, vllm_model_id: str | None = None) -> Iterator[list[ListedRow]]:
+        """Every entry's metadata, `batch_rows` at a time, in shard order. With `vllm_model_id`, only the
+        entries whose vLLM identifier for that model id is recorded, with it."""
+        if vllm_model_id is None:
+            sql = "SELECT e.key, e.url, e.caller_id, e.content_sha256, NULL FROM entries e WHERE e.fingerprint=?"
+            params: tuple[Any, ...] = (self.fingerprint,)
+        else:
+            sql = (
+                "SELECT e.key, e.url, e.caller_id, e.content_sha256, v.identifier FROM entries e "
+                "JOIN vllm_identifiers v ON v.content_sha256 = e.content_sha256 AND v.model_id = ? "
+                "WHERE e.fingerprint=?"
+            )
+            params = (vllm_model_id, self.fingerprint)
+        cursor = self._conn.execute(sql + " ORDER BY e.shard, e.key", params)
         while True:
-            listed = cursor.fetchmany(self.batch_rows)
-            if not listed:
+            rows = cursor.fetchmany(self.batch_rows)
+            if not rows:
                 return
-            found = self._cache.get_keys([r[0] for r in listed])
-            batch = [ExportRow(r[0], r[1], r[2], r[3], e) for r, e in zip(listed, found) if e is not None]
-            self.vanished += len(listed) - len(batch)
-            if batch:
-                yield batch
+            yield [ListedRow(*r) for r in rows]
+
+    def without_vllm_identifier(self, vllm_model_id: str) -> int:
+        """How many entries have no vLLM identifier for `vllm_model_id` recorded (encode --vllm-model-id)."""
+        if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name='vllm_identifiers'").fetchone():
+            return self.count()
+        (n,) = self._conn.execute(
+            "SELECT count(*) FROM entries e WHERE e.fingerprint=? AND NOT EXISTS (SELECT 1 FROM vllm_identifiers v "
+            "WHERE v.content_sha256 = e.content_sha256 AND v.model_id = ?)",
+            (self.fingerprint, vllm_model_id),
+        ).fetchone()
+        return int(n)
+
+    def load(self, listed: list[ListedRow]) -> list[ExportRow]:
+        """The listed entries with their tensors (one batched lookup); entries gone meanwhile are counted, not returned."""
+        found = self._cache.get_keys([r.key for r in listed])
+        rows = [ExportRow(r.key, r.url, r.caller_id, r.content_sha256, e) for r, e in zip(listed, found) if e is not None]
+        self.vanished += len(listed) - len(rows)
+        return rows
+
+    def batches(self) -> Iterator[list[ExportRow]]:
+        """Every entry of the model with its tensors, `batch_rows` at a time."""
+        for listed in self.listing():
+            rows = self.load(listed)
+            if rows:
+                yield rows
 
     def close(self) -> None:
         self._cache.close()

@@ -133,6 +133,8 @@ class TabularReport:
     vanished: int  # entries removed (by a concurrent gc) between listing and reading
     duration_s: float
 
+    exit_code = 0  # a partial export is never published: it either completes or raises
+
     def summary_line(self) -> str:
         rate = self.rows / self.duration_s if self.duration_s > 0 else 0.0
         return (

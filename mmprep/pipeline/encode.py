@@ -41,6 +41,7 @@ from mmprep.store.lock import WriterLock
 from mmprep.store.reader import EmbeddingCache
 from mmprep.store.rebuild import adopt_orphans
 from mmprep.store.shards import ShardEntry, ShardWriter
+from mmprep.vllm_hash import vllm_image_identifier
 
 logger = logging.getLogger("mmprep.pipeline")
 
@@ -134,6 +135,7 @@ class EncodeRun(LoadingRun):
         self._readers: list[Any] = []
         self.adopted: list[str] = []
         self.other_decodes: list[dict[str, Any]] = []
+        self._vllm_ids: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()  # --vllm-model-id, for the writer
 
     def run(self) -> RunSummary:
         """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
@@ -194,8 +196,9 @@ class EncodeRun(LoadingRun):
     def _open_lookup(self) -> None:
         """The read-only index connection and the per-run key lookup that classify() asks."""
         self._lookup = CacheIndex(self.layout.index, readonly=True)
-        refreshing = self.settings.refresh_older_than is not None  # lookups then need each entry's validators
-        self._keys = KeyLookup(self._lookup, self.fingerprint, self.run_id, detail=refreshing)
+        # refresh needs each entry's validators; --vllm-model-id may re-fetch an entry to hash its bytes
+        detail = self.settings.refresh_older_than is not None or self.settings.vllm_model_id is not None
+        self._keys = KeyLookup(self._lookup, self.fingerprint, self.run_id, detail=detail)
 
     # -- loading-half hooks ---------------------------------------------------------------------
 
@@ -215,10 +218,13 @@ class EncodeRun(LoadingRun):
         plan = PLAIN
         if state is not None and state.cached:
             age = self.settings.refresh_older_than
-            if age is None or (state.checked is not None and time.time() - state.checked < age):
+            if age is not None and (state.checked is None or time.time() - state.checked >= age):
+                plan = Plan(state.etag, state.last_modified, state.content_sha256, refresh=True)
+            elif self._needs_vllm_identifier(key):  # fetched once more (not re-encoded) to hash its bytes
+                plan = Plan(content_sha256=state.content_sha256, refresh=True)
+            else:
                 c.cached += 1
                 return None
-            plan = Plan(state.etag, state.last_modified, state.content_sha256, refresh=True)
         failed_before = state is not None and state.failed_kind is not None
         if failed_before and not state.failed_retryable:
             c.skipped_failed += 1
@@ -235,17 +241,30 @@ class EncodeRun(LoadingRun):
         """Decode thread: unchanged refresh → touch; known bytes → copy; else decode + preprocess → model."""
         sha = hashlib.sha256(fetched.data).hexdigest()
         if plan.refresh and sha == plan.content_sha256:
+            self._identify(sha, fetched.data)
             self._writer_q.put(_Checked(key, fetched.etag, fetched.last_modified))
             return
         row = _Prepared(record, key, {}, sha, fetched.etag, fetched.last_modified)
         twin = self._stored_twin(sha, key)
         if twin is not None:
+            self._identify(sha, fetched.data)
             self.counters.content_dedup += 1
             self._writer_q.put(_Encoded(row, twin))
             return
         image = decode_image(fetched.data, self.load)
+        self._identify(sha, fetched.data)  # after the decode: only bytes known to be an allowed image are opened
         row.inputs = self.encoder.preprocess(image)
         self._model_q.put(row)
+
+    def _needs_vllm_identifier(self, key: str) -> bool:
+        model_id = self.settings.vllm_model_id
+        return model_id is not None and not self._lookup.has_vllm_identifier(self.fingerprint, key, model_id)
+
+    def _identify(self, sha: str, data: bytes) -> None:
+        """--vllm-model-id: vLLM's identifier of these image bytes, queued for the writer."""
+        model_id = self.settings.vllm_model_id
+        if model_id is not None:
+            self._vllm_ids.put((sha, model_id, vllm_image_identifier(data, model_id)))
 
     async def not_modified(self, record: Record, key: str, plan: Plan) -> None:
         await self._to_writer(_Checked(key, None, None))
@@ -369,6 +388,7 @@ class EncodeRun(LoadingRun):
 
     def _flush_shard(self, index: CacheIndex, shards: ShardWriter) -> None:
         written = shards.flush()
+        self._flush_identifiers(index)
         if written is None:
             return
         fault_point("after_shard_write")
@@ -376,9 +396,17 @@ class EncodeRun(LoadingRun):
         self.release(e.key for e in written.entries)
         self.counters.encoded += len(written.entries)
 
+    def _flush_identifiers(self, index: CacheIndex) -> None:
+        rows = []
+        while not self._vllm_ids.empty():
+            rows.append(self._vllm_ids.get())
+        if rows:
+            index.record_vllm_identifiers(rows)
+
     def _flush_small(
         self, index: CacheIndex, failures: list[FailureRecord], checked: list[_Checked], errors_file: Any
     ) -> None:
+        self._flush_identifiers(index)
         if checked:
             index.mark_checked(self.fingerprint, [(c.key, c.etag, c.last_modified) for c in checked])
             self.release(c.key for c in checked)

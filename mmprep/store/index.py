@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS failures (
     status INTEGER, retryable INTEGER NOT NULL, attempts INTEGER NOT NULL,
     run_id TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     PRIMARY KEY (fingerprint, key)) WITHOUT ROWID;
+-- vLLM's identifier of the image bytes with this content sha256, for a server started with --model model_id
+-- (`encode --vllm-model-id`; `export --format vllm-ec --key vllm` names store entries by it).
+CREATE TABLE IF NOT EXISTS vllm_identifiers (
+    content_sha256 TEXT NOT NULL, model_id TEXT NOT NULL, identifier TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (content_sha256, model_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, model TEXT NOT NULL,
     started REAL NOT NULL, finished REAL, status TEXT NOT NULL, exit_code INTEGER,
@@ -214,6 +219,20 @@ class CacheIndex:
         ).fetchone()
         return None if row is None else row[0]
 
+    def has_vllm_identifier(self, fingerprint: str, key: str, model_id: str) -> bool:
+        """Whether the cached entry `key` has its vLLM identifier for `model_id` recorded (for its current bytes)."""
+        try:
+            row = self.conn.execute(
+                "SELECT 1 FROM entries e JOIN vllm_identifiers v ON v.content_sha256 = e.content_sha256 "
+                "WHERE e.fingerprint=? AND e.key=? AND v.model_id=?",
+                (fingerprint, key, model_id),
+            ).fetchone()
+        except sqlite3.OperationalError as exc:  # an index made before the table existed, opened read-only
+            if "no such table" in str(exc):
+                return False
+            raise
+        return row is not None
+
     def models(self) -> list[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM models ORDER BY created"))
 
@@ -307,6 +326,15 @@ class CacheIndex:
                      attempts=failures.attempts + excluded.attempts,
                      run_id=excluded.run_id, last_seen=excluded.last_seen""",
                 rows,
+            )
+
+
+    def record_vllm_identifiers(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Store (content_sha256, model_id, identifier) rows; the identifier depends on nothing else."""
+        now = time.time()
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO vllm_identifiers VALUES (?, ?, ?, ?)", [(*r, now) for r in rows]
             )
 
 

@@ -1,0 +1,264 @@
+"""`--format vllm-ec`: vLLM's ECExampleConnector store, so that a stock vLLM (`ec_role: ec_consumer`) skips
+its vision encoder for every exported image.
+
+The store (vllm/distributed/ec_transfer/ec_connector/example_connector.py) keeps one directory per
+multimodal item: `<STORE>/<identifier>/encoder_cache.safetensors`, one tensor `ec_cache` = that
+image's element of the model's `embed_multimodal()`. The connector checks `os.path.exists` of the
+file and loads it without any validation, so one bad file kills the engine; hence:
+
+- each new entry is written under `<STORE>/.mmprep-staging/` (same file system), fsynced, and its
+  directory renamed into place (over the empty directory a vLLM miss leaves, if any); a changed
+  entry is replaced by renaming a new file over the old one;
+- the row count is checked against the image's grid before anything is written;
+- entries already in the store are skipped after reading only their header (their metadata names
+  the cache entry's content sha256 and model fingerprint), so a rerun writes nothing;
+- `mmprep-ec-store.json` at the root records the model fingerprint; another model is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from mmprep import __version__
+from mmprep.errors import ExportFormatError, UsageError
+from mmprep.export.progress import ExportCounters
+from mmprep.export.source import CacheSource, ExportRow, ListedRow
+from mmprep.faults import fault_point
+from mmprep.report import Reporter
+from mmprep.serving import EcLayout, ServingFormatError, vllm_ec_layout
+from mmprep.settings import ExportSettings
+from mmprep.store.lock import WriterLock
+from mmprep.store.shards import fsync_dir, write_atomic
+
+STORE_MANIFEST = "mmprep-ec-store.json"
+STORE_FORMAT = "mmprep.vllm-ec"
+ENTRY_FILE = "encoder_cache.safetensors"  # ECExampleConnector._generate_filename_debug
+TENSOR = "ec_cache"
+STAGING = ".mmprep-staging"
+REPLACING = ".encoder_cache.safetensors.mmprep.tmp"  # a replacement being written inside an entry directory
+_MAX_HEADER = 1 << 20
+
+
+@dataclass
+class EcReport:
+    """What one vllm-ec export did."""
+
+    store: str
+    model: str
+    fingerprint: str
+    key: str  # url | vllm
+    entries: int  # entries of the model considered
+    written: int  # new entries
+    replaced: int  # entries whose stored tensor differed
+    skipped: int  # already in the store, unchanged
+    refused: list[str]  # entries not written: their tensor does not fit their grid
+    missing_identifier: int  # --key vllm: entries without a recorded vLLM identifier
+    pruned: int  # empty directories removed (--prune-empty)
+    bytes: int  # bytes written
+    vanished: int  # entries removed (by a concurrent gc) between listing and reading
+    duration_s: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.refused or self.missing_identifier else 0
+
+    def summary_line(self) -> str:
+        line = (
+            f"vllm-ec store {self.store} (--key {self.key}): {self.written} written, {self.replaced} replaced, "
+            f"{self.skipped} skipped (already there), {self.bytes} bytes, {self.duration_s:.1f}s"
+        )
+        if self.pruned:
+            line += f"; {self.pruned} empty directories pruned"
+        if self.refused:
+            line += f"; {len(self.refused)} refused (row count does not match the grid)"
+        if self.missing_identifier:
+            line += f"; {self.missing_identifier} without a vLLM identifier (run encode with --vllm-model-id)"
+        return line
+
+
+def export_vllm_ec(settings: ExportSettings, reporter: Reporter | None = None) -> EcReport:
+    """Bring the store up to date with the cache: write what is missing or changed, skip the rest."""
+    store = settings.out.absolute()
+    with CacheSource(settings.cache_dir, settings.model, settings.batch_rows) as source:
+        try:
+            layout = vllm_ec_layout(source.family, source.info)
+        except ServingFormatError as exc:
+            raise ExportFormatError(str(exc)) from None
+        if store.exists() and not store.is_dir():
+            raise UsageError(f"--out {store} is a file; give the store's directory")
+        with WriterLock(store, wait=0):
+            _claim_store(store, source)
+            shutil.rmtree(store / STAGING, ignore_errors=True)  # what a killed export left (never visible)
+            report = EcReport(
+                store=str(store), model=source.model_name, fingerprint=source.fingerprint, key=settings.key,
+                entries=source.count(), written=0, replaced=0, skipped=0, refused=[], missing_identifier=0,
+                pruned=prune_empty(store) if settings.prune_empty else 0, bytes=0, vanished=0,
+            )  # fmt: skip
+            model_id = settings.vllm_model_id if settings.key == "vllm" else None
+            if model_id is not None:
+                report.missing_identifier = source.without_vllm_identifier(model_id)
+            counters = ExportCounters(report.entries - report.missing_identifier, unit="entries")
+            if reporter is not None:
+                reporter.start(counters)
+            try:
+                for listed in source.listing(vllm_model_id=model_id):
+                    _export_batch(source, layout, store, listed, report, counters)
+            finally:
+                shutil.rmtree(store / STAGING, ignore_errors=True)
+                if reporter is not None:
+                    reporter.stop(counters)
+        report.vanished = source.vanished
+        report.duration_s = round(counters.elapsed(), 3)
+        return report
+
+
+def _export_batch(
+    source: CacheSource, layout: EcLayout, store: Path, listed: list[ListedRow], report: EcReport, counters: ExportCounters
+) -> None:
+    """Skip the listed entries the store holds unchanged (header read only); read and write the others."""
+    todo: list[ListedRow] = []
+    for row in listed:
+        meta = _stored_meta(store / (row.vllm_identifier or row.key) / ENTRY_FILE)
+        if (meta.get("content_sha256"), meta.get("fingerprint")) == (row.content_sha256, source.fingerprint):
+            report.skipped += 1
+        else:
+            todo.append(row)
+    identifiers = {r.key: r.vllm_identifier or r.key for r in todo}
+    for row in source.load(todo) if todo else []:
+        report.bytes += _write_entry(store, identifiers[row.key], row, layout, source.fingerprint, report)
+    counters.done = report.skipped + report.written + report.replaced + len(report.refused)
+    counters.written = report.written + report.replaced
+    counters.bytes = report.bytes
+
+
+def _write_entry(store: Path, identifier: str, row: ExportRow, layout: EcLayout, fingerprint: str, report: EcReport) -> int:
+    """Write one entry safely; returns the bytes written (0 when skipped or refused)."""
+    tensor = layout.tensor(row.entry).contiguous()
+    expected = layout.rows(row.entry)
+    if tensor.dim() != 2 or tensor.shape[0] != expected:
+        report.refused.append(f"{row.url} ({row.key[:16]}): {list(tensor.shape)} for a grid of {expected} tokens")
+        return 0
+    target = store / identifier / ENTRY_FILE
+    if target.exists() and _same_tensor(target, tensor):
+        report.skipped += 1  # e.g. written by a vLLM producer, or by mmprep before a re-encode with equal output
+        return 0
+    meta = {"format": STORE_FORMAT, "key": row.key, "content_sha256": row.content_sha256,
+            "fingerprint": fingerprint, "mmprep_version": __version__}  # fmt: skip
+    blob = save({TENSOR: tensor}, metadata=meta)
+    if target.exists():
+        _replace_file(target, blob)
+        report.replaced += 1
+    else:
+        _place_new(store, identifier, blob)
+        report.written += 1
+    fault_point("ec_after_entry")
+    return len(blob)
+
+
+def _place_new(store: Path, identifier: str, blob: bytes) -> None:
+    """A new entry: written whole in the staging area, then its directory renamed into place."""
+    staged = store / STAGING / identifier
+    staged.mkdir(parents=True, exist_ok=True)
+    with open(staged / ENTRY_FILE, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(staged)
+    fault_point("ec_before_rename")
+    final = store / identifier
+    try:
+        os.rename(staged, final)  # also replaces the empty directory a vLLM miss leaves behind
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        _replace_file(final / ENTRY_FILE, blob)  # the directory holds something else: place just the file
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    fsync_dir(store)
+
+
+def _replace_file(target: Path, blob: bytes) -> None:
+    """Swap the entry's file for a new one in one rename (a reader holds the old file or the new one)."""
+    tmp = target.with_name(REPLACING)
+    write_atomic(tmp, blob)  # fsynced under its temporary name first
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+def _stored_meta(path: Path) -> dict[str, str]:
+    """The safetensors metadata of an entry file ({} when absent or unreadable): the header only."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > _MAX_HEADER:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _same_tensor(path: Path, tensor: torch.Tensor) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = f.get_tensor(TENSOR) if TENSOR in f.keys() else None
+    except (OSError, SafetensorError):
+        return False
+    return stored is not None and stored.dtype == tensor.dtype and torch.equal(stored, tensor)
+
+
+def _claim_store(store: Path, source: CacheSource) -> None:
+    """Record the model in the store's manifest, or refuse a store that holds another model."""
+    path = store / STORE_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"unreadable store manifest {path}: {exc}") from None
+    if manifest is not None:
+        if manifest.get("fingerprint") != source.fingerprint:
+            raise ExportFormatError(
+                f"the store {store} holds entries of model {manifest.get('model')} "
+                f"({str(manifest.get('fingerprint'))[:16]}), not {source.model_name} ({source.fingerprint[:16]}): "
+                "a vLLM store serves one model; give this one its own --out"
+            )
+        return
+    manifest = {"format": STORE_FORMAT, "version": 1, "fingerprint": source.fingerprint, "model": source.model_name,
+                "family": source.family, "created": time.time(), "mmprep_version": __version__}  # fmt: skip
+    write_atomic(path, json.dumps(manifest, indent=2).encode())
+
+
+def prune_empty(store: Path) -> int:
+    """Remove the empty entry directories vLLM's lookups create on misses; returns how many."""
+    pruned = 0
+    with os.scandir(store) as it:
+        for item in it:
+            if item.name.startswith(".") or not item.is_dir(follow_symlinks=False):
+                continue
+            try:
+                os.rmdir(item.path)  # fails, and is left alone, unless empty
+            except OSError:
+                continue
+            pruned += 1
+    return pruned
+
+
+def read_entry(store: Path, identifier: str) -> Any:
+    """The `ec_cache` tensor of one entry, as vLLM loads it (for tests and `mmprep show`-like checks)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(store / identifier / ENTRY_FILE))[TENSOR]
