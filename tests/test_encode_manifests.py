@@ -53,9 +53,9 @@ def test_parquet_manifest_encodes_reports_bad_rows_and_resumes_without_fetching(
     args = [str(path), *MODEL, "--out", str(cache), *NET, "--url-col", "URL", "--id-col", "key"]
     code, first = encode_json(*args)
     assert code == 1 and (first["rows"], first["encoded"], first["failed"]) == (10, 8, 2)
-    assert sorted((e["kind"], e["source"], e["line"], e["message"]) for e in errors_of(first)) == [
-        ("bad_manifest_line", str(path), 4, "column 'URL' is null"),
-        ("bad_manifest_line", str(path), 8, "column 'URL' is empty"),
+    assert sorted((e["kind"], e["source"], e["line"], e["id"], e["message"]) for e in errors_of(first)) == [
+        ("bad_manifest_line", str(path), 4, "000000003", "column 'URL' is null"),
+        ("bad_manifest_line", str(path), 8, "000000007", "column 'URL' is empty"),
     ]
     ids = caller_ids(cache)
     assert ids[cache_key(urls[0])] == "000000000" and ids[cache_key(urls[7])] == "000000009"

@@ -61,7 +61,7 @@ def test_csv_with_custom_columns_quoted_fields_and_bad_rows(tmp_path):
     assert got == [
         Record("https://e.com/1.jpg", "s1", str(path), 2),
         Record("https://e.com/2.jpg", "s2", str(path), 3),  # starts on line 3, ends on 4
-        BadLine(str(path), 5, "column 'image' is empty"),
+        BadLine(str(path), 5, "column 'image' is empty", "s3"),  # the error record keeps the row's id
         BadLine(str(path), 7, "row has 1 field; column 'image' is field 2"),
         Record("https://e.com/6.jpg", None, str(path), 8),  # an empty id cell is no id
     ]
@@ -117,8 +117,8 @@ def test_parquet_with_several_row_groups_nulls_and_custom_columns(tmp_path):
     assert pq.ParquetFile(path).metadata.num_row_groups == 7
     got = items(path, "URL", "key")
     assert len(got) == 25
-    assert got[3] == BadLine(str(path), 4, "column 'URL' is null")
-    assert got[11] == BadLine(str(path), 12, "column 'URL' is empty")
+    assert got[3] == BadLine(str(path), 4, "column 'URL' is null", "1003")
+    assert got[11] == BadLine(str(path), 12, "column 'URL' is empty", "1011")
     assert got[24] == Record("https://e.com/24.jpg", "1024", str(path), 25)
     assert got[5] == Record("https://e.com/5.jpg", None, str(path), 6)  # a null id is no id
     good = [r for i, r in enumerate(got) if i not in (3, 11, 24)]

@@ -22,6 +22,7 @@ class BadLine:
     source: str
     line: int
     message: str
+    id: str | None = None  # the row's caller id, when a tabular row has a readable one
 
 
 class Malformed(ValueError):

@@ -51,10 +51,14 @@ def column_list(names: Sequence[str]) -> str:
 
 def row_record(url: Any, rid: Any, columns: Columns, path: str, line: int) -> Record | BadLine:
     """The record of one row from its URL and id cells (an empty, null or non-string URL is a `BadLine`)."""
-    field = f"column {columns.url_name!r}"
-    if url is None:
-        return BadLine(path, line, f"{field} is null")
     try:
-        return Record(clean_url(url, field), clean_id(rid, f"column {columns.id_name!r}"), path, line)
+        caller_id = clean_id(rid, f"column {columns.id_name!r}")
     except Malformed as exc:
         return BadLine(path, line, str(exc))
+    field = f"column {columns.url_name!r}"
+    if url is None:
+        return BadLine(path, line, f"{field} is null", caller_id)
+    try:
+        return Record(clean_url(url, field), caller_id, path, line)
+    except Malformed as exc:
+        return BadLine(path, line, str(exc), caller_id)

@@ -108,7 +108,7 @@ def failure_of(record: Record, key: str, exc: RowError) -> FailureRecord:
 def bad_line_failure(bad: BadLine) -> FailureRecord:
     key = "line:" + hashlib.sha256(f"{bad.source}:{bad.line}".encode()).hexdigest()
     return FailureRecord(
-        key=key, url=None, caller_id=None, source=bad.source, line=bad.line,
+        key=key, url=None, caller_id=bad.id, source=bad.source, line=bad.line,
         kind=ErrorKind.BAD_MANIFEST_LINE.value, message=bad.message, retryable=False, attempts=1,
     )  # fmt: skip
 
