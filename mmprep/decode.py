@@ -33,10 +33,10 @@ from __future__ import annotations
 import contextlib
 import io
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import ErrorKind, RowError
-from .settings import DECODE_PROFILES, LoadSettings
+from .settings import DECODE_PROFILES, LoadSettings, MiB
 
 __all__ = ["DRAFT_MARGIN", "decode_flags", "decode_image", "exif_transpose_of", "pixel_options", "to_rgb"]
 
@@ -52,6 +52,11 @@ assert set(PROFILE_DEFAULTS) == set(DECODE_PROFILES)
 
 # Register every plugin once, at import, so worker threads never mutate Pillow's registry.
 Image.init()
+
+# PNG text (tEXt/zTXt/iTXt) of one image, inflated, in all; Pillow's default is 64 MiB, which a 64 KiB
+# file of zTXt chunks reaches. Each zTXt/iTXt/iCCP chunk stays capped at Pillow's MAX_TEXT_CHUNK (1 MiB).
+PNG_TEXT_MEMORY = 4 * MiB
+PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_MEMORY
 
 # Signatures of formats we can name without letting Pillow parse them: (prefix, offset, format).
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -142,6 +147,10 @@ def decode_image(data: bytes, settings: LoadSettings) -> Image.Image:
         raise _unidentified(data, formats) from None
     except Image.DecompressionBombError as exc:
         raise RowError(ErrorKind.IMAGE_TOO_LARGE, str(exc)) from None
+    except ValueError as exc:
+        if "MAX_TEXT_" not in str(exc):  # Pillow's PNG text/ICC limits name themselves in the message
+            raise RowError(ErrorKind.DECODE_ERROR, f"ValueError: {exc}") from None
+        raise RowError(ErrorKind.IMAGE_TOO_LARGE, f"PNG text/ICC chunks inflate past the limit: {exc}") from None
     except Exception as exc:  # truncated data, corrupt chunks, decoder errors, anything else
         raise RowError(ErrorKind.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
 

@@ -23,6 +23,7 @@ class ErrorKind(str, Enum):
     CONNECTION_ERROR = "connection_error"  # DNS failure, refused, reset, TLS error
     TOO_MANY_REDIRECTS = "too_many_redirects"
     TOO_LARGE = "too_large"  # body larger than --max-bytes
+    BAD_ENCODING = "bad_encoding"  # Content-Encoding unknown or stacked too deep, or a body that does not decode
     IMAGE_TOO_LARGE = "image_too_large"  # pixels over --max-pixels / --max-side, or a decompression bomb
     UNSUPPORTED_FORMAT = "unsupported_format"  # bytes are not one of the allowed --formats
     DECODE_ERROR = "decode_error"  # truncated or corrupt image data

@@ -294,11 +294,21 @@ def test_unexpected_pillow_errors_become_decode_errors_naming_the_exception() ->
     import zlib
 
     ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
-    text_bomb = png_chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * 3_000_000))
-    data = PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + text_bomb + png_chunk(b"IEND", b"")
-    error = decode_error(data)
+    short_actl = png_chunk(b"acTL", b"\x00\x00\x00\x01")  # an APNG header 4 bytes short: Pillow raises ValueError
+    data = PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + short_actl + png_chunk(b"IDAT", zlib.compress(b"\0\0"))
+    error = decode_error(data + png_chunk(b"IEND", b""))
     assert error.kind is ErrorKind.DECODE_ERROR
-    assert error.message.startswith("ValueError: ")
+    assert error.message == "ValueError: APNG contains truncated acTL chunk"
+
+
+def test_png_text_bomb_is_image_too_large() -> None:
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    text_bomb = png_chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * 3_000_000))
+    error = decode_error(PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + text_bomb + png_chunk(b"IEND", b""))
+    assert error.kind is ErrorKind.IMAGE_TOO_LARGE
+    assert error.message.startswith("PNG text/ICC chunks inflate past the limit: Decompressed data too large")
 
 
 # --- format sniffing -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ the run finishes, and every good row of the same run lands in the cache."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import time
@@ -29,8 +30,18 @@ def drip(h: Handler) -> None:
         pass
 
 
-def gzip_bomb(h: Handler) -> None:
-    h.reply(200, gzip.compress(b"\0" * (50 << 20)), {"Content-Type": "image/png", "Content-Encoding": "gzip"})
+@functools.cache
+def bomb_body(layers: int) -> bytes:
+    """50 MiB of zeros, gzipped `layers` times (made once: compressing it per request can outlast --timeout)."""
+    body = b"\0" * (50 << 20)
+    for _ in range(layers):
+        body = gzip.compress(body)
+    return body
+
+
+def gzip_bomb(layers: int = 1):  # type: ignore[no-untyped-def]
+    body, coding = bomb_body(layers), ", ".join(["gzip"] * layers)
+    return lambda h: h.reply(200, body, {"Content-Type": "image/png", "Content-Encoding": coding})
 
 
 def test_hostile_manifest_each_row_gets_its_kind_and_good_rows_land(tmp_path):
@@ -42,7 +53,9 @@ def test_hostile_manifest_each_row_gets_its_kind_and_good_rows_land(tmp_path):
             "/to-metadata": redirect("http://169.254.169.254/latest/meta-data/"),
             "/to-loopback": redirect(server.url("/good1.png", host="127.0.0.2")),
             "/drip.png": drip,
-            "/bomb.png": gzip_bomb,
+            "/bomb.png": gzip_bomb(),
+            "/bomb2.png": gzip_bomb(2),  # ~1 KB inflating to 50 MiB through two layers
+            "/codings.png": image(gzip.compress(b"x"), **{"Content-Encoding": ", ".join(["gzip"] * 2000)}),
             "/huge.png": image(b"\x89PNG" + b"\0" * 300_000),
             "/login.png": image(b"<!DOCTYPE html><html><body>Sign in</body></html>", "text/html"),
             "/truncated.jpg": image(jpeg[: len(jpeg) // 2], "image/jpeg"),
@@ -60,7 +73,7 @@ def test_hostile_manifest_each_row_gets_its_kind_and_good_rows_land(tmp_path):
             "--timeout", "1.5", "--retries", "0", "--max-bytes", "200KiB", "--max-pixels", "1000000",
         )
         elapsed = time.monotonic() - start
-    assert code == 1 and s["encoded"] == 2 and s["failed"] == 11
+    assert code == 1 and s["encoded"] == 2 and s["failed"] == 13
     assert elapsed < 30  # the drip row cannot hold the run hostage
     kinds = {json.loads(line)["url"].rsplit("/", 1)[-1]: json.loads(line)["kind"]
              for line in (cache / "errors.jsonl").read_text().splitlines()}  # fmt: skip
@@ -69,6 +82,8 @@ def test_hostile_manifest_each_row_gets_its_kind_and_good_rows_land(tmp_path):
         "to-loopback": "blocked_url",
         "drip.png": "timeout",
         "bomb.png": "too_large",
+        "bomb2.png": "too_large",
+        "codings.png": "bad_encoding",
         "huge.png": "too_large",
         "login.png": "not_an_image",
         "truncated.jpg": "decode_error",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import io
 import math
 import random
 from collections.abc import AsyncIterator
@@ -14,20 +15,31 @@ from datetime import datetime, timezone
 from typing import Any
 
 import anyio
+import httpcore
 import httpx
 
 from mmprep import __version__
 from mmprep.errors import ErrorKind, RowError
+from mmprep.fetch.codings import ACCEPT_ENCODING, BodyDecoder, parse_codings
 from mmprep.fetch.local import read_file
 from mmprep.fetch.policy import DataTarget, HttpTarget, UrlPolicy
 from mmprep.fetch.transport import GuardedTransport
 from mmprep.keys import display_url
-from mmprep.settings import LoadSettings
+from mmprep.settings import LoadSettings, MiB
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_RETRY_AFTER = 60.0  # seconds (and at most settings.timeout); a server asking for longer fails the row
 SNIFF_BYTES = 512  # how much of an error page / text body is read for the message
+MAX_HEADER_BYTES = httpcore.AsyncHTTP11Connection.MAX_INCOMPLETE_EVENT_SIZE  # h11 fails a longer header block
+FETCH_OVERHEAD = MiB  # decoder pieces and zlib windows, h11's buffers, the request's own objects
+HEADER_OVERHEAD = 8 * MiB  # a MAX_HEADER_BYTES block of 4-byte headers, parsed: ~25,000 x ~250 bytes of objects
 _NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
+
+
+def fetch_memory_bound(max_bytes: int, *, header_flood: bool = False) -> int:
+    """The most one row's fetch holds at once (gzip/deflate; br/zstd add their windows): the body,
+    grown in place (9/8: BytesIO's growth step), plus FETCH_OVERHEAD; README "Limits and security"."""
+    return max_bytes * 9 // 8 + FETCH_OVERHEAD + (HEADER_OVERHEAD if header_flood else 0)
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,7 @@ class Fetcher:
                 transport=GuardedTransport(self.policy, max_connections=settings.concurrency),
                 follow_redirects=False,  # we follow them, re-checking every hop
                 timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
-                headers={"User-Agent": settings.user_agent or f"mmprep/{__version__}"},
+                headers={"User-Agent": settings.user_agent or f"mmprep/{__version__}", "Accept-Encoding": ACCEPT_ENCODING},
                 event_hooks={"response": [self._vet_redirect]},
                 trust_env=False,  # no proxies from the environment: the policy must see the real peer
             )
@@ -178,11 +190,11 @@ class Fetcher:
         if response.status_code == 304 and conditional:
             return None
         if not 200 <= response.status_code < 300:
-            raise await _status_error(response)
+            raise await _status_error(response, self.settings.max_bytes)
         content_type = response.headers.get("content-type")
         media_type = _media_type(content_type)
         if _is_text_type(media_type):
-            snippet = _snippet(await _read_prefix(response))
+            snippet = _snippet(await _read_prefix(response, self.settings.max_bytes))
             raise RowError(ErrorKind.NOT_AN_IMAGE, f"server sent {media_type} instead of an image: {snippet!r}")
         limit = self.settings.max_bytes
         declared = _content_length(response)
@@ -229,8 +241,12 @@ class Fetcher:
             return RowError(ErrorKind.TIMEOUT, f"the server sent nothing for {self.settings.read_timeout:g}s")
         if isinstance(exc, httpx.TimeoutException):
             return RowError(ErrorKind.TIMEOUT, str(exc) or type(exc).__name__)
-        if isinstance(exc, httpx.DecodingError):  # corrupt gzip/deflate: trying again will not help
-            return RowError(ErrorKind.CONNECTION_ERROR, f"body could not be decoded: {exc}", retryable=False)
+        if isinstance(exc, httpx.RemoteProtocolError) and "Receive buffer too long" in str(exc):
+            return RowError(  # h11's limit on a header block (or a chunk-size line): a bad server, not weather
+                ErrorKind.CONNECTION_ERROR,
+                f"response headers longer than {MAX_HEADER_BYTES // 1024} KiB (stopped reading)",
+                retryable=False,
+            )
         return RowError(ErrorKind.CONNECTION_ERROR, str(exc) or type(exc).__name__)
 
 
@@ -242,12 +258,12 @@ class _StatusError(RowError):
         self.retry_after = retry_after
 
 
-async def _status_error(response: httpx.Response) -> _StatusError:
+async def _status_error(response: httpx.Response, max_bytes: int) -> _StatusError:
     """The row error for an error status, naming the code and quoting an HTML error page."""
     status = response.status_code
     retryable = status == 429 or status >= 500
     message = f"HTTP {status} {response.reason_phrase}".rstrip()
-    prefix = await _read_prefix(response)
+    prefix = await _read_prefix(response, max_bytes)
     media_type = _media_type(response.headers.get("content-type"))
     if media_type == "text/html" or prefix.lstrip()[:1] == b"<":
         message += f" (an HTML page: {_snippet(prefix)!r})"
@@ -258,25 +274,36 @@ async def _status_error(response: httpx.Response) -> _StatusError:
 
 
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    """The decoded body, failing once it passes `limit` bytes (so gzip bombs stop early too)."""
-    body = bytearray()
-    async with aclosing(response.aiter_bytes()) as chunks:
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > limit:
-                raise RowError(ErrorKind.TOO_LARGE, f"body is over max_bytes={limit:,} (stopped reading)")
-    return bytes(body)
+    """The decoded body, failing once it passes `limit` bytes (see BodyDecoder: bombs stop early)."""
+    body = io.BytesIO()  # grows in place: no second copy of the body at the end
+    async with aclosing(_decoded(response, limit)) as pieces:
+        async for piece in pieces:
+            body.write(piece)
+    return body.getvalue()
 
 
-async def _read_prefix(response: httpx.Response) -> bytes:
-    """The first SNIFF_BYTES of the decoded body, for error messages."""
+async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
+    """The first SNIFF_BYTES of the decoded body, for error messages (what decodes, if it breaks off)."""
     prefix = bytearray()
-    async with aclosing(response.aiter_bytes()) as chunks:
-        async for chunk in chunks:
-            prefix += chunk
-            if len(prefix) >= SNIFF_BYTES:
-                break
+    try:
+        async with aclosing(_decoded(response, limit)) as pieces:
+            async for piece in pieces:
+                prefix += piece
+                if len(prefix) >= SNIFF_BYTES:
+                    break
+    except RowError:
+        pass
     return bytes(prefix[:SNIFF_BYTES])
+
+
+async def _decoded(response: httpx.Response, limit: int) -> AsyncIterator[bytes]:
+    """The body with its content codings undone, piece by piece (RowError past `limit` or if it does not decode)."""
+    decoder = BodyDecoder(parse_codings(response.headers.get_list("content-encoding")), limit)
+    async with aclosing(response.aiter_raw()) as chunks:
+        async for chunk in chunks:
+            for piece in decoder.decode(chunk):
+                yield piece
+    decoder.finish()
 
 
 def _is_http(url: str) -> bool:

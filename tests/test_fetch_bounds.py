@@ -1,0 +1,339 @@
+"""Untrusted bytes cannot make a fetch allocate past its documented bound (README "Limits and security").
+
+Each hostile body comes from a real server on 127.0.0.1; each test measures the fetch's peak Python
+allocation (tracemalloc, server thread included) and asserts it stays under `fetch_memory_bound`,
+not only that the error kind is right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import tracemalloc
+import zlib
+from collections.abc import Iterator
+
+import pytest
+from _fetch_helpers import PNG, Handler, image, redirect, run, serve, settings
+
+from mmprep.errors import ErrorKind, RowError
+from mmprep.fetch import Fetched, Fetcher
+from mmprep.fetch.codings import ACCEPT_ENCODING, MAX_CODINGS, STEP, BodyDecoder
+from mmprep.fetch.fetcher import fetch_memory_bound
+from mmprep.settings import MiB
+
+LIMIT = 4 * MiB  # --max-bytes in these tests; every bomb inflates to 8x that
+BOMB = 32 * MiB
+
+
+def zeros_stream(size: int, wbits: int) -> bytes:
+    """`size` zero bytes compressed as one zlib/gzip/raw-deflate stream, without holding them inflated."""
+    out = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(MiB)
+    return b"".join(out.compress(block) for _ in range(size // MiB)) + out.flush()
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    gzipped = zeros_stream(BOMB, 31)
+    return {
+        "gzip": gzipped,
+        "gzip, gzip": gzip.compress(gzipped, 9),
+        "gzip, gzip, gzip": gzip.compress(gzip.compress(gzipped, 9), 9),
+        "deflate": zeros_stream(BOMB, 15),
+        "raw deflate": zeros_stream(BOMB, -15),
+    }
+
+
+def chunked(body: bytes, size: int, content_encoding: str, content_type: str = "image/png"):  # type: ignore[no-untyped-def]
+    """A route sending `body` with chunked transfer encoding, `size` bytes an HTTP chunk."""
+
+    def route(h: Handler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Encoding", content_encoding)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        try:
+            for i in range(0, len(body), size):
+                piece = body[i : i + size]
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client stopped reading: what a bomb should get
+            pass
+
+    return route
+
+
+def measured(url: str, **overrides: object) -> tuple[Fetched | RowError, int]:
+    """Fetch `url` with a fresh Fetcher; its result (or RowError) and the peak bytes traced meanwhile."""
+
+    async def go() -> tuple[Fetched | RowError, int]:
+        tracemalloc.start()
+        try:
+            async with Fetcher(settings(max_bytes=LIMIT, **overrides)) as fetcher:
+                try:
+                    result: Fetched | RowError = await fetcher.fetch(url)  # type: ignore[assignment]
+                except RowError as error:
+                    result = error
+                return result, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    return run(go())
+
+
+def failed(url: str, kind: ErrorKind, bound: int = fetch_memory_bound(LIMIT), **overrides: object) -> RowError:
+    """The RowError fetching `url` gives, checked for `kind` and for a peak under `bound`."""
+    result, peak = measured(url, **overrides)
+    assert isinstance(result, RowError), result
+    assert result.kind is kind, result
+    assert peak <= bound, f"peak {peak:,} bytes over the bound {bound:,} ({result})"
+    return result
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, gzip", "gzip, gzip, gzip", "deflate", "raw deflate"])
+@pytest.mark.parametrize("piece", [None, 256], ids=["one-chunk", "many-chunks"])
+def test_bomb_fails_too_large_within_the_memory_bound(bombs: dict[str, bytes], coding: str, piece: int | None) -> None:
+    body, header = bombs[coding], coding.replace("raw ", "")
+    with serve() as server:
+        server.routes["/bomb.png"] = image(body, **{"Content-Encoding": header}) if piece is None else chunked(body, piece, header)
+        error = failed(server.url("/bomb.png"), ErrorKind.TOO_LARGE)
+    assert f"over max_bytes={LIMIT:,}" in error.message and not error.retryable
+
+
+def test_the_bound_is_what_the_old_decoder_broke() -> None:
+    """The same measurement fails for a decoder that inflates a whole chunk at once (httpx's): the tests can fail."""
+    body = gzip.compress(zeros_stream(BOMB, 31), 9)
+    tracemalloc.start()
+    try:
+        inner = zlib.decompressobj(31).decompress(zlib.decompressobj(31).decompress(body))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(inner) == BOMB and peak > fetch_memory_bound(LIMIT)
+
+
+def test_padding_an_inner_layer_swallows_is_bounded_too() -> None:
+    """gzip around 32 MiB of empty stored deflate blocks: the inner layer outputs nothing, the outer is capped."""
+    empty_blocks = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = b"\x00\x00\x00\xff\xff" * (MiB // 5)
+    body = b"".join(empty_blocks.compress(block) for _ in range(BOMB // MiB)) + empty_blocks.flush()
+    with serve() as server:
+        server.routes["/pad.png"] = image(body, **{"Content-Encoding": "deflate, gzip"})
+        error = failed(server.url("/pad.png"), ErrorKind.TOO_LARGE)
+    assert "gzip layer inflates to over 2 x max_bytes" in error.message
+
+
+def test_error_pages_and_text_bodies_are_sniffed_within_the_bound(bombs: dict[str, bytes]) -> None:
+    page = gzip.compress(gzip.compress(b"<html>gone</html>" + b" " * BOMB, 9), 9)
+    with serve() as server:
+        server.routes["/404"] = lambda h: h.reply(404, page, {"Content-Type": "text/html", "Content-Encoding": "gzip, gzip"})
+        server.routes["/page.png"] = image(bombs["gzip, gzip"], "text/html", **{"Content-Encoding": "gzip, gzip"})
+        status = failed(server.url("/404"), ErrorKind.HTTP_STATUS)
+        text = failed(server.url("/page.png"), ErrorKind.NOT_AN_IMAGE)
+    assert "<html>gone</html>" in status.message and status.status == 404
+    assert "text/html" in text.message
+
+
+def test_decoder_never_hands_out_more_than_the_room_left() -> None:
+    """Per raw chunk, at most min(STEP, room + 1) bytes at a time, whatever the chunk inflates to."""
+    decoder = BodyDecoder(["gzip", "gzip"], 100_000)
+    pieces: list[int] = []
+    with pytest.raises(RowError) as caught:
+        for piece in decoder.decode(gzip.compress(gzip.compress(bytes(10 * MiB)))):
+            pieces.append(len(piece))
+    assert caught.value.kind is ErrorKind.TOO_LARGE
+    assert max(pieces) <= STEP and sum(pieces) == 100_001
+
+
+# ---------------------------------------------------------------- stacked and unknown codings
+
+
+def test_two_thousand_codings_are_refused_before_any_decoder_is_built() -> None:
+    header = ", ".join(["gzip"] * 2000)
+    body = PNG
+    for _ in range(4):
+        body = gzip.compress(body)
+    with serve() as server:
+        server.routes["/many.png"] = image(body, **{"Content-Encoding": header})
+        server.routes["/four.png"] = image(body, **{"Content-Encoding": "gzip, gzip, gzip, gzip"})
+        many = failed(server.url("/many.png"), ErrorKind.BAD_ENCODING, bound=MiB)
+        four = failed(server.url("/four.png"), ErrorKind.BAD_ENCODING, bound=MiB)
+    assert many.message == four.message == f"more than {MAX_CODINGS} stacked content codings in Content-Encoding"
+    assert not many.retryable
+
+
+@pytest.mark.parametrize("coding", ["compress", "exi", "gzip;q=1", "br2"])
+def test_unknown_codings_are_refused(coding: str) -> None:
+    with serve() as server:
+        server.routes["/x.png"] = image(PNG, **{"Content-Encoding": coding})
+        error = failed(server.url("/x.png"), ErrorKind.BAD_ENCODING, bound=MiB)
+    assert error.message.startswith("unsupported Content-Encoding") and "accepted: gzip, deflate" in error.message
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    out = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return out.compress(data) + out.flush()
+
+
+@pytest.mark.parametrize(
+    ("header", "body"),
+    [
+        ("gzip", gzip.compress(PNG)),
+        ("x-gzip", gzip.compress(PNG)),
+        ("GZIP", gzip.compress(PNG)),
+        ("identity, gzip", gzip.compress(PNG)),
+        ("gzip, gzip, gzip", gzip.compress(gzip.compress(gzip.compress(PNG)))),
+        ("deflate", zlib.compress(PNG)),
+        ("deflate", _raw_deflate(PNG)),  # what some servers send for "deflate"
+        ("deflate, gzip", gzip.compress(zlib.compress(PNG))),
+        ("gzip", gzip.compress(PNG[:20]) + gzip.compress(PNG[20:])),  # two members
+        ("gzip", gzip.compress(PNG) + b"\0" * 64),  # trailing padding after the member
+        ("deflate", zlib.compress(PNG) + b"junk"),  # data after the end of the stream
+        ("identity", PNG),
+        ("", PNG),
+    ],
+)
+def test_well_formed_codings_decode_exactly(header: str, body: bytes) -> None:
+    with serve() as server:
+        server.routes["/ok.png"] = image(body, **{"Content-Encoding": header})
+        result, _ = measured(server.url("/ok.png"))
+        chunks = chunked(body, 7, header)
+        server.routes["/ok7.png"] = chunks
+        result7, _ = measured(server.url("/ok7.png"))
+    assert isinstance(result, Fetched) and result.data == PNG
+    assert isinstance(result7, Fetched) and result7.data == PNG
+
+
+def test_corrupt_and_truncated_streams() -> None:
+    stream = gzip.compress(PNG * 20)
+    with serve() as server:
+        server.routes["/corrupt.png"] = image(stream[:10] + b"\xff" * 40, **{"Content-Encoding": "gzip"})
+        server.routes["/cut.png"] = chunked(stream[:-12], 64, "gzip")
+        corrupt = failed(server.url("/corrupt.png"), ErrorKind.BAD_ENCODING, bound=MiB)
+        cut = failed(server.url("/cut.png"), ErrorKind.CONNECTION_ERROR, bound=MiB)
+    assert corrupt.message.startswith("gzip body does not decode") and not corrupt.retryable
+    assert cut.message == "body ends inside its gzip stream (truncated)"
+
+
+def test_requests_advertise_only_the_codings_decoded() -> None:
+    with serve() as server:
+        server.routes["/a.png"] = image()
+        result, _ = measured(server.url("/a.png"))
+    assert isinstance(result, Fetched)
+    assert server.seen[0].headers["accept-encoding"] == ACCEPT_ENCODING
+    assert ACCEPT_ENCODING.startswith("gzip, deflate")
+
+
+def test_encoded_body_over_max_bytes_stops_even_if_it_decodes_to_nothing() -> None:
+    """An encoded stream past max_bytes (here: a gzip member, then megabytes of junk) is cut at max_bytes."""
+    body = gzip.compress(PNG) + b"\0" * (LIMIT + MiB)
+    with serve() as server:
+        server.routes["/junk.png"] = chunked(body, 64 * 1024, "gzip")
+        error = failed(server.url("/junk.png"), ErrorKind.TOO_LARGE)
+    assert error.message == f"encoded body is over max_bytes={LIMIT:,} (stopped reading)"
+
+
+# ---------------------------------------------------------------- br and zstd, where installed
+
+
+def _optional_codings() -> Iterator[object]:
+    try:
+        import brotli  # type: ignore[import-not-found]
+
+        yield pytest.param("br", brotli.compress, id="br")
+    except ImportError:
+        yield pytest.param("br", None, id="br", marks=pytest.mark.skip("brotli is not installed"))
+    try:
+        from backports import zstd  # type: ignore[import-not-found]
+
+        yield pytest.param("zstd", zstd.compress, id="zstd")
+    except ImportError:
+        yield pytest.param("zstd", None, id="zstd", marks=pytest.mark.skip("backports.zstd is not installed"))
+
+
+@pytest.mark.parametrize(("coding", "compress"), list(_optional_codings()))
+def test_br_and_zstd_are_bounded_like_gzip(coding: str, compress) -> None:  # type: ignore[no-untyped-def]
+    bomb = compress(bytes(BOMB))
+    with serve() as server:
+        server.routes["/ok.png"] = image(compress(PNG), **{"Content-Encoding": coding})
+        server.routes["/bomb.png"] = chunked(gzip.compress(bomb), 256, f"{coding}, gzip")
+        ok, _ = measured(server.url("/ok.png"))
+        failed(server.url("/bomb.png"), ErrorKind.TOO_LARGE)
+    assert isinstance(ok, Fetched) and ok.data == PNG
+    assert coding in ACCEPT_ENCODING
+
+
+# ---------------------------------------------------------------- headers, redirects, data URLs
+
+
+def _headers(count: int):  # type: ignore[no-untyped-def]
+    """A PNG response carrying `count` extra headers of 4 bytes each (`x:` and CRLF, the shortest there is)."""
+
+    def route(h: Handler) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n" % len(PNG)
+        h.wfile.write(head + b"x:\r\n" * count + b"\r\n" + PNG)
+
+    return route
+
+
+def test_header_floods_are_bounded_by_the_header_block_limit() -> None:
+    """~100 KiB of 4-byte headers (the most that fit) parse within HEADER_OVERHEAD; more fail, not retried."""
+    with serve() as server:
+        server.routes["/fits.png"] = _headers(25_000)  # 100,000 bytes
+        server.routes["/flood.png"] = _headers(40_000)
+        fits, peak = measured(server.url("/fits.png"))
+        flood = failed(server.url("/flood.png"), ErrorKind.CONNECTION_ERROR, bound=fetch_memory_bound(0, header_flood=True))
+    print(f"25,000 headers: peak {peak:,} bytes")
+    assert isinstance(fits, Fetched) and fits.data == PNG and peak <= fetch_memory_bound(len(PNG), header_flood=True)
+    assert flood.message == "response headers longer than 100 KiB (stopped reading)" and not flood.retryable
+
+
+def test_an_overlong_redirect_location_is_refused() -> None:
+    with serve() as server:
+        server.routes["/go"] = redirect(server.url("/" + "a" * 70_000))
+        error = failed(server.url("/go"), ErrorKind.BAD_SCHEME, bound=MiB)
+    assert error.message.startswith("redirected to an invalid URL") and len(error.message) < 300
+
+
+def test_data_url_header_is_bounded_before_anything_is_split() -> None:
+    url = "data:image/png" + ";x=y" * 500_000 + ";base64," + base64.b64encode(PNG).decode()
+    tracemalloc.start()
+    try:
+        result, peak = _fetch_data_url(url)
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, RowError) and result.kind is ErrorKind.BAD_DATA_URL
+    assert "header is longer than" in result.message and peak <= MiB
+
+
+def test_data_url_at_max_bytes_decodes_within_its_bound() -> None:
+    """The URL string is the manifest's; decoding holds the payload's copy (4/3) and the bytes (1)."""
+    payload = base64.b64encode(bytes(range(256)) * (LIMIT // 256)).decode()
+    url = "data:image/png;base64," + payload
+    tracemalloc.start()
+    try:
+        result, peak = _fetch_data_url(url)
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, Fetched) and len(result.data) == LIMIT
+    assert peak <= LIMIT * 7 // 3 + MiB
+
+
+def _fetch_data_url(url: str) -> tuple[Fetched | RowError, int]:
+    async def go() -> tuple[Fetched | RowError, int]:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        async with Fetcher(settings(max_bytes=LIMIT)) as fetcher:
+            try:
+                result: Fetched | RowError = await fetcher.fetch(url)  # type: ignore[assignment]
+            except RowError as error:
+                result = error
+            return result, tracemalloc.get_traced_memory()[1] - base
+
+    return asyncio.run(go())
