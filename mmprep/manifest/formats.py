@@ -71,5 +71,5 @@ def check_readable(paths: Iterable[str], settings: ManifestSettings = ManifestSe
         except READ_ERRORS as exc:
             raise UsageError(f"cannot read manifest {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     if settings.columns_chosen and not any(kind in TABULAR for kind in kinds):
-        raise UsageError("--url-col and --id-col apply to parquet, csv and tsv manifests only (JSONL lines "
-                         "name their URL with url / image_url / messages; a .txt manifest holds one URL a line)")  # fmt: skip
+        raise UsageError("--url-col and --id-col apply to parquet, csv and tsv manifests only (JSONL lines name "
+                         "their URL with url / image_url / messages; a .txt manifest holds one URL a line)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""What the tabular readers (parquet, csv, tsv) share: choosing the URL and id columns, and turning cells into a record."""
+"""What the tabular readers (parquet, csv, tsv) share: choosing the URL and id columns, turning cells into a record."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _position(names: Sequence[str], name: str, option: str, path: str) -> int:
     try:
         return list(names).index(name)
     except ValueError:
-        raise UsageError(f"manifest {path} has no column {name!r} ({option}); its columns: {column_list(names)}") from None
+        columns = column_list(names)
+        raise UsageError(f"manifest {path} has no column {name!r} ({option}); its columns: {columns}") from None
 
 
 def column_list(names: Sequence[str]) -> str:
