@@ -328,3 +328,32 @@ def test_language_model_is_never_read(family: str, checkpoints: dict[str, Path],
     want = encoders[family].encode([encoders[family].preprocess(IMAGES[1])])[0]
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "layout"),
+    [("gemma3", "hub"), ("llava_next", "hub"), ("gemma3", "model."), ("internvl", "model."), ("llava_next", "model.")],
+)
+def test_checkpoint_key_layouts_load_alike(
+    family: str, layout: str, checkpoints: dict[str, Path], encoders: dict[str, Encoder], tmp_path: Path
+) -> None:
+    """Hub checkpoints name SigLIP/CLIP towers "vision_tower.vision_model.*"; transformers v5 prefixes "model.":
+    both load the same vision weights."""
+    from safetensors.torch import load_file, save_file
+
+    def renamed(key: str) -> str:
+        if layout == "model.":
+            return key if key.startswith("lm_head") else f"model.{key}"
+        tower = key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model.")
+        return key.replace("vision_tower.", "vision_tower.vision_model.", 1) if tower else key
+
+    copy = tmp_path / "relaid"
+    shutil.copytree(checkpoints[family], copy)
+    weights = load_file(copy / "model.safetensors")
+    relaid = {renamed(k): v for k, v in weights.items()}
+    assert set(relaid) != set(weights)
+    save_file(relaid, copy / "model.safetensors", metadata={"format": "pt"})
+    encoder = load_encoder(ModelSettings(name=str(copy)))
+    got = encoder.encode([encoder.preprocess(IMAGES[1])])[0]
+    want = encoders[family].encode([encoders[family].preprocess(IMAGES[1])])[0]
+    torch.testing.assert_close(got["embeddings"], want["embeddings"], atol=0, rtol=0)

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -290,16 +291,25 @@ def processor_input_size(processor: Any) -> tuple[int, int] | None:
 
 
 def processor_image_defaults(config: Any) -> dict[str, Any]:
-    """The image-processor arguments the model's full transformers processor passes on every call (its
-    class-level `images_kwargs`, e.g. InternVLProcessor's crop_to_patches=True). They override the image
+    """The image-processor arguments the model's full transformers processor passes on every call, e.g.
+    InternVLProcessor's crop_to_patches=True: its class-level `images_kwargs` (transformers >= 5.2x) and
+    the `_defaults["images_kwargs"]` of its `<Processor>Kwargs` (earlier versions). They override the image
     processor's own config (preprocessor_config.json) in `ProcessorMixin._merge_kwargs`, so an encoder that
     calls the image processor alone must pass them to see the pixels serving (transformers, vLLM) sees."""
+    import importlib
+
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", ""))
     processor_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if processor_class is None:
+        return {}
     defaults = dict(getattr(processor_class, "images_kwargs", None) or {})
+    with warnings.catch_warnings():  # newer transformers keep `<Processor>Kwargs` as a deprecated alias
+        warnings.simplefilter("ignore", FutureWarning)
+        kwargs_class = getattr(importlib.import_module(processor_class.__module__), f"{processor_class.__name__}Kwargs", None)
+    defaults.update((getattr(kwargs_class, "_defaults", None) or {}).get("images_kwargs", {}))  # applied after, as there
     defaults.pop("return_tensors", None)  # we ask for "pt" ourselves
     return defaults
 
