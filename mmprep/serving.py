@@ -94,11 +94,12 @@ def _vllm_gemma3(entry: CachedEmbedding) -> Any:
     `Gemma3ForConditionalGeneration._parse_and_validate_image_input` asserts `image_embeds is None`, and
     `Gemma3MultiModalProcessor._get_prompt_updates` needs the image's size (ImageProcessorItems) to lay out
     the prompt. The stored embeddings are what its `_process_image_input` computes per image (every view's
-    soft tokens, flattened), for transformers (`inputs_embeds` / `mm_encoder_outputs`) or a later vLLM."""
+    soft tokens, flattened): vLLM takes them through its encoder-cache connector instead (`mmprep export
+    --format vllm-ec`, `_ec_gemma3`), and transformers through `inputs_embeds`."""
     raise ServingFormatError(
         f"entry {entry.key[:16]} is a Gemma 3 entry: vLLM 0.32 has no precomputed-embedding image input for "
-        "Gemma 3 (gemma3_mm.py asserts image_embeds is None); entry.embeddings is the per-image sequence its "
-        "encoder computes, for transformers' inputs_embeds"
+        "Gemma 3 (gemma3_mm.py asserts image_embeds is None); serve the cache through vLLM's encoder-cache "
+        "connector (mmprep export --format vllm-ec), or use entry.embeddings as transformers' inputs_embeds"
     )
 
 
@@ -166,7 +167,44 @@ def _ec_llava(config: Any) -> EcLayout:
     return EcLayout("llava", lambda e: e.embeddings, lambda e: tokens)
 
 
-EC_LAYOUTS: dict[str, Callable[[Any], EcLayout]] = {"qwen2_vl": _ec_qwen2_vl, "llava": _ec_llava}
+def _ec_tiled(family: str, count: Callable[[Any, Any, int, int], int], config: Any, image_processor: Any) -> EcLayout:
+    """Gemma 3, InternVL, LLaVA-NeXT: the stored embeddings are already the image's element of
+    `embed_multimodal()` (gemma3_mm.py and interns1.py `_process_image_input` / `_process_vision_input`:
+    every view's tokens flattened; llava_next.py `_process_image_input`: the packed sequence). The row
+    count vLLM reserves follows from the image's size (the stored "image_sizes") and the model's config."""
+
+    def rows(entry: CachedEmbedding) -> int:
+        height, width = (int(v) for v in _need(entry, "image_sizes").reshape(2))
+        return count(config, image_processor, height, width)
+
+    return EcLayout(family, lambda e: e.embeddings, rows)
+
+
+def _ec_gemma3(config: Any, image_processor: Any) -> EcLayout:
+    from mmprep.models.gemma3 import image_token_count  # (1 + pan-and-scan crops) * mm_tokens_per_image
+
+    return _ec_tiled("gemma3", image_token_count, config, image_processor)
+
+
+def _ec_internvl(config: Any, image_processor: Any) -> EcLayout:
+    from mmprep.models.internvl import image_token_count  # tiles * tokens per tile
+
+    return _ec_tiled("internvl", image_token_count, config, image_processor)
+
+
+def _ec_llava_next(config: Any, image_processor: Any) -> EcLayout:
+    from mmprep.models.llava_next import image_token_count  # base + unpadded grid + a newline per row
+
+    return _ec_tiled("llava_next", image_token_count, config, image_processor)
+
+
+EC_LAYOUTS: dict[str, Callable[[Any, Any], EcLayout]] = {
+    "qwen2_vl": lambda config, _processor: _ec_qwen2_vl(config),
+    "llava": lambda config, _processor: _ec_llava(config),
+    "gemma3": _ec_gemma3,  # the only way vLLM 0.32 takes Gemma 3 embeddings from outside
+    "internvl": _ec_internvl,
+    "llava_next": _ec_llava_next,
+}
 
 
 def vllm_ec_layout(family: str, model_info: dict[str, Any]) -> EcLayout:
@@ -178,12 +216,13 @@ def vllm_ec_layout(family: str, model_info: dict[str, Any]) -> EcLayout:
             f"model {model_info.get('name')} ({family}) has no vLLM encoder-cache layout (families with one: "
             f"{', '.join(EC_LAYOUTS)}); pooled vectors are for retrieval (--format npy or parquet)"
         )
-    from mmprep.models.base import load_config, reason_of, resolve_source
+    from mmprep.models.base import load_config, load_image_processor, reason_of, resolve_source
 
     try:
-        config = load_config(resolve_source(str(model_info["name"]), model_info.get("revision")))
+        source = resolve_source(str(model_info["name"]), model_info.get("revision"))
+        config, image_processor = load_config(source), load_image_processor(source)
     except Exception as exc:  # the model is not on this machine any more, or not readable offline
         raise ServingFormatError(
             f"cannot read the config of {model_info.get('name')} to check token counts: {reason_of(exc)}"
         ) from exc
-    return build(config)
+    return build(config, image_processor)

@@ -130,15 +130,22 @@ def batched(encoders: dict[str, Encoder]) -> dict[str, list[dict[str, torch.Tens
     return {name: enc.encode([enc.preprocess(image) for image in IMAGES]) for name, enc in encoders.items()}
 
 
+@dataclass
+class Cached:
+    """What `mmprep encode` wrote per family: the cache directory and the entries, in image order."""
+
+    dirs: dict[str, Path]
+    entries: dict[str, list[CachedEmbedding]]
+
+    def __getitem__(self, family: str) -> list[CachedEmbedding]:
+        return self.entries[family]
+
+
 @pytest.fixture(scope="module")
-def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[CachedEmbedding]]:
+def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Cached:
     """`mmprep encode` (the CLI, in batches of 2 mixed sizes) of the test images saved as PNG files, per
-    family; the entries read back with EmbeddingCache, in image order."""
+    family; the entries read back with EmbeddingCache."""
     import json
-
-    from typer.testing import CliRunner
-
-    from mmprep.cli import app
 
     root = tmp_path_factory.mktemp("cached")
     paths = [root / "images" / f"{i}-{w}x{h}.png" for i, (w, h) in enumerate(SIZES)]
@@ -147,21 +154,25 @@ def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         image.save(path)  # lossless: decoding gives back the very pixels of IMAGES
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"url": str(path)}) + "\n" for path in paths))
-    entries = {}
+    result = Cached({}, {})
     for family in ("gemma3", "internvl", "llava_next"):
-        out = root / family
-        result = CliRunner().invoke(
-            app,
-            ["encode", str(manifest), "--model", str(checkpoints[family]), "--out", str(out), "--batch-size", "2",
-             "--allow-local-dir", str(paths[0].parent), "--progress", "none", "--json"],
-            catch_exceptions=False,
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
-        summary = json.loads(result.stdout)
+        out = result.dirs[family] = root / family
+        run = cli("encode", str(manifest), "--model", str(checkpoints[family]), "--out", str(out), "--batch-size", "2",
+                  "--allow-local-dir", str(paths[0].parent), "--progress", "none", "--json")  # fmt: skip
+        assert run.exit_code == 0, run.output
+        summary = json.loads(run.stdout)
         assert summary["encoded"] == len(IMAGES) and summary["failed"] == 0
         with EmbeddingCache(out) as cache:
-            entries[family] = [cache.get(str(path)) for path in paths]
-    return entries
+            result.entries[family] = [cache.get(str(path)) for path in paths]
+    return result
+
+
+def cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from mmprep.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 # -- fidelity ---------------------------------------------------------------------------------------
@@ -182,11 +193,10 @@ def test_tensors_equal_transformers_processor_and_forward(
         assert embeddings.is_contiguous() and embeddings.untyped_storage().nbytes() == embeddings.numel() * 4
         torch.testing.assert_close(embeddings, expected, atol=ATOL, rtol=0)
         assert embeddings.std(dim=0).min() > 1e-3  # every channel varies across tokens: weights are not at zero
+        assert set(out) == {"embeddings", "image_sizes"} and out["image_sizes"].dtype == torch.int64
+        assert out["image_sizes"].tolist() == [[image.height, image.width]]  # what the token count follows
         if family == "llava_next":
-            assert set(out) == {"embeddings", "image_sizes"}
-            assert torch.equal(out["image_sizes"], inputs["image_sizes"]) and out["image_sizes"].dtype == torch.int64
-        else:
-            assert set(out) == {"embeddings"}
+            assert torch.equal(out["image_sizes"], inputs["image_sizes"])
         counts.append(embeddings.shape[0])
     assert not torch.allclose(batched[family][0]["embeddings"][:4], batched[family][3]["embeddings"][:4])  # images differ
     if family == "gemma3_no_pan_and_scan":
@@ -216,6 +226,61 @@ def test_to_vllm_layouts(cached: dict[str, Any]) -> None:
             assert mm.ndim == 3 and mm.shape[0] == 1 and torch.equal(mm[0], entry.embeddings)
     with pytest.raises(ServingFormatError, match="no precomputed-embedding image input for Gemma 3"):
         to_vllm(cached["gemma3"][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_token_count_follows_the_image_size(family: str, checkpoints: dict[str, Path], batched: dict[str, Any]) -> None:
+    """The token count from (height, width) and the config alone (what vLLM reserves as placeholders, and what
+    the vllm-ec export checks) equals the processor's, for every test image."""
+    import importlib
+
+    from mmprep.models.base import load_config, load_image_processor, resolve_source
+
+    module = importlib.import_module(f"mmprep.models.{family.removesuffix('_no_pan_and_scan')}")
+    source = resolve_source(str(checkpoints[family]))
+    config, image_processor = load_config(source), load_image_processor(source)
+    for out in batched[family]:
+        height, width = out["image_sizes"][0].tolist()
+        assert module.image_token_count(config, image_processor, height, width) == out["embeddings"].shape[0]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
+def test_vllm_ec_export_writes_each_images_encoder_output(family: str, cached: Cached, tmp_path: Path) -> None:
+    """`mmprep export --format vllm-ec`: one `ec_cache` tensor per image, the stored embeddings, row counts checked."""
+    from safetensors.torch import load_file
+
+    from mmprep import cache_key
+
+    store = tmp_path / "store"
+    result = cli("export", str(cached.dirs[family]), "--out", str(store), "--format", "vllm-ec", "--progress", "none")
+    assert result.exit_code == 0, result.output
+    assert f"{len(IMAGES)} written, 0 replaced, 0 skipped" in result.output
+    for entry in cached[family]:
+        tensors = load_file(str(store / cache_key(entry.url) / "encoder_cache.safetensors"))
+        assert list(tensors) == ["ec_cache"] and torch.equal(tensors["ec_cache"], entry.embeddings)
+
+
+def test_vllm_ec_export_refuses_an_entry_whose_size_does_not_fit(cached: Cached, tmp_path: Path) -> None:
+    """An image size that gives another token count than the tensor's (here: a square, so no crops) is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mmprep import cache_key
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(cached.dirs["gemma3"], damaged)
+    victim = cache_key(cached["gemma3"][1].url)  # 200x90: 2 crops, 12 tokens; a 90x90 image gets 4
+    for shard in (damaged / "shards").rglob("*.safetensors"):
+        tensors = load_file(str(shard))
+        if f"{victim}.image_sizes" in tensors:
+            with safe_open(str(shard), "pt") as f:
+                metadata = f.metadata()
+            tensors[f"{victim}.image_sizes"] = torch.tensor([[90, 90]])
+            save_file(tensors, str(shard), metadata=metadata)
+    store = tmp_path / "store"
+    result = cli("export", str(damaged), "--out", str(store), "--format", "vllm-ec", "--progress", "none")
+    assert result.exit_code == 1 and "refused" in result.output and victim[:16] in result.output
+    assert not (store / victim / "encoder_cache.safetensors").exists()
 
 
 def test_gemma3_pan_and_scan_views(batched: dict[str, Any]) -> None:

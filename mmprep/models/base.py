@@ -320,6 +320,7 @@ class ImageOptions:
 
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # part of the fingerprint
     fixed_size: bool = True  # False: tiles / crops / grids follow the image, so --fast-decode has no target size
+    record_size: bool = False  # add "image_sizes" [[height, width]] (what a tiling family's token count follows)
 
 
 class ImagePreprocessor:
@@ -344,7 +345,10 @@ class ImagePreprocessor:
         try:
             batch = processor(images=image, return_tensors="pt", **self._options.call_kwargs)
             names = self._select(batch) if self._select is not None else list(batch.keys())
-            return {key: batch[key] for key in names}
+            items = {key: batch[key] for key in names}
+            if self._options.record_size and "image_sizes" not in items:
+                items["image_sizes"] = torch.tensor([[image.height, image.width]], dtype=torch.int64)
+            return items
         except Exception as exc:
             raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
 

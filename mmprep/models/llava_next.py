@@ -82,3 +82,20 @@ class LlavaNextEncoder(Encoder):
 
     def output_shape(self) -> list[int | str]:
         return ["n_tokens", int(self.config.text_config.hidden_size)]
+
+
+def image_token_count(config: Any, image_processor: Any, height: int, width: int) -> int:
+    """The packed sequence's length for an image of this size: base tile + unpadded grid + one
+    image_newline per grid row (vLLM: llava_next.py `get_num_image_tokens`, `_get_num_unpadded_features`)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    vision = config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    rows, columns = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, int(vision.image_size))
+    grid_height, grid_width = side * rows, side * columns
+    if width / height > grid_width / grid_height:
+        grid_height -= 2 * ((grid_height - int(round(height * (grid_width / width), 7))) // 2)
+    else:
+        grid_width -= 2 * ((grid_width - int(round(width * (grid_height / height), 7))) // 2)
+    return base + grid_height * grid_width + grid_height
