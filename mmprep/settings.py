@@ -12,6 +12,7 @@ DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 DEFAULT_CACHE_DIR = "mmprep-cache"
 DECODE_PROFILES: tuple[str, ...] = ("vllm", "hf", "pil")  # --decode-as: whose image loader the pixels mirror
 DEFAULT_DECODE_AS = "vllm"  # what vLLM's server computes from the same image (README: "Decode profiles")
+RETRY_PERMANENT_AFTER = 7 * 86400.0  # --retry-permanent-after: a permanent failure is tried again after a week
 RAY_WORKER_RESTARTS = 3  # --worker-restarts: restarts of a dead Ray encoder actor (Ray Data's own default: forever)
 
 
@@ -94,14 +95,15 @@ class Settings:
     out: Path
     model: ModelSettings
     load: LoadSettings = field(default_factory=LoadSettings)
-    shard_bytes: int = 256 * MiB  # a shard is closed once it holds this many tensor bytes
+    shard_bytes: int = 128 * MiB  # --shard-size: a shard is closed once it holds this many tensor bytes
     flush_seconds: float = 30.0  # ... or once its oldest entry waited this long
-    retry_failed: bool = False  # only rerun rows that failed before with a retryable kind
+    retry_failed: bool = False  # only rerun earlier failures that this run might change (nothing new)
+    retry_permanent_after: float | None = RETRY_PERMANENT_AFTER  # seconds; None: permanent failures stay skipped
     refresh_older_than: float | None = None  # seconds; re-validate cached entries last checked earlier
     wait_lock: float | None = 0.0  # seconds to wait for another writer of the cache dir (None: forever)
     json: bool = False
     progress: str = "auto"  # auto | bar | log | none
-    log_every: float = 10.0  # seconds between plain progress lines (non-TTY)
+    log_every: float = 10.0  # --progress-interval: seconds between plain progress lines (non-TTY)
     vllm_model_id: str | None = None  # also record vLLM's identifier of each image for a server with this --model
 
 

@@ -124,10 +124,11 @@ def test_an_index_from_a_newer_mmprep_is_refused_before_any_write(cache, tmp_pat
     """A newer schema version in the index: every command and the reader refuse it (exit 2, a
     specific error), and nothing is written to it."""
     from mmprep.errors import CacheVersionError
+    from mmprep.store.index import SCHEMA_VERSION
 
     out, urls = cache
     db = sqlite3.connect(out / "index.sqlite")
-    db.execute("UPDATE meta SET value='2' WHERE name='schema_version'")
+    db.execute("UPDATE meta SET value=? WHERE name='schema_version'", (str(SCHEMA_VERSION + 1),))
     db.commit()
     db.close()
     before = (out / "index.sqlite").read_bytes()
@@ -141,7 +142,7 @@ def test_an_index_from_a_newer_mmprep_is_refused_before_any_write(cache, tmp_pat
     ):  # fmt: skip
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
-        assert "index schema version '2'" in result.output and "upgrade mmprep" in result.output, args
+        assert "index schema version '3'" in result.output and "upgrade mmprep" in result.output, args
     with pytest.raises(CacheVersionError, match="written by a newer mmprep"):
         EmbeddingCache(out)
     assert (out / "index.sqlite").read_bytes() == before

@@ -118,7 +118,7 @@ def test_encode_http_manifest_end_to_end(tmp_path, image_server, served):
     assert image_server.total_hits == hits_before
     assert (again["encoded"], again["cached"], again["skipped_failed"]) == (0, 8, 1)  # duplicates are cached rows now
     assert again["failures_by_kind"] == {"bad_manifest_line": 1}
-    assert code2 == 1  # rows still failing: the cron job should notice
+    assert code2 == 0  # the bad line and the 404 failed before, the same way: counted, not a new failure
 
 
 def test_all_good_rows_exit_zero_and_model_defaults_to_the_caches_only_model(tmp_path, image_server, served):
@@ -214,7 +214,7 @@ def test_local_files_data_urls_and_scheme_errors(tmp_path):
 
 def test_stdin_manifest_and_env_options(tmp_path, image_server, served):
     cache = tmp_path / "cache"
-    env = {"MMPREP_MODEL": "builtin:tiny-clip", "MMPREP_OUT": str(cache), "MMPREP_BATCH_SIZE": "2",
+    env = {"MMPREP_MODEL": "builtin:tiny-clip", "MMPREP_CACHE_DIR": str(cache), "MMPREP_BATCH_SIZE": "2",
            "MMPREP_ALLOW_HTTP": "true", "MMPREP_ALLOW_HOST": "127.0.0.1"}
     stdin = "\n".join(json.dumps(u) for u in list(served.values())[:2]) + "\n"
     code, s = encode_json("-", env=env, input=stdin)
@@ -338,7 +338,7 @@ def test_lines_that_once_stopped_a_run_are_bad_lines_and_the_rows_around_them_ar
     assert code == 1 and summary["status"] == "completed"
     assert summary["encoded"] == 3 and summary["failures_by_kind"] == {"bad_manifest_line": 3}
     code, again = encode_json(*args)  # the cache is healthy: the next run starts and finds every good row
-    assert code == 1 and again["cached"] == 3 and again["encoded"] == 0
+    assert code == 0 and again["cached"] == 3 and again["encoded"] == 0  # the same bad lines: no new failure
 
 
 def test_quick_start_commands_work_as_written(tmp_path):
@@ -350,10 +350,16 @@ def test_quick_start_commands_work_as_written(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert enc.returncode == 1, enc.stderr  # the sample manifest has one intentionally bad row
-    assert "bad_data_url" in enc.stderr and "encoded" in enc.stderr
-    assert "mmprep:" in enc.stderr  # not a TTY: plain progress log lines
+    lines = [" ".join(line.split()) for line in enc.stderr.splitlines()]  # the README quotes these, spaces aside
+    for quoted in ("rows 7", "encoded 5", "duplicates 1 row repeating a URL of this run", "failed 1", "bad_data_url: 1",
+                   "exit 1 (1 row failed that had not failed before)",
+                   "manifest.jsonl:7 bad_data_url: media type 'text/plain' is not an image type"):  # fmt: skip
+        assert any(quoted in line for line in lines), (quoted, enc.stderr)
+    assert "mmprep: done=7/7" in enc.stderr  # not a TTY: plain progress log lines
     st = subprocess.run([sys.executable, "-m", "mmprep", "stats"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert st.returncode == 0 and "5 entries" in st.stdout.replace("\n", " ")
+    again = subprocess.run(enc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "skipped 1 row that failed permanently before" in " ".join(again.stderr.split())
 
 
 def test_reruns_retry_transient_failures_and_skip_permanent_ones(tmp_path, image_server, served):
@@ -372,8 +378,8 @@ def test_reruns_retry_transient_failures_and_skip_permanent_ones(tmp_path, image
     image_server.routes["/flaky.png"] = image_server.routes["/a.png"]  # the server recovered
     hits = dict(image_server.hits)
     code, retried = encode_json(manifest, *base, "--retry-failed")
-    assert code == 1  # the 404 row is still failing
-    assert (retried["encoded"], retried["skipped_failed"], retried["skipped_other"]) == (1, 1, 1)
+    assert code == 0  # the 404 failed before and is skipped: counted, not a new failure
+    assert (retried["content_dedup"], retried["skipped_failed"], retried["skipped_other"]) == (1, 1, 1)  # a.png's bytes
     assert image_server.hits["/flaky.png"] == hits["/flaky.png"] + 1
     assert image_server.hits["/gone.png"] == hits["/gone.png"] and image_server.hits["/new.png"] == 0
 

@@ -84,7 +84,7 @@ def test_parquet_shards_cover_the_rows_once_and_retry_failed_refetches_only_the_
     image_server.routes["/flaky.png"] = image_server.routes["/s0.png"]  # the server recovered
     hits = image_server.total_hits
     code, retried = encode_json(*base, "--retry-failed")
-    assert code == 0 and retried["encoded"] == 1
+    assert code == 0 and retried["content_dedup"] == 1  # s0.png's bytes: copied from its entry, not encoded
     assert image_server.total_hits == hits + 1  # only the 503 row was fetched again
 
 

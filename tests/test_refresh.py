@@ -63,7 +63,7 @@ def test_same_bytes_under_a_new_url_are_stored_without_encoding(tmp_path, image_
     mirror = image_server.add("/mirror/a.png", body)
     code, second = encode_json(write_manifest(tmp_path / "m2.jsonl", [first_url, mirror]), *base)
     assert code == 0
-    assert (second["encoded"], second["content_dedup"], second["cached"]) == (1, 1, 1)
+    assert (second["encoded"], second["content_dedup"], second["cached"]) == (0, 1, 1)  # copied, not encoded
     with EmbeddingCache(cache) as reader:
         a, b = reader.get_many([first_url, mirror])
     assert torch.equal(a.embeddings, b.embeddings)

@@ -13,12 +13,16 @@ from rich.console import Console
 from rich.table import Table
 
 from mmprep import __version__
-from mmprep.cli.common import CacheDirArg, age_text, app, cache_dir_of, err, fail, human_bytes, model_label
+from mmprep.cli.common import (
+    CACHE_DIR_ENV, CacheDirArg, age_text, app, cache_dir_of, err, fail, human_bytes, model_label, parse_duration_option,
+)
 from mmprep.errors import MmprepError, UsageError
+from mmprep.report import plural
+
 
 @app.command()
 def stats(
-    cache_dir: Annotated[Optional[Path], typer.Argument(help="Cache directory [default: $MMPREP_CACHE_DIR or ./mmprep-cache].")] = None,
+    cache_dir: CacheDirArg = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (stable, documented shape).")] = False,
 ) -> None:
     """Show what a cache directory holds: models, entries, shards, failures, recent runs."""
@@ -32,7 +36,7 @@ def stats(
         print(json.dumps(data, indent=2))
         return
     out = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole lines
-    out.print(f"[bold]{data['cache_dir']}[/bold]: {data['entries']} entries, {human_bytes(data['bytes_on_disk'])} on disk")
+    out.print(f"[bold]{data['cache_dir']}[/bold]: {plural(data['entries'], 'entry', 'entries')}, {human_bytes(data['bytes_on_disk'])} on disk")
     models = Table(title="models")
     for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "live", "shapes"):
         models.add_column(col)
@@ -44,26 +48,25 @@ def stats(
             str(m["shards"]), human_bytes(m["shard_bytes"]), live, shapes,
         )  # fmt: skip
     out.print(models)
-    if data["failures_by_kind"]:
-        fails = Table(title="failing rows")
-        fails.add_column("kind")
-        fails.add_column("rows")
-        fails.add_column("host")
-        fails.add_column("rows")
-        kinds, hosts = list(data["failures_by_kind"].items()), list(data["failures_by_host"].items())
-        for i in range(max(len(kinds), len(hosts))):
-            k = kinds[i] if i < len(kinds) else ("", "")
-            h = hosts[i] if i < len(hosts) else ("", "")
-            fails.add_row(k[0], str(k[1]), h[0], str(h[1]))
-        out.print(fails)
+    for title, column, counts in (
+        ("failing rows by kind", "kind", data["failures_by_kind"]),
+        ("failing rows by host", "host", data["failures_by_host"]),
+    ):
+        if counts:
+            table = Table(title=title)
+            table.add_column(column)
+            table.add_column("rows", justify="right")
+            for name, n in counts.items():
+                table.add_row(name, str(n))
+            out.print(table)
     runs = Table(title="recent runs")
-    for col in ("run", "status", "exit", "rows", "encoded", "cached", "failed", "hit rate", "img/s"):
+    for col in ("run", "started (UTC)", "status", "exit", "rows", "encoded", "cached", "failed", "hit rate", "img/s"):
         runs.add_column(col)
     for r in data["runs"]:
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
         runs.add_row(
-            r["run_id"], r["status"], str(r["exit_code"]), str(r["rows"]), str(r["encoded"]),
-            str(r["cached"]), str(r["failed"]), hit, str(r["images_per_s"]),
+            r["run_id"], (r["started"] or "-").replace("T", " ").rstrip("Z"), r["status"], str(r["exit_code"]),
+            str(r["rows"]), str(r["encoded"]), str(r["cached"]), str(r["failed"]), hit, str(r["images_per_s"]),
         )  # fmt: skip
     out.print(runs)
     age = data["last_completed_run_age_s"]
@@ -75,7 +78,7 @@ def stats(
 def verify(
     cache_dir: CacheDirArg = None,
     deep: Annotated[bool, typer.Option("--deep", help="Also re-hash every shard against its recorded sha256.")] = False,
-    repair: Annotated[bool, typer.Option("--repair", help="Drop dangling index rows, adopt or remove orphan shards, delete temp files.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Drop dangling index rows, adopt valid orphan shards, move damaged shards to quarantine/, delete temp files.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check that the index and the shards agree; exit 0 clean, 1 problems found (even if repaired)."""
@@ -95,8 +98,14 @@ def verify(
         out.print(f"[red]{p.kind}[/red] {p.shard or '-'} {p.key or '-'} {p.detail}")
     for r in report.repairs:
         out.print(f"[green]repaired[/green] {r}")
-    verdict = "clean" if report.ok else f"{len(report.problems)} problem(s): {report.counts()}"
-    out.print(f"{report.shards_checked} shards, {report.entries_checked} entries checked{' (deep)' if deep else ''}: {verdict}")
+    verdict = "clean" if report.ok else f"{plural(len(report.problems), 'problem')} ({report.counts_text()})"
+    checked = f"{plural(report.shards_checked, 'shard')}, {plural(report.entries_checked, 'entry', 'entries')} checked"
+    out.print(f"{checked}{' (deep)' if deep else ''}: {verdict}")
+    if repair and report.entries_dropped:
+        out.print(f"{plural(report.entries_dropped, 'entry', 'entries')} dropped from the index: the next run whose "
+                  "manifests list their URLs encodes them again")  # fmt: skip
+    if report.quarantined:
+        out.print(f"damaged shards kept in {cache_dir_of(cache_dir) / 'quarantine'} (delete it when done with them)")
     raise typer.Exit(report.exit_code)
 
 
@@ -114,8 +123,9 @@ def index_rebuild(cache_dir: CacheDirArg = None) -> None:
     except MmprepError as exc:
         fail(exc)
     err.print(
-        f"rebuilt index: {report.shards} shards, {report.entries} entries, {len(report.models)} model(s); "
-        f"old index {report.old_index} (kept {report.kept_runs} runs, {report.kept_failures} failures)"
+        f"rebuilt index: {plural(report.shards, 'shard')}, {plural(report.entries, 'entry', 'entries')}, "
+        f"{plural(len(report.models), 'model')}; old index {report.old_index} (kept {plural(report.kept_runs, 'run')}, "
+        f"{plural(report.kept_failures, 'failure')})"
     )
     if report.duplicates:
         err.print(f"{report.duplicates} entries were in more than one shard: the newest is indexed")
@@ -126,40 +136,53 @@ def index_rebuild(cache_dir: CacheDirArg = None) -> None:
 @app.command()
 def gc(
     cache_dir: CacheDirArg = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Only entries of this model (name or fingerprint).")] = None,
-    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Only entries created before this age (30d, 12h, 90m).")] = None,
-    keep_last_runs: Annotated[Optional[int], typer.Option("--keep-last-runs", help="Only entries not written by the model's last N runs.", min=0)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Only entries (or failures) of this model (name or fingerprint).")] = None,
+    older_than: Annotated[Optional[str], typer.Option("--older-than", metavar="AGE", help="Only entries created (failures last seen) before this age (30d, 12h, 90m).")] = None,
+    keep_last_runs: Annotated[Optional[int], typer.Option("--keep-last-runs", metavar="N", help="Only entries not written by the model's last N runs.", min=0)] = None,
+    failures: Annotated[bool, typer.Option("--failures", help="Forget failure records instead of dropping entries: the next run tries those rows again.")] = False,
+    kind: Annotated[Optional[str], typer.Option("--kind", metavar="KIND", help="With --failures: only failures of this kind (e.g. http_status).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would happen; change nothing.")] = False,
 ) -> None:
-    """Drop entries matching every filter given, then compact shards that are mostly dead."""
-    from mmprep.store.gc import collect_garbage, parse_duration
+    """Drop entries matching every filter given, then compact shards that are mostly dead (or, with --failures,
+    forget failure records)."""
+    from mmprep.store.gc import collect_garbage, forget_failures
 
     try:
-        age = parse_duration(older_than) if older_than else None
-        report = collect_garbage(
-            cache_dir_of(cache_dir), model=model, older_than=age, keep_last_runs=keep_last_runs, dry_run=dry_run
-        )
+        root = cache_dir_of(cache_dir)
+        age = parse_duration_option(older_than, "--older-than") if older_than else None
+        if failures:
+            if keep_last_runs is not None:
+                raise UsageError("--keep-last-runs drops entries; it does not go with --failures")
+            n = forget_failures(root, model=model, kind=kind, older_than=age, dry_run=dry_run)
+            records = plural(n, "failure record")
+            err.print(f"gc: would forget {records} (dry run)" if dry_run else f"gc: forgot {records}; the next run tries those rows again")
+            return
+        if kind is not None:
+            raise UsageError("--kind filters failure records: add --failures")
+        report = collect_garbage(root, model=model, older_than=age, keep_last_runs=keep_last_runs, dry_run=dry_run)
     except ValueError as exc:
         fail(UsageError(str(exc)))
     except MmprepError as exc:
         fail(exc)
-    tag = " (dry run)" if dry_run else ""
-    err.print(
-        f"gc{tag}: {report.entries_dropped} entries dropped, {len(report.shards_deleted)} shards deleted, "
-        f"{len(report.shards_compacted)} compacted, {human_bytes(report.bytes_freed)} freed"
-    )
+    entries = plural(report.entries_dropped, "entry", "entries")
+    shards = f"{plural(len(report.shards_deleted), 'shard')} deleted, {len(report.shards_compacted)} compacted"
+    if dry_run:
+        err.print(f"gc (dry run): would drop {entries}; {shards.replace(' deleted', ' would be deleted')}, "
+                  f"{human_bytes(report.bytes_freed)} would be freed")  # fmt: skip
+    else:
+        err.print(f"gc: {entries} dropped, {shards}, {human_bytes(report.bytes_freed)} freed")
     for name in report.skipped:
         err.print(f"[yellow]skipped[/yellow] {name} (missing or unreadable: run mmprep verify)")
 
 
 @app.command()
 def merge(
-    dest: Annotated[Path, typer.Argument(help="Cache directory to merge into (created if missing).")],
-    sources: Annotated[list[Path], typer.Argument(help="Cache directories to merge from (only read).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Cache directory to merge into (created if missing).")],
+    sources: Annotated[list[Path], typer.Argument(metavar="SRC", help="Cache directories to merge from (only read).")],
     move: Annotated[bool, typer.Option("--move", help="Hard-link shards instead of copying them (same file system; falls back to a copy).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Merge caches (e.g. the parts of --shard I/N runs) into DEST; exit 0, or 1 when keys conflicted."""
+    """Merge caches (the parts of --shard I/N runs, say) into DEST; exit 0, or 1 when keys conflicted."""
     from mmprep.store.merge import merge_caches
 
     try:
@@ -171,9 +194,10 @@ def merge(
         raise typer.Exit(report.exit_code)
     r = report
     err.print(
-        f"merged {len(r.sources)} source(s) into {r.dest}: {r.shards_copied} shards copied, {r.shards_linked} linked, "
-        f"{r.shards_present} already present; {r.entries_added} entries added, {r.entries_identical} identical, "
-        f"{r.failures_merged} failures, {r.runs_merged} runs, {r.models_merged} models"
+        f"merged {plural(len(r.sources), 'source')} into {r.dest}: {plural(r.shards_copied, 'shard')} copied, "
+        f"{r.shards_linked} linked, {r.shards_present} already present; "
+        f"{plural(r.entries_added, 'entry', 'entries')} added, {r.entries_identical} identical, "
+        f"{plural(r.failures_merged, 'failure')}, {plural(r.runs_merged, 'run')}, {plural(r.models_merged, 'model')}"
     )
     for name in r.missing_shards:
         err.print(f"[yellow]skipped[/yellow] {name}: listed by its index but missing (run mmprep verify there)")
@@ -182,19 +206,28 @@ def merge(
     raise typer.Exit(report.exit_code)
 
 
-@app.command()
+@app.command(no_args_is_help=True)
 def show(
-    cache_dir: Annotated[Path, typer.Argument(help="Cache directory.")],
-    url_or_key: Annotated[str, typer.Argument(help="The URL as given in the manifest, or its 64-hex key.")],
-    model: Annotated[Optional[str], typer.Option("--model", help="Model name or fingerprint (default: all).")] = None,
-    export: Annotated[Optional[Path], typer.Option("--export", help="Write the tensors to a .safetensors or .npy file.")] = None,
+    targets: Annotated[list[str], typer.Argument(metavar="[DIR] URL_OR_KEY", help=f"The cache directory (default: ${CACHE_DIR_ENV}, else ./mmprep-cache), then the URL as given in the manifest or its 64-hex key.", show_default=False)] = None,  # type: ignore[assignment]
+    caller_id: Annotated[Optional[str], typer.Option("--id", metavar="ID", help="Look the entry up by the manifest's id instead of its URL (scans the index).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model name or fingerprint.", show_default="every model")] = None,
+    export: Annotated[Optional[Path], typer.Option("--export", metavar="FILE", help="Write the tensors to a .safetensors or .npy file.")] = None,
 ) -> None:
-    """Show what is cached (or failed) for one entry; exit 0 when cached, 1 when not."""
+    """Show what is cached (or failed) for one entry as JSON; exit 0 when cached, 1 when not."""
     from mmprep.store.reader import EmbeddingCache, export_entry, show_entry
 
+    targets = list(targets or [])
     try:
-        info = show_entry(cache_dir, url_or_key, model=model)
+        wanted = 0 if caller_id is not None else 1
+        if len(targets) not in (wanted, wanted + 1):
+            what = "[DIR] with --id" if caller_id is not None else "[DIR] URL_OR_KEY"
+            raise UsageError(f"show takes {what}, got {len(targets)} arguments")
+        cache_dir = cache_dir_of(Path(targets[0]) if len(targets) > wanted else None)
+        query = targets[-1] if caller_id is None else None
+        info = show_entry(cache_dir, query, model=model, caller_id=caller_id)
         if export is not None and info["cached"]:
+            if info["key"] is None:
+                raise UsageError(f"--id {caller_id} names {len(info['keys'])} entries; --export takes one (pass its key)")
             with EmbeddingCache(cache_dir, model=info["entries"][-1]["fingerprint"], memory_bytes=0) as cache:
                 entry = cache.get_key(info["key"])
             if entry is None:
@@ -205,6 +238,9 @@ def show(
     except MmprepError as exc:
         fail(exc)
     print(json.dumps(info, indent=2, default=str))
+    if info["id_matches"]:
+        err.print(f"no entry for this URL; it is the id of {plural(info['id_matches'], 'row')}: did you mean "
+                  f"`mmprep show --id {query}`?", soft_wrap=True)  # fmt: skip
     raise typer.Exit(0 if info["cached"] else 1)
 
 

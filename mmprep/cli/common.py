@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from mmprep import __version__
 from mmprep.errors import CacheLockedError, CacheWriteError, MmprepError, UsageError
-from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ShardSpec
+from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings, ShardSpec
 
 app = typer.Typer(
     name="mmprep",
@@ -20,17 +21,65 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: brackets ("mmprep[ray]") and defaults print as written
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages are never wrapped: logs and greps see whole lines
 _D = LoadSettings()  # defaults shown in --help come from the one place they are defined
+_S = Settings(out=Path(DEFAULT_CACHE_DIR), model=ModelSettings(name=""))
+
+CACHE_DIR_ENV = "MMPREP_CACHE_DIR"  # the cache directory's one environment name, for every command
+
+
+def _argument_type(self: typer.core.TyperArgument, ctx: object) -> str | None:
+    """An argument with a metavar shows just that (typer would add a Python type like <list[str]>)."""
+    return None if self.metavar else _typer_argument_type(self, ctx)  # type: ignore[arg-type]
+
+
+def _argument_usage(self: typer.core.TyperArgument) -> str:
+    """An argument in the usage line as click writes it (MANIFEST..., [DIR]); a metavar that spells out its own
+    shape ("[DIR] URL_OR_KEY") as written. Typer would write {manifests}..."""
+    name = self.display_name_raw
+    if " " in name or name.startswith("["):
+        return name
+    return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+def _option_metavar(self: typer.core.TyperOption, ctx: object) -> str | None:
+    """An option's value in help: its metavar, else its name in capitals (--format FORMAT); a switch shows none.
+    Typer would show a Python type (<str>, <bool>)."""
+    if self.is_flag or self.count:
+        return None
+    return self.metavar or (self.name or "value").upper()
+
+
+_typer_argument_type = typer.core.TyperArgument.display_type_rich
+typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign]
+typer.core.TyperArgument._usage_display_name = _argument_usage  # type: ignore[method-assign]
+typer.core.TyperOption.display_type_rich = _option_metavar  # type: ignore[method-assign]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"mmprep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print mmprep's version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Precompute vision-model embeddings for JSONL image manifests into a safetensors cache."""
 
 
 def env_name(name: str) -> str:
     return "MMPREP_" + name.upper().replace("-", "_")
 
 
-def option(name: str, help: str, **kw: object) -> object:
-    return typer.Option(f"--{name}", envvar=env_name(name), help=help, **kw)  # type: ignore[arg-type]
+def option(name: str, help: str, metavar: str | None = None, **kw: object) -> object:
+    """An option of `encode`/`check` with its MMPREP_<NAME> environment variable; `metavar` names its value in help."""
+    return typer.Option(f"--{name}", envvar=env_name(name), help=help, metavar=metavar, **kw)  # type: ignore[arg-type]
 
 
 PROGRESS = ("auto", "bar", "log", "none")
@@ -38,16 +87,16 @@ MAX_SIZE = 1024**4  # sizes (--max-bytes, --shard-size) above 1 TiB are typos
 MAX_SIDE = 16384  # check --size: a side above this is a typo, and would allocate gigabytes per row
 
 
-def parse_size(text: str) -> int:
-    """'20MiB', '20M', '512k', '1048576' → bytes (binary multiples)."""
+def parse_size(text: str, name: str) -> int:
+    """'20MiB', '20M', '512k', '1048576' → bytes (binary multiples); `name` is the option, for the error."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
     if not m:
-        raise typer.BadParameter(f"not a size: {text!r} (examples: 20MiB, 512k, 1048576)")
+        raise UsageError(f"{name}: not a size: {text!r} (examples: 20MiB, 512k, 1048576)")
     unit = m.group(2).lower()
     factor = 1024 ** ("kmgt".find(unit) + 1) if unit else 1
     size = int(float(m.group(1)) * factor)
     if size > MAX_SIZE:
-        raise typer.BadParameter(f"{text!r} is over the largest size accepted, 1 TiB")
+        raise UsageError(f"{name}: {text!r} is over the largest size accepted, 1 TiB")
     return size
 
 
@@ -57,14 +106,14 @@ def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def parse_duration_option(text: str) -> float:
-    """'30d', '12h' → seconds; a bad value is a usage error."""
+def parse_duration_option(text: str, name: str) -> float:
+    """'30d', '12h' → seconds; a bad value is a usage error naming the option."""
     from mmprep.store.gc import parse_duration
 
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{name}: {exc}") from None
 
 
 def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
@@ -76,7 +125,7 @@ def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
     except ValueError:
         rgb = ()
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise typer.BadParameter(f"expected R,G,B with values 0-255, got {text!r}")
+        raise UsageError(f"--alpha-background: expected R,G,B with values 0-255, got {text!r}")
     return rgb  # type: ignore[return-value]
 
 
@@ -88,7 +137,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
     names = tuple(f.strip().upper() for f in text.split(",") if f.strip())
     unknown = [n for n in names if n not in Image.OPEN]
     if not names or unknown:
-        raise typer.BadParameter(f"unknown image format(s) {unknown or text!r}; Pillow knows e.g. JPEG, PNG, WEBP, GIF")
+        raise UsageError(f"--formats: unknown image format(s) {', '.join(unknown) or repr(text)}; Pillow knows e.g. JPEG, PNG, WEBP, GIF")
     return names
 
 
@@ -99,14 +148,14 @@ def parse_shard(text: str | None) -> ShardSpec | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise typer.BadParameter(f"expected I/N with 1 <= I <= N (e.g. 1/4), got {text!r}")
+        raise UsageError(f"--shard: expected I/N with 1 <= I <= N (e.g. 1/4), got {text!r}")
     return ShardSpec(int(m.group(1)), int(m.group(2)))
 
 
 def parse_wxh(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m or not 0 < int(m.group(1)) <= MAX_SIDE or not 0 < int(m.group(2)) <= MAX_SIDE:
-        raise typer.BadParameter(f"expected WxH like 224x224, each side 1 to {MAX_SIDE}, got {text!r}")
+        raise UsageError(f"--size: expected WxH like 224x224, each side 1 to {MAX_SIDE}, got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -118,10 +167,16 @@ def age_text(seconds: float) -> str:
 
 
 def cache_dir_of(path: Path | None) -> Path:
-    return path or Path(os.environ.get("MMPREP_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    """The cache directory: the argument (or $MMPREP_CACHE_DIR, which typer reads for it), else ./mmprep-cache;
+    a file there is a usage error."""
+    out = path or Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a directory (the cache directory)")
+    return out
 
 
-CacheDirArg = Annotated[Optional[Path], typer.Argument(help="Cache directory [default: $MMPREP_CACHE_DIR or ./mmprep-cache].")]
+CACHE_DIR_HELP = f"Cache directory [default: ./{DEFAULT_CACHE_DIR}]."
+CacheDirArg = Annotated[Optional[Path], typer.Argument(help=CACHE_DIR_HELP, metavar="DIR", envvar=CACHE_DIR_ENV, show_default=False)]
 
 
 

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from mmprep.cli.common import (
-    _D, app, cache_dir_of, check_choice, env_name, err, fail, human_bytes, option, parse_duration_option,
-    parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, quiet_transformers, PROGRESS,
+    _D, _S, CACHE_DIR_ENV, PROGRESS, app, cache_dir_of, check_choice, env_name, err, fail, human_bytes, option,
+    parse_duration_option, parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, quiet_transformers,
 )
-from mmprep.errors import MmprepError, UsageError
+from mmprep.errors import CacheLockedError, MmprepError, ModelLoadError, UsageError
 from mmprep.manifest import check_readable
 from mmprep.settings import (
-    DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ManifestSettings, ModelSettings,
+    DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ManifestSettings, MiB, ModelSettings,
     Settings,
 )  # fmt: skip
+
 
 def resolve_model(model: str | None, out: Path) -> str:
     """--model, else $MMPREP_MODEL (handled by the option), else the cache's only model; never a builtin."""
@@ -47,32 +49,33 @@ def resolve_model(model: str | None, out: Path) -> str:
 
 
 # Loading options, declared once and shared by `encode` and `check`.
-ConcurrencyOpt = Annotated[int, option("concurrency", "Rows loading at once (also the HTTP pool size).", min=1)]
-PerHostOpt = Annotated[int, option("per-host", "Concurrent requests to one host.", min=1)]
-TimeoutOpt = Annotated[float, option("timeout", "Total deadline per row and attempt, seconds.", min=0.001, max=86400)]
-MaxBytesOpt = Annotated[str, option("max-bytes", "Largest body accepted (e.g. 20MiB).")]
-MaxRedirectsOpt = Annotated[int, option("max-redirects", "Redirect hops followed.", min=0)]
-RetriesOpt = Annotated[int, option("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", min=0)]
+ConcurrencyOpt = Annotated[int, option("concurrency", "Rows loading at once (also the HTTP pool size).", "N", min=1)]
+PerHostOpt = Annotated[int, option("per-host", "Concurrent requests to one host.", "N", min=1)]
+TimeoutOpt = Annotated[float, option("timeout", "Total deadline per row and attempt, in seconds.", "SECONDS", min=0.001, max=86400)]
+MaxBytesOpt = Annotated[str, option("max-bytes", "Largest body accepted (e.g. 20MiB).", "SIZE")]
+MaxRedirectsOpt = Annotated[int, option("max-redirects", "Redirect hops followed.", "N", min=0)]
+RetriesOpt = Annotated[int, option("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", "N", min=0)]
 AllowHttpOpt = Annotated[bool, option("allow-http", "Allow plain http:// URLs.")]
-AllowLocalOpt = Annotated[Optional[list[Path]], option("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).")]
+AllowLocalOpt = Annotated[Optional[list[Path]], option("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).", "DIR")]
 AllowPrivateOpt = Annotated[bool, option("allow-private-network", "Allow loopback/private/link-local destinations.")]
-AllowHostOpt = Annotated[Optional[list[str]], option("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).")]
-DenyHostOpt = Annotated[Optional[list[str]], option("deny-host", "Always refuse this host, IP or CIDR (repeatable).")]
-FormatsOpt = Annotated[str, option("formats", "Allowed image formats, comma-separated.")]
-DecodeAsOpt = Annotated[str, option("decode-as", "Decode like vllm (EXIF, alpha on white) | hf (convert_to_rgb) | pil (convert('RGB'), caches made before profiles).", callback=lambda v: check_choice(v, "--decode-as", DECODE_PROFILES))]
-AlphaOpt = Annotated[Optional[str], option("alpha-background", "Composite transparency onto R,G,B [default: the profile's: white, pil: dropped].")]
-ExifOpt = Annotated[Optional[bool], typer.Option("--exif-transpose/--no-exif-transpose", envvar=env_name("exif-transpose"), show_default=False, help="Apply EXIF orientation, or not [default: the profile's: on for vllm].")]
+AllowHostOpt = Annotated[Optional[list[str]], option("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).", "HOST")]
+DenyHostOpt = Annotated[Optional[list[str]], option("deny-host", "Always refuse this host, IP or CIDR (repeatable).", "HOST")]
+FormatsOpt = Annotated[str, option("formats", "Allowed image formats, comma-separated.", "LIST")]
+DecodeAsOpt = Annotated[str, option("decode-as", "Decode like vllm (EXIF, alpha on white), hf (convert_to_rgb) or pil (convert('RGB'), caches made before profiles).", "PROFILE", callback=lambda v: check_choice(v, "--decode-as", DECODE_PROFILES))]
+AlphaOpt = Annotated[Optional[str], option("alpha-background", "Composite transparency onto R,G,B.", "R,G,B", show_default="the profile's: white, pil: dropped")]
+ExifOpt = Annotated[Optional[bool], typer.Option("--exif-transpose/--no-exif-transpose", envvar=env_name("exif-transpose"), show_default="the profile's: on for vllm", help="Apply EXIF orientation, or not.")]
 FastDecodeOpt = Annotated[bool, option("fast-decode", "Decode large JPEGs at a reduced DCT scale (>= 2x the model input; not bit-exact).")]
-MaxPixelsOpt = Annotated[int, option("max-pixels", "Largest image (width x height) decoded.", min=1)]
-MaxSideOpt = Annotated[Optional[int], option("max-side", "Largest width or height decoded.", min=1)]
-DecodeWorkersOpt = Annotated[Optional[int], option("decode-workers", "Decode threads [default: CPU count].", min=1)]
-ShardOpt = Annotated[Optional[str], option("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.")]
-ProgressOpt = Annotated[str, option("progress", "auto | bar | log | none.", callback=lambda v: check_choice(v, "--progress", PROGRESS))]
-ManifestsArg = Annotated[list[str], typer.Argument(help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.")]
-UrlColOpt = Annotated[str, option("url-col", "Parquet/CSV/TSV manifests: the column holding the image URL.")]
-IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id (default: the 'id' column when there is one).")]
-ModelOpt = Annotated[Optional[str], option("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.")]
-RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).")]
+MaxPixelsOpt = Annotated[int, option("max-pixels", "Largest image (width x height) decoded.", "N", min=1)]
+MaxSideOpt = Annotated[Optional[int], option("max-side", "Largest width or height decoded.", "N", min=1, show_default="none")]
+DecodeWorkersOpt = Annotated[Optional[int], option("decode-workers", "Decode threads.", "N", min=1, show_default="CPU count")]
+ShardOpt = Annotated[Optional[str], option("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.", "I/N", show_default="every row")]
+ProgressOpt = Annotated[str, option("progress", "auto (bar on a terminal, else log), bar, log or none.", "MODE", callback=lambda v: check_choice(v, "--progress", PROGRESS))]
+ProgressIntervalOpt = Annotated[float, option("progress-interval", "Seconds between two log lines (--progress log).", "SECONDS", min=0.01)]
+ManifestsArg = Annotated[list[str], typer.Argument(metavar="MANIFEST", help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.")]
+UrlColOpt = Annotated[str, option("url-col", "Parquet/CSV/TSV manifests: the column holding the image URL.", "COLUMN")]
+IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id.", "COLUMN", show_default="'id' when there is one")]
+ModelOpt = Annotated[Optional[str], option("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.", "MODEL", show_default="the cache's only model")]
+RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).", "REV", show_default="main")]
 
 
 def load_settings(
@@ -89,7 +92,7 @@ def load_settings(
         concurrency=concurrency,
         per_host=per_host,
         timeout=timeout,
-        max_bytes=parse_size(max_bytes),
+        max_bytes=parse_size(max_bytes, "--max-bytes"),
         max_redirects=max_redirects,
         retries=retries,
         allow_http=allow_http,
@@ -114,11 +117,11 @@ def load_settings(
 def encode(
     manifests: ManifestsArg,
     model: ModelOpt = None,
-    out: Annotated[Optional[Path], option("out", f"Cache directory [env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", envvar=CACHE_DIR_ENV, metavar="DIR", help="Cache directory.", show_default=f"./{DEFAULT_CACHE_DIR}")] = None,
     revision: RevisionOpt = None,
-    device: Annotated[str, option("device", "auto | cpu | cuda | cuda:N.")] = "auto",
-    dtype: Annotated[str, option("dtype", "auto | float32 | float16 | bfloat16.")] = "auto",
-    batch_size: Annotated[int, option("batch-size", "Images per forward pass.", min=1)] = 32,
+    device: Annotated[str, option("device", "auto, cpu, cuda or cuda:N.", "DEVICE")] = "auto",
+    dtype: Annotated[str, option("dtype", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16 or bfloat16.", "DTYPE")] = "auto",
+    batch_size: Annotated[int, option("batch-size", "Images per forward pass.", "N", min=1)] = 32,
     concurrency: ConcurrencyOpt = _D.concurrency,
     per_host: PerHostOpt = _D.per_host,
     timeout: TimeoutOpt = _D.timeout,
@@ -141,70 +144,117 @@ def encode(
     shard: ShardOpt = None,
     url_col: UrlColOpt = ManifestSettings.url_col,
     id_col: IdColOpt = None,
-    shard_size: Annotated[str, option("shard-size", "Close a shard at this many tensor bytes.")] = "128MiB",
-    refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.")] = None,
-    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever).", min=0)] = 0.0,
-    retry_failed: Annotated[bool, option("retry-failed", "Only retry rows that failed before with a retryable kind.")] = False,
+    shard_size: Annotated[str, option("shard-size", "Close a shard at this many tensor bytes (or after 30 s).", "SIZE")] = f"{_S.shard_bytes // MiB}MiB",
+    refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.", "AGE", show_default="off")] = None,
+    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.", "SECONDS", min=0)] = 0.0,
+    retry_failed: Annotated[bool, option("retry-failed", "Only retry earlier failures this run might change (retryable, settings changed, expired); nothing new.")] = False,
+    retry_permanent_after: Annotated[str, option("retry-permanent-after", "Try a permanently failed row again once its failure is this old (7d, 12h; 0: now; never: keep skipping it).", "AGE")] = "7d",
     progress: ProgressOpt = "auto",
-    engine: Annotated[str, option("engine", "local (this process) | ray (a Ray Data pipeline; pip install 'mmprep[ray]').")] = "local",
-    ray_address: Annotated[Optional[str], option("ray-address", "Ray cluster to join [default: $RAY_ADDRESS, else a local Ray].")] = None,
-    workers: Annotated[Optional[int], option("workers", "Ray engine: encoder actors [default: GPUs / --gpus-per-worker, else 1].", min=1)] = None,
-    gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", min=0)] = 0,
-    worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", min=0)] = RAY_WORKER_RESTARTS,
-    vllm_model_id: Annotated[Optional[str], option("vllm-model-id", "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the run summary as JSON on stdout.")] = False,
+    progress_interval: ProgressIntervalOpt = _S.log_every,
+    engine: Annotated[str, option("engine", "local (this process) or ray (a Ray Data pipeline; pip install 'mmprep[ray]').", "ENGINE")] = "local",
+    ray_address: Annotated[Optional[str], option("ray-address", "Ray engine: cluster to join.", "ADDRESS", show_default="$RAY_ADDRESS, else a local Ray")] = None,
+    workers: Annotated[Optional[int], option("workers", "Ray engine: encoder actors.", "N", min=1, show_default="GPUs / --gpus-per-worker, else 1")] = None,
+    gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", "G", min=0)] = 0,
+    worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", "N", min=0)] = RAY_WORKER_RESTARTS,
+    vllm_model_id: Annotated[Optional[str], option("vllm-model-id", "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).", "NAME", show_default="off")] = None,
+    json_out: Annotated[bool, option("json", "Print the run summary as JSON on stdout.")] = False,
 ) -> None:
-    """Encode every image of the manifests into the cache directory (already cached rows are skipped)."""
+    """Encode every image of the manifests into the cache directory (already cached rows are skipped).
+
+    Exit codes: 0 done (rows that failed before and were skipped again do not count), 1 rows failed that had
+    not failed before, 2 usage error, 70 the cache could not be written, 75 another run holds the cache,
+    130/143 interrupted (rerun to continue).
+    """
+    lock = None
     try:
         out_dir = cache_dir_of(out)
+        warn_old_env()
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
             max_side, decode_workers, shard, fast_decode, url_col, id_col, decode_as,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
-        settings = Settings(
-            out=out_dir,
-            model=ModelSettings(
-                name=resolve_model(model, out_dir), revision=revision, device=device, dtype=dtype, batch_size=batch_size
-            ),
-            load=load,
-            shard_bytes=parse_size(shard_size),
-            refresh_older_than=parse_duration_option(refresh_older_than) if refresh_older_than else None,
-            retry_failed=retry_failed,
-            wait_lock=None if wait_lock == float("inf") else wait_lock,
-            json=json_out,
-            progress=progress,
-            vllm_model_id=vllm_model_id or None,
-        )
-        from mmprep.decode import pixel_options
-        from mmprep.models import load_encoder
-        from mmprep.pipeline import EncodeRun
-        from mmprep.report import Reporter, print_run_summary
-
-        quiet_transformers()
         if engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, not {engine!r}")
         if engine == "ray" and vllm_model_id:
             raise UsageError("--vllm-model-id works with --engine local only (run it locally once after a Ray run)")
+        model_name = resolve_model(model, out_dir)
+        settings = Settings(
+            out=out_dir,
+            model=ModelSettings(name=model_name, revision=revision, device=device, dtype=dtype, batch_size=batch_size),
+            load=load,
+            shard_bytes=parse_size(shard_size, "--shard-size"),
+            refresh_older_than=parse_duration_option(refresh_older_than, "--refresh-older-than") if refresh_older_than else None,
+            retry_failed=retry_failed,
+            retry_permanent_after=None if retry_permanent_after.strip().lower() == "never"
+            else parse_duration_option(retry_permanent_after, "--retry-permanent-after"),
+            wait_lock=None if wait_lock == float("inf") else wait_lock,
+            json=json_out,
+            progress=progress,
+            vllm_model_id=vllm_model_id or None,
+            log_every=progress_interval,
+        )
+        lock = take_writer_lock(out_dir, settings.wait_lock)  # before the model loads: a busy cache answers at once
+        from mmprep.decode import pixel_options
+        from mmprep.models import load_encoder
+        from mmprep.pipeline import EncodeRun
+        from mmprep.report import Reporter
+
+        quiet_transformers()
+        reporter = Reporter(settings.progress, settings.log_every)
         if engine == "ray":  # the model loads on the Ray workers, not here
             from mmprep.engines.ray_engine import run_ray
 
             summary = run_ray(manifests, settings, address=ray_address, workers=workers,
                               gpus_per_worker=gpus_per_worker, worker_restarts=worker_restarts,
-                              reporter=Reporter(settings.progress))  # fmt: skip
+                              reporter=reporter, lock=lock)  # fmt: skip
         else:
             encoder = load_encoder(settings.model, pixel_options(load))
             if load.fast_decode:
                 settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
-            summary = EncodeRun(manifests, settings, encoder, Reporter(settings.progress)).run()
+            summary = EncodeRun(manifests, settings, encoder, reporter, lock=lock).run()
     except MmprepError as exc:
-        fail(exc)
+        fail(with_model_hint(exc, model))
+    finally:
+        if lock is not None:
+            lock.release()
+    from mmprep.report import interrupted_line, print_run_summary
+
     if json_out:
         print(json.dumps(summary.as_json(), indent=2))
+        if summary.status == "interrupted":
+            err.print(interrupted_line(summary), soft_wrap=True)
     else:
         print_run_summary(summary, err)
     raise typer.Exit(summary.exit_code)
+
+
+def take_writer_lock(out: Path, wait: float | None) -> Any:
+    """The cache's writer lock, taken before anything slow; a busy cache is exit 75 with a hint at --wait-lock."""
+    from mmprep.store.lock import WriterLock
+
+    lock = WriterLock(out, wait=wait)
+    try:
+        lock.acquire()
+    except CacheLockedError as exc:
+        raise CacheLockedError(f"{exc}; exit 75: try again later, or pass --wait-lock SECONDS to wait for it") from None
+    return lock
+
+
+def with_model_hint(exc: MmprepError, model: str | None) -> MmprepError:
+    """A model that failed to load and is a builtin's name without its prefix gets a suggestion."""
+    from mmprep.models import BUILTIN_MODELS
+
+    if isinstance(exc, ModelLoadError) and model in BUILTIN_MODELS:
+        return ModelLoadError(f"{exc} (did you mean --model builtin:{model}?)")
+    return exc
+
+
+def warn_old_env() -> None:
+    """MMPREP_OUT was the cache directory's second name; it is no longer read."""
+    if os.environ.get("MMPREP_OUT") and not os.environ.get(CACHE_DIR_ENV):
+        err.print(f"[yellow]warning:[/yellow] MMPREP_OUT is not read; set {CACHE_DIR_ENV} for the cache directory")
 
 
 @app.command()
@@ -212,8 +262,8 @@ def check(
     manifests: ManifestsArg,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
-    size: Annotated[Optional[str], typer.Option("--size", help="Instead of a model's processor, resize to WxH.")] = None,
-    errors: Annotated[Path, option("errors", "Where to write the error records (JSONL).")] = Path("mmprep-check-errors.jsonl"),
+    size: Annotated[Optional[str], option("size", "Instead of a model's processor, resize to WxH.", "WxH", show_default="decode only")] = None,
+    errors: Annotated[Path, option("errors", "Where to write the error records (JSONL).", "FILE")] = Path("mmprep-check-errors.jsonl"),
     concurrency: ConcurrencyOpt = _D.concurrency,
     per_host: PerHostOpt = _D.per_host,
     timeout: TimeoutOpt = _D.timeout,
@@ -237,7 +287,8 @@ def check(
     url_col: UrlColOpt = ManifestSettings.url_col,
     id_col: IdColOpt = None,
     progress: ProgressOpt = "auto",
-    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON on stdout.")] = False,
+    progress_interval: ProgressIntervalOpt = _S.log_every,
+    json_out: Annotated[bool, option("json", "Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
     try:
@@ -263,20 +314,28 @@ def check(
         from mmprep.pipeline import CheckRun
         from mmprep.report import Reporter
 
-        summary = CheckRun(manifests, load, errors, prepare, Reporter(progress)).run()
+        summary = CheckRun(manifests, load, errors, prepare, Reporter(progress, progress_interval, done_word="ok")).run()
     except MmprepError as exc:
         fail(exc)
     if json_out:
         print(json.dumps(summary.as_json(), indent=2))
     else:
-        s = summary
-        err.print(
-            f"check {s.status}: {s.rows} rows, [green]{s.ok} ok[/green], "
-            f"{'[red]' if s.failed else ''}{s.failed} failed{'[/red]' if s.failed else ''} "
-            f"{s.failures_by_kind or ''}, {s.duplicates} duplicates · {s.images_per_s:.1f} images/s, "
-            f"{human_bytes(int(s.bytes_per_s))}/s over {s.duration_s:.1f}s"
-        )
-        if s.failed:
-            err.print(f"errors: {s.errors_file}")
+        print_check_summary(summary)
     raise typer.Exit(summary.exit_code)
+
+
+def print_check_summary(s: Any) -> None:
+    """`check`'s human summary: one line of counts and rates, then the first error records."""
+    from mmprep.report import plural, print_errors
+
+    kinds = ", ".join(f"{kind} {n}" for kind, n in s.failures_by_kind.items())
+    failed = f"[red]{s.failed} failed[/red] ({kinds})" if s.failed else "0 failed"
+    duplicates = f", {plural(s.duplicates, 'duplicate')}" if s.duplicates else ""
+    err.print(
+        f"check {s.status}: {plural(s.rows, 'row')}: [green]{s.ok} ok[/green], {failed}{duplicates} · "
+        f"{s.images_per_s:.1f} images/s, {human_bytes(int(s.bytes_per_s))}/s over {s.duration_s:.1f}s",
+        soft_wrap=True,
+    )
+    if s.failed:
+        print_errors(s.errors_file, s.failed, err)
 

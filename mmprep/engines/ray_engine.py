@@ -46,6 +46,7 @@ from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Pr
 from mmprep.settings import RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings
 from mmprep.store.index import CacheIndex, FailureRecord, entry_rows
 from mmprep.store.layout import CacheLayout
+from mmprep.store.lock import WriterLock
 from mmprep.store.rebuild import adopt_orphans
 from mmprep.store.shards import ShardWriter
 
@@ -69,8 +70,10 @@ class ModelFacts:
 def run_ray(
     manifests: list[str], settings: Settings, *, address: str | None = None, workers: int | None = None,
     gpus_per_worker: float = 0, worker_restarts: int = RAY_WORKER_RESTARTS, reporter: Any = None,
+    lock: WriterLock | None = None,
 ) -> RunSummary:  # fmt: skip
-    """Run `mmprep encode` as a Ray Data pipeline on the cluster at `address` (None: RAY_ADDRESS or a local Ray)."""
+    """Run `mmprep encode` as a Ray Data pipeline on the cluster at `address` (None: RAY_ADDRESS or a local Ray);
+    `lock`: the cache's writer lock when the caller took it already."""
     try:
         import ray
         import ray.data  # noqa: F401
@@ -86,7 +89,7 @@ def run_ray(
             gpus = ray.cluster_resources().get("GPU", 0)
             workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
         return RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, worker_restarts,
-                            remote_args).run()  # fmt: skip
+                            remote_args, lock).run()  # fmt: skip
 
 
 class RayEncodeRun(EncodeRun):
@@ -94,9 +97,9 @@ class RayEncodeRun(EncodeRun):
 
     def __init__(
         self, manifests: list[str], settings: Settings, facts: ModelFacts, reporter: Any, workers: int,
-        gpus_per_worker: float, worker_restarts: int, remote_args: dict[str, Any],
+        gpus_per_worker: float, worker_restarts: int, remote_args: dict[str, Any], lock: WriterLock | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(manifests, settings, facts, reporter)  # type: ignore[arg-type]
+        super().__init__(manifests, settings, facts, reporter, lock)  # type: ignore[arg-type]
         self.facts = facts
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
@@ -116,7 +119,7 @@ class RayEncodeRun(EncodeRun):
         if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop, keep what is committed
             handlers = {s: signal.signal(s, lambda signum, _frame: self.on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.reporter is not None:
-            self.reporter.start(self.counters)
+            self.reporter.start(self.counters, self.manifests)
         try:
             self.adopted = adopt_orphans(self._index, self.layout)
             f = self.facts
@@ -174,6 +177,8 @@ class RayEncodeRun(EncodeRun):
                     todo.write(json.dumps(line) + "\n")
                     in_file += 1
                 self._record(failures)
+            else:
+                self.counters.manifests_read = True
         finally:
             if todo is not None:
                 todo.close()
@@ -222,7 +227,8 @@ class RayEncodeRun(EncodeRun):
                     rows = [tuple(r) for r in shard["rows"]]
                     self._index.commit_rows(shard["name"], self.fingerprint, self.run_id, shard["nbytes"],
                                             shard["sha256"], rows)  # fmt: skip
-                    self.counters.encoded += len(rows)
+                    self.counters.encoded += len(rows)  # the driver learns of encoded rows with their commit
+                    self.counters.committed += len(rows)
             if checked:
                 self._index.mark_checked(self.fingerprint, checked)
                 self.counters.refreshed += len(checked)
@@ -236,7 +242,9 @@ class RayEncodeRun(EncodeRun):
             return
         self._errors.writelines(json.dumps(f.as_json()) + "\n" for f in failures)
         self._errors.flush()
-        self._index.record_failures(self.fingerprint, self.run_id, failures)
+        self.counters.new_failures += self._index.record_failures(
+            self.fingerprint, self.run_id, failures, self.failures.depends
+        )
         self.counters.failed += len(failures)
         self.counters.failures_by_kind.update(f.kind for f in failures)
 

@@ -73,7 +73,7 @@ class CheckRun(LoadingRun):
             raise UsageError(f"cannot write the error records to {self.errors_file}: {exc.strerror or exc}") from exc
         with self._errors:
             if self.reporter is not None:
-                self.reporter.start(self.counters)
+                self.reporter.start(self.counters, self.manifests)
             try:
                 asyncio.run(self.produce())
             finally:

@@ -43,13 +43,19 @@ EXIT_RUN_FAILED = 70  # EX_SOFTWARE: the run gave up before its end (what was co
 class RunCounters:
     """Live counts of one run, shared by all stages (ints updated under the GIL)."""
 
-    rows: int = 0  # records read from the manifests (bad lines included)
-    encoded: int = 0  # newly stored (for `check`: loaded fine)
+    rows: int = 0  # records read from the manifests so far (bad lines included)
+    rows_expected: int | None = None  # estimate of all the manifests' rows (None: unknown, e.g. stdin or gzip)
+    manifests_read: bool = False  # every manifest read to its end: `rows` is the total
+    encoded: int = 0  # rows out of the model (for `check`: loaded fine); moves every batch
+    committed: int = 0  # rows whose entries are committed to the index (encoded and content_dedup)
+    committed_dedup: int = 0  # ... of which content_dedup
     cached: int = 0  # already in the cache before this run
     refreshed: int = 0  # cached rows re-validated unchanged (--refresh-older-than)
     content_dedup: int = 0  # new URL, same bytes as a cached entry: stored without encoding
     duplicates: int = 0  # same URL again within this run
-    failed: int = 0
+    failed: int = 0  # rows that failed in this run
+    new_failures: int = 0  # ... that had not failed before, or failed in another way (recorded so far)
+    retried: int = 0  # earlier failures tried again (retryable, settings changed, or expired)
     skipped_failed: int = 0  # failed permanently in an earlier run; not retried
     skipped_other: int = 0  # not attempted because --retry-failed limits the run to earlier failures
     other_shard: int = 0  # rows that belong to another --shard part
@@ -59,15 +65,24 @@ class RunCounters:
 
     @property
     def done(self) -> int:
+        """Rows finished one way or another (encoded rows count once out of the model, before their commit)."""
         return (
-            self.encoded + self.cached + self.refreshed + self.duplicates + self.failed
+            self.encoded + self.content_dedup + self.cached + self.refreshed + self.duplicates + self.failed
             + self.skipped_failed + self.skipped_other + self.other_shard
         )  # fmt: skip
+
+    @property
+    def total(self) -> int | None:
+        """All rows of the manifests: exact once they are read, else the estimate (never below what was read)."""
+        if self.manifests_read:
+            return self.rows
+        return None if self.rows_expected is None else max(self.rows_expected, self.rows)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def images_per_s(self) -> float:
+        """Images through the model per second (content dedup and cached rows excluded)."""
         elapsed = self.elapsed()
         return self.encoded / elapsed if elapsed > 0 else 0.0
 
@@ -209,6 +224,7 @@ class LoadingRun:
         """Helper thread: read the next chunk, key it, classify it in one lookup, plan each row."""
         chunk = next(chunks, None)
         if chunk is None:
+            self.counters.manifests_read = True
             return None
         keys = keys_of(chunk)
         self.counters.rows += len(chunk)

@@ -9,6 +9,7 @@ and a key leaves the in-flight set only once committed, so no row is ever fetche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from mmprep.keys import stored_url
 from mmprep.manifest import BadLine, Record
 from mmprep.models import Encoder
 from mmprep.pipeline.core import INFLIGHT, PLAIN, LoadingRun, Plan, failure_of, keys_of
+from mmprep.pipeline.retry import FailurePolicy
 from mmprep.settings import LoadSettings, Settings
 from mmprep.store.index import CacheIndex, FailureRecord
 from mmprep.store.lookup import KeyLookup
@@ -66,6 +68,8 @@ class RunSummary:
     content_dedup: int
     duplicates: int
     failed: int
+    new_failures: int  # failed rows that had not failed before (or failed another way): these make exit 1
+    retried_failures: int  # earlier failures tried again (retryable, settings changed, or --retry-permanent-after)
     skipped_failed: int
     skipped_other: int
     other_shard: int
@@ -78,6 +82,7 @@ class RunSummary:
     error: str | None = None  # why a failed run stopped
     # Entries of this model cached under other decode options, not reused by this run: [{decode, flags, entries}]
     other_decodes: list[dict[str, Any]] = field(default_factory=list)
+    rows_left: int | None = None  # interrupted: rows of the manifests not done (None: total unknown)
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -99,6 +104,7 @@ class _Prepared:
 class _Encoded:
     row: _Prepared
     outputs: dict[str, torch.Tensor]
+    dedup: bool = False  # copied from a cached entry with the same bytes, not encoded
 
 
 @dataclass
@@ -121,9 +127,15 @@ _STOP = object()
 class EncodeRun(LoadingRun):
     """Runs manifests through the whole pipeline into a cache directory."""
 
-    def __init__(self, manifests: list[str], settings: Settings, encoder: Encoder, reporter: Any = None) -> None:
+    def __init__(
+        self, manifests: list[str], settings: Settings, encoder: Encoder, reporter: Any = None,
+        lock: WriterLock | None = None,
+    ) -> None:  # fmt: skip
+        """`lock`: the cache's writer lock when the caller took it already (before loading the model)."""
         super().__init__(manifests, settings.load, reporter)
         self.settings = settings
+        self.lock = lock
+        self.failures = FailurePolicy(settings.load, settings.retry_permanent_after)
         self.encoder = encoder
         self.layout = CacheLayout(settings.out)
         self.fingerprint = encoder.fingerprint
@@ -139,7 +151,8 @@ class EncodeRun(LoadingRun):
 
     def run(self) -> RunSummary:
         """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
-        with WriterLock(self.layout.root, wait=self.settings.wait_lock):
+        held = self.lock is not None and self.lock.held
+        with contextlib.nullcontext() if held else WriterLock(self.layout.root, wait=self.settings.wait_lock):
             try:
                 return self._run_locked()
             except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the writer ends the run as failed)
@@ -162,7 +175,7 @@ class EncodeRun(LoadingRun):
         writer.start()
         model.start()
         if self.reporter is not None:
-            self.reporter.start(self.counters)
+            self.reporter.start(self.counters, self.manifests)
         try:
             asyncio.run(self.produce())
         finally:
@@ -226,7 +239,7 @@ class EncodeRun(LoadingRun):
                 c.cached += 1
                 return None
         failed_before = state is not None and state.failed_kind is not None
-        if failed_before and not state.failed_retryable:
+        if failed_before and not self.failures.retries(state):
             c.skipped_failed += 1
             return None
         if self.settings.retry_failed and not failed_before:
@@ -235,6 +248,7 @@ class EncodeRun(LoadingRun):
         if not self.claim(key):  # same URL twice within one chunk
             c.duplicates += 1
             return None
+        c.retried += failed_before
         return plan
 
     def handle(self, record: Record, key: str, fetched: Fetched, plan: Plan) -> None:
@@ -249,7 +263,7 @@ class EncodeRun(LoadingRun):
         if twin is not None:
             self._identify(sha, fetched.data)
             self.counters.content_dedup += 1
-            self._writer_q.put(_Encoded(row, twin))
+            self._writer_q.put(_Encoded(row, twin, dedup=True))
             return
         image = decode_image(fetched.data, self.load)
         self._identify(sha, fetched.data)  # after the decode: only bytes known to be an allowed image are opened
@@ -313,7 +327,9 @@ class EncodeRun(LoadingRun):
                     stopping = True
                     break
                 batch.append(item)
-            for result in self._encode(batch):
+            results = self._encode(batch)
+            self.counters.encoded += sum(isinstance(r, _Encoded) for r in results)  # progress moves every batch
+            for result in results:
                 self._writer_q.put(result)
 
     def _encode(self, batch: list[_Prepared]) -> list[_Encoded | _Failed]:
@@ -339,6 +355,7 @@ class EncodeRun(LoadingRun):
         failures: list[FailureRecord] = []
         checked: list[_Checked] = []
         errors_file = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
+        self._pending_dedup = 0  # content-dedup rows in the shard being filled
         stopped = False  # _STOP taken off the queue: nothing more will come, so there is nothing to drain
         try:
             while True:
@@ -351,9 +368,12 @@ class EncodeRun(LoadingRun):
                     break
                 if isinstance(item, _Encoded):
                     shards.add(self._entry_of(item))
+                    self._pending_dedup += item.dedup
                 elif isinstance(item, _Failed):
                     failures.append(item.failure)
                     errors_file.write(json.dumps(item.failure.as_json()) + "\n")
+                    self.counters.failed += 1
+                    self.counters.failures_by_kind[item.failure.kind] += 1
                 elif isinstance(item, _Checked):
                     checked.append(item)
                 if shards.pending_bytes >= self.settings.shard_bytes or (
@@ -394,7 +414,9 @@ class EncodeRun(LoadingRun):
         fault_point("after_shard_write")
         index.commit_shard(written, self.fingerprint, self.run_id)
         self.release(e.key for e in written.entries)
-        self.counters.encoded += len(written.entries)
+        self.counters.committed += len(written.entries)
+        self.counters.committed_dedup += self._pending_dedup
+        self._pending_dedup = 0
 
     def _flush_identifiers(self, index: CacheIndex) -> None:
         rows = []
@@ -414,17 +436,17 @@ class EncodeRun(LoadingRun):
             checked.clear()
         if failures:
             errors_file.flush()
-            index.record_failures(self.fingerprint, self.run_id, failures)
+            self.counters.new_failures += index.record_failures(
+                self.fingerprint, self.run_id, failures, self.failures.depends
+            )
             self.release(f.key for f in failures)
-            self.counters.failed += len(failures)
-            self.counters.failures_by_kind.update(f.kind for f in failures)
             failures.clear()
 
     # -- end ------------------------------------------------------------------------------------
 
     def _finish(self) -> RunSummary:
         c = self.counters
-        status, code = self.exit_status(bool(c.failed or c.skipped_failed))
+        status, code = self.exit_status(c.new_failures > 0)
         errors_path = self.layout.run_errors(self.run_id)
         summary = RunSummary(
             run_id=self.run_id,
@@ -433,12 +455,14 @@ class EncodeRun(LoadingRun):
             status=status,
             exit_code=code,
             rows=c.rows,
-            encoded=c.encoded,
+            encoded=c.committed - c.committed_dedup,
             cached=c.cached,
             refreshed=c.refreshed,
-            content_dedup=c.content_dedup,
+            content_dedup=c.committed_dedup,
             duplicates=c.duplicates,
             failed=c.failed,
+            new_failures=c.new_failures,
+            retried_failures=c.retried,
             skipped_failed=c.skipped_failed,
             skipped_other=c.skipped_other,
             other_shard=c.other_shard,
@@ -450,6 +474,7 @@ class EncodeRun(LoadingRun):
             errors_file=str(errors_path),
             error=self.run_error,
             other_decodes=self.other_decodes,
+            rows_left=None if status != "interrupted" or c.total is None else max(c.total - c.done, 0),
         )
         try:
             _publish_latest(errors_path, self.layout.latest_errors)

@@ -111,6 +111,48 @@ def collect_garbage(
     return report
 
 
+def forget_failures(
+    root: Path | str,
+    *,
+    model: str | None = None,
+    kind: str | None = None,
+    older_than: float | None = None,
+    dry_run: bool = False,
+    wait: float | None = 0,
+) -> int:
+    """Forget the failure records that match every given filter (`model`; `kind`; `older_than`: last failed more
+    than that many seconds ago), so the next run tries those rows again as new. Returns how many (would) go."""
+    from mmprep.errors import ErrorKind
+
+    kinds = [k.value for k in ErrorKind]
+    if kind is not None and kind not in kinds:
+        raise UsageError(f"--kind: unknown error kind {kind!r}; kinds: {', '.join(kinds)}")
+    layout = CacheLayout(Path(root))
+    if not layout.index.is_file():
+        raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}")
+    with WriterLock(layout.root, wait):
+        index = CacheIndex(layout.index)
+        try:
+            db = index.conn
+            where, args = ["1"], []
+            if model is not None:
+                where.append("fingerprint=?")
+                args.append(resolve_model(db, model)["fingerprint"])
+            if kind is not None:
+                where.append("kind=?")
+                args.append(kind)
+            if older_than is not None:
+                where.append("last_seen < ?")
+                args.append(time.time() - older_than)
+            condition = " AND ".join(where)
+            if dry_run:
+                return int(db.execute(f"SELECT count(*) FROM failures WHERE {condition}", args).fetchone()[0])
+            with db:
+                return db.execute(f"DELETE FROM failures WHERE {condition}", args).rowcount
+        finally:
+            index.close()
+
+
 def _select(
     index: CacheIndex, fingerprint: str | None, older_than: float | None, keep_last_runs: int | None
 ) -> list[_Doomed]:

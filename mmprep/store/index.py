@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,7 +22,7 @@ from mmprep.faults import fault_point
 if TYPE_CHECKING:  # shards need torch; the index (and `mmprep stats`, `gc`, ...) does not
     from mmprep.store.shards import WrittenShard
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: failures.depends_on (the settings a failure depended on)
 LOOKUP_BATCH = 2048  # keys per lookup query (SQLite allows 32766 parameters)
 
 # The columns every writer fills (`checked` is only set by refresh).
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS failures (
     source TEXT, line INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL,
     status INTEGER, retryable INTEGER NOT NULL, attempts INTEGER NOT NULL,
     run_id TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    depends_on TEXT,  -- JSON of the settings the kind depends on when it was recorded (NULL: none, or unknown)
     PRIMARY KEY (fingerprint, key)) WITHOUT ROWID;
 -- vLLM's identifier of the image bytes with this content sha256, for a server started with --model model_id
 -- (`encode --vllm-model-id`; `export --format vllm-ec --key vllm` names store entries by it).
@@ -67,6 +68,17 @@ CREATE TABLE IF NOT EXISTS runs (
     started REAL NOT NULL, finished REAL, status TEXT NOT NULL, exit_code INTEGER,
     summary TEXT);
 """
+
+# How an index of an older schema version becomes the next one: version -> statements (run in one transaction).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE failures ADD COLUMN depends_on TEXT",),  # old rows: NULL (unknown), so they are retried once
+}
+
+# The failures table's columns in table order (an index of schema 1 lacks the last one).
+FAILURE_COLUMNS = (
+    "fingerprint, key, url, caller_id, source, line, kind, message, status, retryable, attempts, run_id, "
+    "first_seen, last_seen, depends_on"
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,15 @@ class KeyState(NamedTuple):
     etag: str | None = None
     last_modified: str | None = None
     content_sha256: str | None = None
+    failed_depends: str | None = None  # failed: the settings its kind depended on (JSON; None: none or unknown)
+    failed_seen: float | None = None  # failed: when it last failed
+
+
+def utc_iso(ts: float | None) -> str | None:
+    """An index time (Unix seconds) as ISO 8601 in UTC, as `show` and `stats --json` print it; None stays None."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -151,6 +172,31 @@ def _check_schema_version(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Stamp a new index with the current schema version, or bring an older one up to it in place
+    (one transaction, under an immediate write lock, so two writers opening it at once migrate it once)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        else:
+            for version in range(int(row[0]), SCHEMA_VERSION):
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+            conn.execute("UPDATE meta SET value=? WHERE name='schema_version'", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def failure_columns(conn: sqlite3.Connection) -> str:
+    """FAILURE_COLUMNS as a SELECT list that also reads an index of schema 1 (opened read-only, not migrated)."""
+    present = {r[1] for r in conn.execute("PRAGMA table_info(failures)")}
+    return ", ".join(c if c in present else f"NULL AS {c}" for c in FAILURE_COLUMNS.split(", "))
+
+
 class CacheIndex:
     """Read and write access to one cache directory's index. One instance per thread."""
 
@@ -162,9 +208,7 @@ class CacheIndex:
         if not readonly:
             with self.conn:
                 self.conn.executescript(_SCHEMA)
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
+            _migrate(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -186,10 +230,14 @@ class CacheIndex:
             chunk = keys[start : start + LOOKUP_BATCH]
             marks = ",".join("?" * len(chunk))
             params = (fingerprint, *chunk)
-            for key, kind, retryable, run_id in self._json_rows(
-                "key, kind, retryable, run_id", f"failures WHERE fingerprint=? AND key IN ({marks})", params
+            for key, kind, retryable, run_id, depends_on, last_seen in self._json_rows(
+                "key, kind, retryable, run_id, depends_on, printf('%!.17g', last_seen)",
+                f"failures WHERE fingerprint=? AND key IN ({marks})",
+                params,
             ):
-                states[key] = KeyState(False, run_id, kind, bool(retryable))
+                states[key] = KeyState(
+                    False, run_id, kind, bool(retryable), failed_depends=depends_on, failed_seen=float(last_seen)
+                )
             where = f"entries WHERE fingerprint=? AND key IN ({marks})"
             if not detail:
                 for key, run_id in self._json_rows("key, run_id", where, params):
@@ -306,27 +354,40 @@ class CacheIndex:
                 [(now, etag, lm, fingerprint, key) for key, etag, lm in checks],
             )
 
-    def record_failures(self, fingerprint: str, run_id: str, failures: Iterable[FailureRecord]) -> None:
-        """Upsert the latest failure of each key; `attempts` accumulates across runs."""
+    def record_failures(
+        self, fingerprint: str, run_id: str, failures: Sequence[FailureRecord], depends: Mapping[str, str] | None = None
+    ) -> int:
+        """Upsert the latest failure of each key; `attempts` accumulates across runs. `depends` maps a kind to the
+        settings it depended on in this run (JSON), stored with the failure. Returns how many failures are new:
+        the key had not failed before, or failed in another way (another kind)."""
         now = time.time()
+        depends = depends or {}
         rows = [
             (
                 fingerprint, f.key, f.url, f.caller_id, f.source, f.line, f.kind, f.message, f.status,
-                int(f.retryable), f.attempts, run_id, now, now,
+                int(f.retryable), f.attempts, run_id, now, now, depends.get(f.kind),
             )
             for f in failures
         ]
         with self.conn:
+            before: dict[str, str] = {}
+            for start in range(0, len(failures), LOOKUP_BATCH):
+                keys = [f.key for f in failures[start : start + LOOKUP_BATCH]]
+                before.update(self.conn.execute(
+                    f"SELECT key, kind FROM failures WHERE fingerprint=? AND key IN ({','.join('?' * len(keys))})",
+                    (fingerprint, *keys),
+                ).fetchall())  # fmt: skip
             self.conn.executemany(
-                """INSERT INTO failures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                f"""INSERT INTO failures ({FAILURE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT (fingerprint, key) DO UPDATE SET
                      url=excluded.url, caller_id=excluded.caller_id, source=excluded.source,
                      line=excluded.line, kind=excluded.kind, message=excluded.message,
                      status=excluded.status, retryable=excluded.retryable,
                      attempts=failures.attempts + excluded.attempts,
-                     run_id=excluded.run_id, last_seen=excluded.last_seen""",
+                     run_id=excluded.run_id, last_seen=excluded.last_seen, depends_on=excluded.depends_on""",
                 rows,
             )
+        return sum(before.get(f.key) != f.kind for f in failures)
 
 
     def record_vllm_identifiers(self, rows: Iterable[tuple[str, str, str]]) -> None:

@@ -53,6 +53,11 @@ class CacheLayout:
         return self.root / "errors"
 
     @property
+    def quarantine(self) -> Path:
+        """Damaged shards `verify --repair` took out of the cache, kept for inspection (never read)."""
+        return self.root / "quarantine"
+
+    @property
     def latest_errors(self) -> Path:
         return self.root / "errors.jsonl"
 

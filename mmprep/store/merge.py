@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mmprep.errors import UsageError
 from mmprep.faults import fault_point
-from mmprep.store.index import CacheIndex, connect
+from mmprep.store.index import FAILURE_COLUMNS, CacheIndex, connect, failure_columns
 from mmprep.store.layout import TMP_SUFFIX, CacheLayout
 from mmprep.store.lock import WriterLock
 from mmprep.store.rebuild import adopt_orphans
@@ -134,17 +134,17 @@ def _merge_one(
             db.executemany("DELETE FROM failures WHERE fingerprint=? AND key=?", [r[:2] for r in new_rows])
         report.entries_added += len(new_rows)
     with db:
-        for row in source.execute("SELECT * FROM failures"):
+        for row in source.execute(f"SELECT {failure_columns(source)} FROM failures"):
             # a cached entry beats a failure; between two failures the most recent one wins
             report.failures_merged += db.execute(
-                f"""INSERT INTO failures SELECT {_marks(14)}
+                f"""INSERT INTO failures ({FAILURE_COLUMNS}) SELECT {_marks(15)}
                     WHERE NOT EXISTS (SELECT 1 FROM entries WHERE fingerprint=? AND key=?)
                     ON CONFLICT (fingerprint, key) DO UPDATE SET
                       url=excluded.url, caller_id=excluded.caller_id, source=excluded.source,
                       line=excluded.line, kind=excluded.kind, message=excluded.message,
                       status=excluded.status, retryable=excluded.retryable, attempts=excluded.attempts,
                       run_id=excluded.run_id, first_seen=min(failures.first_seen, excluded.first_seen),
-                      last_seen=excluded.last_seen
+                      last_seen=excluded.last_seen, depends_on=excluded.depends_on
                     WHERE excluded.last_seen > failures.last_seen""",
                 (*tuple(row), row["fingerprint"], row["key"]),
             ).rowcount

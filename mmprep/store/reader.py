@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from mmprep.errors import UsageError
 from mmprep.keys import cache_key
 from mmprep.serving import to_vllm as to_vllm  # noqa: F401 (the old home of to_vllm, kept as an alias)
-from mmprep.store.index import connect
+from mmprep.store.index import connect, utc_iso
 from mmprep.store.layout import EMBEDDINGS, CacheLayout, entry_tensor_name
 
 log = logging.getLogger(__name__)
@@ -322,30 +322,56 @@ class EmbeddingCache:
             self._evictions += 1
 
 
-def show_entry(root: Path | str, url_or_key: str, model: str | None = None) -> dict[str, Any]:
-    """What the cache holds for one URL or key: index rows (every model unless `model` is given),
-    the tensors' dtypes and shapes as stored in the shard, and the recorded failure if any."""
+_TIMES = ("created", "checked", "first_seen", "last_seen")  # index columns holding Unix times, shown as ISO 8601
+
+
+def show_entry(
+    root: Path | str, url_or_key: str | None = None, model: str | None = None, *, caller_id: str | None = None
+) -> dict[str, Any]:
+    """What the cache holds for one URL or key, or for a caller id (`caller_id`, a scan of the index): index rows
+    (every model unless `model` is given), the tensors' dtypes and shapes as stored in the shard, and the recorded
+    failure if any. Times are ISO 8601 (UTC). `id_matches` counts rows whose caller id is `url_or_key` (a caller id
+    given where a URL was expected)."""
     layout = CacheLayout(Path(root))
     if not layout.index.is_file():
         raise UsageError(f"not an mmprep cache directory (no {layout.index.name}): {root}")
-    key = url_or_key if _KEY_RE.fullmatch(url_or_key) else cache_key(url_or_key)
+    key = None
+    if caller_id is None:
+        assert url_or_key is not None
+        key = url_or_key if _KEY_RE.fullmatch(url_or_key) else cache_key(url_or_key)
     conn = connect(layout.index, readonly=True)
     try:
-        where, args = "key=?", [key]
+        where, args = ("key=?", [key]) if caller_id is None else ("caller_id=?", [caller_id])
         if model is not None:
-            where, args = "key=? AND fingerprint=?", [key, resolve_model(conn, model)["fingerprint"]]
+            where, args = f"{where} AND fingerprint=?", [*args, resolve_model(conn, model)["fingerprint"]]
         names = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT fingerprint, name, family FROM models")}
         entries = []
         for r in conn.execute(f"SELECT * FROM entries WHERE {where} ORDER BY created", args):
-            row = dict(r)
+            row = _with_iso_times(dict(r))
             row["tensors"], row["shape"] = json.loads(row["tensors"]), json.loads(row["shape"])
             row["model"], row["family"] = names.get(row["fingerprint"], (None, None))
             row["stored"] = _stored_tensors(layout, row["shard"], row["tensors"])
             entries.append(row)
-        failures = [dict(r) for r in conn.execute(f"SELECT * FROM failures WHERE {where}", args)]
+        failures = [_with_iso_times(dict(r)) for r in conn.execute(f"SELECT * FROM failures WHERE {where}", args)]
+        id_matches = 0
+        if caller_id is None and not entries and not failures:  # a caller id given as the URL?
+            id_matches = conn.execute(
+                "SELECT (SELECT count(*) FROM entries WHERE caller_id=?) + (SELECT count(*) FROM failures WHERE caller_id=?)",
+                (url_or_key, url_or_key),
+            ).fetchone()[0]
     finally:
         conn.close()
-    return {"query": url_or_key, "key": key, "cached": bool(entries), "entries": entries, "failures": failures}
+    keys = sorted({row["key"] for row in entries + failures})
+    if caller_id is not None:
+        key = keys[0] if len(keys) == 1 else None
+    return {
+        "query": url_or_key if caller_id is None else {"id": caller_id}, "key": key, "keys": keys,
+        "cached": bool(entries), "entries": entries, "failures": failures, "id_matches": id_matches,
+    }  # fmt: skip
+
+
+def _with_iso_times(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: utc_iso(value) if name in _TIMES else value for name, value in row.items()}
 
 
 def _stored_tensors(layout: CacheLayout, shard: str, names: list[str]) -> dict[str, Any]:

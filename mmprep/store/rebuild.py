@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from mmprep.errors import IndexUnreadableError
-from mmprep.store.index import ENTRY_INSERT, CacheIndex, connect
+from mmprep.store.index import ENTRY_INSERT, FAILURE_COLUMNS, CacheIndex, connect, failure_columns
 from mmprep.store.layout import (
     GRID_SUFFIX,
     INDEX_NAME,
@@ -231,8 +231,9 @@ def rebuild_index(root: Path | str, *, wait: float | None = 0) -> RebuildReport:
             db = index.conn
             with db:
                 for table, rows in old.items():
+                    columns = f" ({FAILURE_COLUMNS})" if table == "failures" else ""  # an old index: schema 1 or 2
                     for row in rows:
-                        db.execute(f"INSERT OR IGNORE INTO {table} VALUES ({','.join('?' * len(row))})", row)
+                        db.execute(f"INSERT OR IGNORE INTO {table}{columns} VALUES ({','.join('?' * len(row))})", row)
                 for info in infos:
                     created = min((d["created"] for d in info.entries), default=0.0)
                     db.execute(
@@ -270,9 +271,8 @@ def _read_old_index(path: Path) -> tuple[str, dict[str, list[tuple[Any, ...]]]]:
     try:
         conn = connect(path, readonly=True)
         try:
-            return "readable", {
-                t: [tuple(r) for r in conn.execute(f"SELECT * FROM {t}")] for t in ("models", "runs", "failures")
-            }
+            selects = {"models": "*", "runs": "*", "failures": failure_columns(conn)}
+            return "readable", {t: [tuple(r) for r in conn.execute(f"SELECT {cols} FROM {t}")] for t, cols in selects.items()}
         finally:
             conn.close()
     except (sqlite3.DatabaseError, IndexUnreadableError):

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mmprep.errors import UsageError
-from mmprep.store.index import CacheIndex
+from mmprep.store.index import CacheIndex, utc_iso
 from mmprep.store.layout import CacheLayout
 
 RECENT_RUNS = 10
@@ -87,8 +87,8 @@ def _run_stats(r: Any) -> dict[str, Any]:
     return {
         "run_id": r["run_id"],
         "model": r["model"],
-        "started": r["started"],
-        "finished": r["finished"],
+        "started": utc_iso(r["started"]),  # ISO 8601, UTC
+        "finished": utc_iso(r["finished"]),
         "status": r["status"],
         "exit_code": r["exit_code"],
         "rows": s.get("rows"),

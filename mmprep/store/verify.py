@@ -8,6 +8,7 @@ the next run), shapes/dtypes are corrected from the shard header, valid orphan s
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class VerifyReport:
     repairs: list[str] = field(default_factory=list)
     shards_checked: int = 0
     entries_checked: int = 0
+    entries_dropped: int = 0  # repair: index rows dropped; the next run that lists their URLs encodes them again
+    quarantined: list[str] = field(default_factory=list)  # repair: damaged shards moved to quarantine/
     writer_active: str | None = None  # holder of the writer lock: orphan/temp checks were skipped
 
     @property
@@ -63,6 +66,10 @@ class VerifyReport:
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(p.kind for p in self.problems))
+
+    def counts_text(self) -> str:
+        """'2 missing_shard, 1 stray_tmp': the problems by kind, in words."""
+        return ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
 
 
 def verify_cache(
@@ -170,11 +177,13 @@ def _repair(
             elif p.kind in ("missing_shard", "unreadable_shard", "checksum_mismatch"):
                 n = db.execute("DELETE FROM entries WHERE shard=?", (p.shard,)).rowcount
                 db.execute("DELETE FROM shards WHERE name=?", (p.shard,))
+                report.entries_dropped += n
                 repairs.append(f"dropped {n} index rows of {p.kind.replace('_', ' ')} {p.shard}")
                 if p.kind != "missing_shard":
                     doomed.append(p.shard)
             elif p.kind == "missing_tensor":
                 if db.execute("DELETE FROM entries WHERE shard=? AND key=?", (p.shard, p.key)).rowcount:
+                    report.entries_dropped += 1
                     repairs.append(f"dropped entry {p.key} (tensor missing from {p.shard})")
             elif p.kind in ("shape_mismatch", "dtype_mismatch"):
                 dtype, shape = infos[p.shard].tensors[p.key]  # type: ignore[index]
@@ -183,9 +192,14 @@ def _repair(
                     (dtype, json.dumps(shape), p.shard, p.key),
                 )
                 repairs.append(f"set {p.kind.split('_')[0]} of entry {p.key} from {p.shard}")
-    for name in doomed:
-        layout.shard_path(name).unlink(missing_ok=True)
-        repairs.append(f"deleted {name}")
+    for name in dict.fromkeys(doomed):  # a corrupt shard can be reported twice (checksum and unreadable)
+        source = layout.shard_path(name)
+        target = layout.quarantine / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.exists():
+            os.replace(source, target)  # kept aside for inspection; delete quarantine/ when done with it
+            report.quarantined.append(name)
+            repairs.append(f"moved {name} to {target.relative_to(layout.root)}")
     for p in report.problems:
         if p.kind == "stray_tmp" and p.shard is not None:
             Path(p.shard).unlink(missing_ok=True)
