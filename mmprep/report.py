@@ -83,7 +83,10 @@ class _BarAndCounts(Progress):
 
 class Reporter:
     """Shows a run's live counters; `mode` is bar, log or none (auto picks bar on a terminal, log elsewhere).
-    `done_word` names what a finished row is: "encoded" (encode) or "ok" (check)."""
+    `done_word` names what a finished row is: "encoded" (encode) or "ok" (check). The bar reads `done` and
+    `total` of the counters; a subclass for other counters overrides `title`, `detail` and `_log`."""
+
+    title_of = {"encoded": "encoding", "ok": "checking"}
 
     def __init__(
         self, mode: str = "auto", every: float = 10.0, stream: IO[str] | None = None, done_word: str = "encoded"
@@ -94,6 +97,7 @@ class Reporter:
         self.mode = mode
         self.every = every
         self.done_word = done_word
+        self.title = self.title_of.get(done_word, done_word)
         self.console = Console(file=self.stream, stderr=self.stream is sys.stderr, soft_wrap=True)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -117,8 +121,7 @@ class Reporter:
                 console=self.console,
                 refresh_per_second=4,
             )
-            self._task = self._progress.add_task(self.done_word.replace("encoded", "encoding").replace("ok", "checking"),
-                                                 total=None, detail="")  # fmt: skip
+            self._task = self._progress.add_task(self.title, total=None, detail="")
             self._progress.start()
         self._thread = threading.Thread(
             target=self._tick, args=(counters, list(manifests)), name="mmprep-progress", daemon=True

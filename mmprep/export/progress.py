@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from rich.text import Text
-
 from mmprep.report import Reporter
 
 
@@ -31,15 +29,12 @@ class ExportCounters:
 
 
 class ExportReporter(Reporter):
-    """`Reporter` with an export's line: done/total, written, skipped, bytes, rate."""
+    """`Reporter` with an export's counts: done/total on the bar; written, skipped, bytes, rate below it."""
 
-    def _line(self, c: ExportCounters) -> Text:  # type: ignore[override]
-        return Text.assemble(
-            ("exporting ", "bold"),
-            f"{c.unit} {c.done}/{c.total} · ",
-            (f"written {c.written}", "green"),
-            f" · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s · {c.elapsed():.0f}s",
-        )
+    title_of = {"encoded": "exporting"}
+
+    def detail(self, c: ExportCounters) -> str:  # type: ignore[override]
+        return f"written {c.written} · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s"
 
     def _log(self, c: ExportCounters) -> None:  # type: ignore[override]
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
