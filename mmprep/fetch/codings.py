@@ -18,6 +18,7 @@ zstd with `compression.zstd` (Python 3.14) or `backports.zstd`, its window cappe
 
 from __future__ import annotations
 
+import importlib
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -34,9 +35,10 @@ _TOKEN = re.compile(r"[^,\s]+")
 
 
 def _optional(*modules: str) -> Any:
+    """The first of `modules` that imports, or None."""
     for name in modules:
         try:
-            return __import__(name, fromlist=["_"])
+            return importlib.import_module(name)
         except ImportError:
             continue
     return None

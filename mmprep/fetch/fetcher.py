@@ -298,11 +298,14 @@ async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
 
 async def _decoded(response: httpx.Response, limit: int) -> AsyncIterator[bytes]:
     """The body with its content codings undone, piece by piece (RowError past `limit` or if it does not decode)."""
-    decoder = BodyDecoder(parse_codings(response.headers.get_list("content-encoding")), limit)
+    codings = parse_codings(response.headers.get_list("content-encoding"))
+    decoder = BodyDecoder(codings, limit)
     async with aclosing(response.aiter_raw()) as chunks:
         async for chunk in chunks:
             for piece in decoder.decode(chunk):
                 yield piece
+                if codings:  # one raw chunk may inflate to max_bytes: let the other rows run meanwhile
+                    await asyncio.sleep(0)
     decoder.finish()
 
 
