@@ -294,6 +294,17 @@ def test_header_floods_are_bounded_by_the_header_block_limit() -> None:
     assert flood.message == "response headers longer than 100 KiB (stopped reading)" and not flood.retryable
 
 
+def test_overlong_validators_are_not_kept() -> None:
+    """ETag / Last-Modified go into the index and every shard header: over 1 KiB they are dropped."""
+    with serve() as server:
+        server.routes["/long.png"] = image(PNG, ETag='"' + "e" * 50_000 + '"', **{"Last-Modified": "x" * 2000})
+        server.routes["/ok.png"] = image(PNG, ETag='"v1"', **{"Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT"})
+        long, _ = measured(server.url("/long.png"))
+        ok, _ = measured(server.url("/ok.png"))
+    assert isinstance(long, Fetched) and long.data == PNG and long.etag is None and long.last_modified is None
+    assert isinstance(ok, Fetched) and ok.etag == '"v1"' and ok.last_modified == "Wed, 21 Oct 2015 07:28:00 GMT"
+
+
 def test_an_overlong_redirect_location_is_refused() -> None:
     with serve() as server:
         server.routes["/go"] = redirect(server.url("/" + "a" * 70_000))

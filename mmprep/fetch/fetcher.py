@@ -32,6 +32,7 @@ MAX_RETRY_AFTER = 60.0  # seconds (and at most settings.timeout); a server askin
 SNIFF_BYTES = 512  # how much of an error page / text body is read for the message
 MAX_HEADER_BYTES = httpcore.AsyncHTTP11Connection.MAX_INCOMPLETE_EVENT_SIZE  # h11 fails a longer header block
 FETCH_OVERHEAD = MiB  # decoder pieces and zlib windows, h11's buffers, the request's own objects
+MAX_VALIDATOR_CHARS = 1024  # longer ETag / Last-Modified values are not kept: each is stored with the entry
 HEADER_OVERHEAD = 8 * MiB  # a MAX_HEADER_BYTES block of 4-byte headers, parsed: ~25,000 x ~250 bytes of objects
 _NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
 
@@ -208,8 +209,8 @@ class Fetcher:
             data=data,
             url=str(response.url),
             content_type=content_type,
-            etag=response.headers.get("etag"),
-            last_modified=response.headers.get("last-modified"),
+            etag=_validator(response.headers.get("etag")),
+            last_modified=_validator(response.headers.get("last-modified")),
             attempts=1,
         )
 
@@ -321,6 +322,11 @@ def _conditional_headers(etag: str | None, last_modified: str | None) -> dict[st
     if last_modified and _sendable(last_modified):
         headers["If-Modified-Since"] = last_modified
     return headers
+
+
+def _validator(value: str | None) -> str | None:
+    """An ETag / Last-Modified worth keeping: a server cannot make every index row and shard header carry 100 KiB."""
+    return value if value is not None and len(value) <= MAX_VALIDATOR_CHARS else None
 
 
 def _sendable(value: str) -> bool:
