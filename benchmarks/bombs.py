@@ -2,8 +2,8 @@
 are stacked-gzip bombs, against the same run with those 64 rows serving ordinary images.
 
 Each bomb is a ~1 KB body sent with `Content-Encoding: gzip, gzip` that inflates to `--bomb-mib`
-(512) MiB of zeros (built once, cached under /tmp/mmprep-bench). Both runs are fresh subprocesses (`benchmarks.peak` reads VmHWM);
-`--code DIR` runs the mmprep found in DIR (e.g. an older checkout) instead of this one.
+(512) MiB of zeros (built once, cached under /tmp/mmprep-bench). Both runs are fresh subprocesses
+(`benchmarks.peak` reads VmHWM); `--code DIR` runs the mmprep found in DIR (e.g. an older checkout).
 """
 
 from __future__ import annotations

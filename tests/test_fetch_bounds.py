@@ -14,6 +14,7 @@ import tracemalloc
 import zlib
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from _fetch_helpers import PNG, Handler, image, redirect, run, serve, settings
 
@@ -106,16 +107,27 @@ def test_bomb_fails_too_large_within_the_memory_bound(bombs: dict[str, bytes], c
     assert f"over max_bytes={LIMIT:,}" in error.message and not error.retryable
 
 
-def test_the_bound_is_what_the_old_decoder_broke() -> None:
-    """The same measurement fails for a decoder that inflates a whole chunk at once (httpx's): the tests can fail."""
-    body = gzip.compress(zeros_stream(BOMB, 31), 9)
-    tracemalloc.start()
-    try:
-        inner = zlib.decompressobj(31).decompress(zlib.decompressobj(31).decompress(body))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert len(inner) == BOMB and peak > fetch_memory_bound(LIMIT)
+def test_the_same_measurement_catches_httpx_own_decoding(bombs: dict[str, bytes]) -> None:
+    """Reading the same bomb through httpx's decoders (what mmprep did before), stopping once past LIMIT
+    as the old `_read_capped` did, breaks the bound: the measurement can fail."""
+
+    async def go(url: str) -> int:
+        tracemalloc.start()
+        try:
+            async with httpx.AsyncClient() as client, client.stream("GET", url) as response:
+                seen = 0
+                async for chunk in response.aiter_bytes():
+                    seen += len(chunk)
+                    if seen > LIMIT:
+                        break
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    with serve() as server:
+        server.routes["/bomb.png"] = image(bombs["gzip, gzip"], **{"Content-Encoding": "gzip, gzip"})
+        peak = run(go(server.url("/bomb.png")))
+    assert peak > BOMB > fetch_memory_bound(LIMIT)
 
 
 def test_padding_an_inner_layer_swallows_is_bounded_too() -> None:
