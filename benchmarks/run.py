@@ -226,11 +226,12 @@ def section_fast(scale: Scale, work: Path, server: inputs.BenchServer, model_dir
 
 
 def section_cached(scale: Scale, work: Path) -> list[Row]:
+    from mmprep.decode import pixel_options
     from mmprep.models import load_encoder as load
-    from mmprep.settings import ModelSettings
+    from mmprep.settings import LoadSettings, ModelSettings
 
     model = "builtin:tiny-clip"
-    fingerprint = load(ModelSettings(name=model)).fingerprint
+    fingerprint = load(ModelSettings(name=model), pixel_options(LoadSettings())).fingerprint  # the default decode profile's
     results: dict[int, tuple[float, float, float]] = {}
     for rows in scale.cached_rows:
         base = work / f"cached-{rows}"
