@@ -300,12 +300,17 @@ def test_batched_encode_equals_one_by_one(family: str, encoders: dict[str, Encod
 
 
 def test_ray_and_check_preprocess_like_the_encoder(checkpoints: dict[str, Path], encoders: dict[str, Encoder]) -> None:
-    """load_preprocessor (Ray CPU tasks, `mmprep check`) applies the family's processor arguments too: InternVL tiles."""
-    for family in ("internvl", "gemma3"):
+    """load_preprocessor (Ray CPU tasks, `mmprep check`) applies the family's processor arguments too (InternVL
+    tiles), and what the Ray actor then keeps of its output (`input_names`) encodes like the local engine."""
+    for family in ("gemma3", "internvl", "llava_next"):
+        encoder = encoders[family]
         preprocess = load_preprocessor(ModelSettings(name=str(checkpoints[family])))
         assert preprocess.input_size() is None
-        got, want = preprocess(IMAGES[1]), encoders[family].preprocess(IMAGES[1])
-        assert torch.equal(got["pixel_values"], want["pixel_values"]) and want["pixel_values"].shape[0] > 1
+        got, want = preprocess(IMAGES[1]), encoder.preprocess(IMAGES[1])
+        assert torch.equal(got["pixel_values"], want["pixel_values"]) and want["pixel_values"].shape[-4] > 1
+        kept = {name: got[name] for name in encoder.input_names(got)}  # as ray_engine.EncodeActor does
+        for name, tensor in encoder.encode([want])[0].items():
+            torch.testing.assert_close(encoder.encode([kept])[0][name], tensor, atol=0, rtol=0)
 
 
 # -- serving equivalence: the cached tokens substitute for the vision encoder ------------------------

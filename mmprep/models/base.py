@@ -343,12 +343,11 @@ class ImagePreprocessor:
         if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
             processor = self._local.processor = copy.deepcopy(self._processor)
         try:
-            batch = processor(images=image, return_tensors="pt", **self._options.call_kwargs)
+            batch = dict(processor(images=image, return_tensors="pt", **self._options.call_kwargs))
+            if self._options.record_size and "image_sizes" not in batch:
+                batch["image_sizes"] = torch.tensor([[image.height, image.width]], dtype=torch.int64)
             names = self._select(batch) if self._select is not None else list(batch.keys())
-            items = {key: batch[key] for key in names}
-            if self._options.record_size and "image_sizes" not in items:
-                items["image_sizes"] = torch.tensor([[image.height, image.width]], dtype=torch.int64)
-            return items
+            return {key: batch[key] for key in names}
         except Exception as exc:
             raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
 

@@ -66,7 +66,7 @@ class Gemma3Encoder(Encoder):
         return ImageOptions(kwargs, fixed_size=not kwargs.get("do_pan_and_scan"), record_size=True)
 
     def input_names(self, processed: Any) -> list[str]:
-        return ["pixel_values"]  # [1 + n_crops, 3, H, W]: the image, then its crops (+ image_sizes, recorded)
+        return ["pixel_values", "image_sizes"]  # [1 + n_crops, 3, H, W]: the image, then its crops; [1, 2]
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One forward over every view of every image; per image its views' soft tokens, in order (model dtype)."""

@@ -53,7 +53,7 @@ class InternVLEncoder(Encoder):
         return ImageOptions(kwargs, fixed_size=not tiles, record_size=True)
 
     def input_names(self, processed: Any) -> list[str]:
-        return ["pixel_values"]  # [n_tiles, 3, H, W] (+ image_sizes, recorded)
+        return ["pixel_values", "image_sizes"]  # [n_tiles, 3, H, W], [1, 2] (recorded by the preprocessor)
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One forward over every tile of every image; per image its tiles' tokens, in order (model dtype)."""
