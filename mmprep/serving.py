@@ -50,6 +50,22 @@ def _one_image(entry: CachedEmbedding) -> torch.Tensor:
     return entry.embeddings.unsqueeze(0)
 
 
+def _vllm_qwen3_vl(entry: CachedEmbedding) -> dict[str, torch.Tensor]:
+    """{"image_embeds": [n_tokens, hidden * (1 + levels)], "image_grid_thw": [1, 3]}: the merged tokens,
+    then deepstack level 0, 1, ... concatenated on the last dimension.
+
+    vllm/model_executor/models/qwen3_vl.py: `Qwen3_VisionTransformer.forward` returns
+    `torch.cat([hidden_states] + deepstack_feature_lists, dim=1)`, and
+    `Qwen3VLForConditionalGeneration._compute_deepstack_embeds` splits it back as
+    `[visual_dim, multiscale_dim]`, the latter viewed as (levels, visual_dim) and injected after text
+    layer 0, 1, ...; image_embeds given by the user take the same path (`_process_image_input`).
+    """
+    grid = _need(entry, "image_grid_thw")
+    deepstack = entry.tensors.get("deepstack")  # [levels, n_tokens, hidden]; absent when the config has none
+    embeds = entry.embeddings if deepstack is None else torch.cat([entry.embeddings, *deepstack], dim=-1)
+    return {"image_embeds": embeds, "image_grid_thw": grid}
+
+
 def _vllm_llava(entry: CachedEmbedding) -> torch.Tensor:
     """[1, n_tokens, text_hidden]: the projected tokens of one image, with the image axis vLLM expects.
 
@@ -117,6 +133,13 @@ VLLM_LAYOUTS: dict[str, Callable[[CachedEmbedding], Any]] = {
     "llava_next": _vllm_llava_next,
     "internvl": _vllm_internvl,
     "gemma3": _vllm_gemma3,
+    # vllm/model_executor/models/qwen3_5.py: `Qwen3_5ForConditionalGeneration` is a
+    # `Qwen3VLForConditionalGeneration` whose tower has no deepstack levels: the Qwen2-VL pair.
+    "qwen3_5": _vllm_qwen2_vl,
+    "qwen3_vl": _vllm_qwen3_vl,
+    # vllm/model_executor/models/glm4_1v.py: `Glm4vImageEmbeddingInputs` (image_embeds ["f", "h"],
+    # image_grid_thw ["n", 3]) and `Glm4vForConditionalGeneration._process_image_input`: the same pair.
+    "glm4v": _vllm_qwen2_vl,
 }
 _REFUSED = frozenset({"pooled", "gemma3"})  # families whose builder explains why vLLM takes no embeddings
 

@@ -72,6 +72,84 @@ def save_qwen2_vl(directory: Path, seed: int = 0, *, v2_5: bool = False) -> Path
     return directory
 
 
+# Shared by the Qwen3-VL / Qwen3.5 / GLM-4.1V checkpoints: a 2-layer mrope text side (head_dim 16).
+_GRID_TEXT = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+)
+GRID_TOKENS = dict(image_token_id=127, video_token_id=126)  # + start/end ids per family below
+
+
+def redraw(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Re-draw every weight matrix with a larger std: default init of tiny configs leaves outputs near zero
+    (and some projections at exactly zero), which would let comparisons pass trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed_tokens" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def save_qwen3_vl(directory: Path, seed: int = 0, *, moe: bool = False, deepstack: tuple[int, ...] = (0, 1)) -> Path:
+    """Qwen3-VL (or its MoE variant) with a 3-block tower (16-pixel patches) and deepstack levels at `deepstack`."""
+    from transformers import Qwen2VLImageProcessor
+
+    text = dict(_GRID_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    if moe:
+        from transformers import Qwen3VLMoeConfig as Config
+        from transformers import Qwen3VLMoeForConditionalGeneration as Model
+
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    else:
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=list(deepstack))  # fmt: skip
+    config = Config(text_config=text, vision_config=vision, vision_start_token_id=125, vision_end_token_id=124, **GRID_TOKENS)
+    torch.manual_seed(seed)
+    redraw(Model(config), seed).eval().save_pretrained(directory)
+    Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
+                          image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)  # fmt: skip
+    return directory
+
+
+def save_qwen3_5(directory: Path, seed: int = 0) -> Path:
+    """Qwen3.5 with a 2-block tower and a hybrid text side (one linear-attention, one full-attention layer)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = dict(
+        _GRID_TEXT, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    )  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)  # fmt: skip
+    config = Qwen3_5Config(text_config=text, vision_config=vision, vision_start_token_id=125, vision_end_token_id=124, **GRID_TOKENS)
+    torch.manual_seed(seed)
+    redraw(Qwen3_5ForConditionalGeneration(config), seed).eval().save_pretrained(directory)
+    Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
+                          image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)  # fmt: skip
+    return directory
+
+
+def save_glm4v(directory: Path, seed: int = 0) -> Path:
+    """GLM-4.1V with a 2-block tower (14-pixel patches, image_size 56) and a 2-layer text side."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    text = dict(_GRID_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14, image_size=56,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    config = Glm4vConfig(text_config=text, vision_config=vision, image_start_token_id=125, image_end_token_id=124,
+                         video_start_token_id=123, video_end_token_id=122, **GRID_TOKENS)  # fmt: skip
+    torch.manual_seed(seed)
+    redraw(Glm4vForConditionalGeneration(config), seed).eval().save_pretrained(directory)
+    Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}, patch_size=14, merge_size=2,
+                           temporal_patch_size=2).save_pretrained(directory)  # fmt: skip
+    return directory
+
+
 def save_llava(directory: Path, seed: int = 0, *, feature_layer: int = -2, strategy: str = "default") -> Path:
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 

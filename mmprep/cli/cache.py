@@ -38,14 +38,17 @@ def stats(
     out = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole lines
     out.print(f"[bold]{data['cache_dir']}[/bold]: {plural(data['entries'], 'entry', 'entries')}, {human_bytes(data['bytes_on_disk'])} on disk")
     models = Table(title="models")
-    for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "live", "shapes"):
+    for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "live", "shapes", "also stored"):
         models.add_column(col)
     for m in data["models"]:
         shapes = ", ".join(f"{s['dtype']}{s['shape']}×{s['entries']}" for s in m["shapes"])
         live = "-" if m["live_fraction"] is None else f"{m['live_fraction']:.0%}"
+        extra = ", ".join(
+            f"{n} {t.get('dtype')}[{', '.join(map(str, t.get('shape') or []))}]" for n, t in m["tensors"].items() if n != "embeddings"
+        )
         models.add_row(
             model_label(m), m["family"], m["fingerprint"][:16], str(m["dtype"]), str(m["entries"]),
-            str(m["shards"]), human_bytes(m["shard_bytes"]), live, shapes,
+            str(m["shards"]), human_bytes(m["shard_bytes"]), live, shapes, extra or "-",
         )  # fmt: skip
     out.print(models)
     for title, column, counts in (

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from mmprep.errors import ModelLoadError
-from mmprep.models import gemma3, internvl, llava, llava_next, pooled, qwen2_vl
+from mmprep.models import gemma3, glm4v, internvl, llava, llava_next, pooled, qwen2_vl, qwen3_5, qwen3_vl
 from mmprep.models.base import (
     OUTPUT_FORMAT_VERSION,
     Encoder,
@@ -46,6 +46,9 @@ FAMILIES: dict[str, type[Any]] = {
     **{arch: llava_next.LlavaNextEncoder for arch in llava_next.ARCHITECTURES},
     **{arch: gemma3.Gemma3Encoder for arch in gemma3.ARCHITECTURES},
     **{arch: internvl.InternVLEncoder for arch in internvl.ARCHITECTURES},
+    **{arch: qwen3_vl.Qwen3VLEncoder for arch in qwen3_vl.ARCHITECTURES},
+    **{arch: qwen3_5.Qwen3_5Encoder for arch in qwen3_5.ARCHITECTURES},
+    **{arch: glm4v.Glm4vEncoder for arch in glm4v.ARCHITECTURES},
 }
 # config.model_type -> architecture, for configs saved without `architectures`
 _BY_MODEL_TYPE = {
@@ -58,6 +61,12 @@ _BY_MODEL_TYPE = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration",
+    "glm4v_moe": "Glm4vMoeForConditionalGeneration",
 }
 
 

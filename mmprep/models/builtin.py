@@ -1,6 +1,6 @@
 """Builtin smoke-test models: tiny real architectures with random weights, for offline runs and tests.
 
-`builtin:tiny-clip` and `builtin:tiny-qwen2-vl` are created on first use under
+`builtin:tiny-clip`, `builtin:tiny-qwen2-vl` and `builtin:tiny-qwen3-vl` are created on first use under
 `$MMPREP_HOME/builtin/<name>` (MMPREP_HOME defaults to ~/.cache/mmprep) with save_pretrained, then
 loaded back like any local model directory. Their embeddings are meaningless: they exist to exercise
 the whole pipeline without downloading weights.
@@ -94,8 +94,35 @@ def _build_tiny_qwen2_vl(directory: Path) -> None:
     Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(directory)
 
 
+def _build_tiny_qwen3_vl(directory: Path) -> None:
+    """Qwen3-VL with a 3-block vision tower (16-pixel patches, output 64) and deepstack levels after
+    blocks 0 and 1, a 2-layer text side, 4..64 merged tokens per image."""
+    import torch
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        ),
+        vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=127, video_token_id=126, vision_start_token_id=125, vision_end_token_id=124,
+    )
+    torch.manual_seed(SEED)
+    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(directory)
+    Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ).save_pretrained(directory)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-clip": _build_tiny_clip,
     "tiny-qwen2-vl": _build_tiny_qwen2_vl,
+    "tiny-qwen3-vl": _build_tiny_qwen3_vl,
 }
 BUILTIN_MODELS: tuple[str, ...] = tuple(BUILDERS)

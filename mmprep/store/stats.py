@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from mmprep.errors import UsageError
 from mmprep.store.index import CacheIndex, utc_iso
-from mmprep.store.layout import CacheLayout
+from mmprep.store.layout import CacheLayout, entry_tensor_name
 
 RECENT_RUNS = 10
 SHAPE_SAMPLES = 5
@@ -27,7 +27,7 @@ def cache_stats(root: Path) -> dict[str, Any]:
     index = CacheIndex(layout.index, readonly=True)
     try:
         db = index.conn
-        models = [_model_stats(db, m) for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created")]
+        models = [_model_stats(db, layout, m) for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created")]
         failures = {r[0]: r[1] for r in db.execute("SELECT kind, count(*) FROM failures GROUP BY kind ORDER BY 2 DESC")}
         hosts: Counter[str] = Counter(_host(r[0]) for r in db.execute("SELECT url FROM failures"))
         runs = [_run_stats(r) for r in db.execute(
@@ -52,7 +52,7 @@ def cache_stats(root: Path) -> dict[str, Any]:
     }
 
 
-def _model_stats(db: Any, m: Any) -> dict[str, Any]:
+def _model_stats(db: Any, layout: CacheLayout, m: Any) -> dict[str, Any]:
     fp = m["fingerprint"]
     entries = db.execute("SELECT count(*) FROM entries WHERE fingerprint=?", (fp,)).fetchone()[0]
     shards, shard_bytes, written = db.execute(
@@ -66,6 +66,7 @@ def _model_stats(db: Any, m: Any) -> dict[str, Any]:
         )
     ]
     info = json.loads(m["info"])
+    tensors = _tensors(db, layout, fp, info)
     return {
         "fingerprint": fp,
         "name": m["name"],
@@ -77,7 +78,40 @@ def _model_stats(db: Any, m: Any) -> dict[str, Any]:
         "shard_bytes": shard_bytes,
         "live_fraction": round(entries / written, 4) if written else None,  # < 1 after gc drops or re-encodes
         "shapes": shapes,
+        "tensors": tensors,
     }
+
+
+def _tensors(db: Any, layout: CacheLayout, fingerprint: str, info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tensors stored per entry, name -> {shape, dtype}: as the encoder declared them (symbolic, e.g.
+    ["n_tokens", 64]), else (a cache from before declarations, or a rebuilt index) as one entry has them."""
+    declared = info.get("output") or {}
+    row = db.execute("SELECT key, shard, tensors FROM entries WHERE fingerprint=? LIMIT 1", (fingerprint,)).fetchone()
+    if row is None:
+        return dict(declared)
+    stored = json.loads(row["tensors"])
+    names = [entry_tensor_name(row["key"], t) for t in stored]
+    if all(n in declared for n in names):
+        return {n: declared[n] for n in names}
+    header = _shard_header(layout.shard_path(row["shard"]))
+    found = {}
+    for name, t in zip(names, stored):
+        h = header.get(t) or {}
+        found[name] = declared.get(name) or {"shape": h.get("shape"), "dtype": _DTYPE_NAMES.get(h.get("dtype"), h.get("dtype"))}
+    return found
+
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32", "U8": "uint8"}
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """A shard's safetensors header (tensor name -> dtype, shape, offsets), read without torch; {} if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(size))  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
 
 
 def _run_stats(r: Any) -> dict[str, Any]:
