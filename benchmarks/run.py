@@ -5,7 +5,7 @@ Sections (each builds its own inputs under --work, default /tmp/mmprep-bench; --
   encode   `mmprep encode` images/s vs model-only (pre-processed tensors, same batch size and device)
   fast     --fast-decode speed-up (check, camera-size JPEGs) and its effect on embeddings
   cached   fully cached rerun of 10k vs 1M rows (subprocess `mmprep encode`): rows/s and peak RSS
-  vlm      peak RSS loading LLaVA / Qwen2-VL vision-only vs the whole checkpoint (subprocesses)
+  vlm      peak RSS loading LLaVA / Qwen2-VL / Qwen3-VL vision-only vs the whole checkpoint (subprocesses)
   gpu      check + encode on CUDA with a ViT-B/16 in float16 (skipped without a GPU)
 Figures of one row are measured in the same run, one after the other, so ratios compare like with like.
 """
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +270,8 @@ if mode == "vision-only":
     load_encoder(ModelSettings(name=path, dtype=dtype))
 else:  # what mmprep did before: the whole checkpoint through from_pretrained, language model dropped after
     import transformers
-    cls = {"llava": transformers.LlavaForConditionalGeneration, "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[family]
+    cls = {"llava": transformers.LlavaForConditionalGeneration, "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family]
     cls.from_pretrained(path, dtype=getattr(torch, dtype))
 """
 
@@ -291,19 +292,26 @@ def language_model_share(checkpoint: Path) -> float:
     return lm / total
 
 
-def section_vlm(scale: Scale, work: Path) -> list[Row]:
-    from benchmarks.vlm import save_big_llava, save_big_qwen2_vl
+VLM_FAMILIES = ("llava", "qwen2_vl", "qwen3_vl")
+
+
+def section_vlm(scale: Scale, work: Path, only: Sequence[str] = VLM_FAMILIES) -> list[Row]:
+    from benchmarks.vlm import save_big_llava, save_big_qwen2_vl, save_big_qwen3_vl
 
     quick = scale is QUICK
     rows = []
-    for family, save in (("llava", save_big_llava), ("qwen2_vl", save_big_qwen2_vl)):
+    families = (("llava", save_big_llava, "float32"), ("qwen2_vl", save_big_qwen2_vl, "float32"),
+                ("qwen3_vl", save_big_qwen3_vl, "bfloat16"))  # fmt: skip
+    for family, save, stored in families:
+        if family not in only:
+            continue
         path = save(work / f"vlm-{family}{'-quick' if quick else ''}", quick=quick)
         size_mb = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
         lm = language_model_share(path)
-        for dtype in ("float32", "bfloat16"):  # float32 = the checkpoint's dtype: transformers maps it lazily
+        for dtype in ("float32", "bfloat16"):  # the checkpoint's own dtype: transformers maps it lazily
             whole, _ = run_child(["-c", VLM_CHILD, family, "whole", str(path), dtype])
             vision, _ = run_child(["-c", VLM_CHILD, family, "vision-only", str(path), dtype])
-            rows.append(Row("5 vision-only load", f"{family}: {size_mb:.0f} MB float32 checkpoint, LM {lm:.0%} of it, loaded as {dtype}",
+            rows.append(Row("5 vision-only load", f"{family}: {size_mb:.0f} MB {stored} checkpoint, LM {lm:.0%} of it, loaded as {dtype}",
                             f"vision-only {vision:.0f} MB · whole model {whole:.0f} MB peak RSS",
                             f"{vision / whole:.2f}x memory", "< 1x", {"vision_only": vision, "whole": whole}))  # fmt: skip
     return rows
@@ -347,7 +355,7 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(sections: list[str], scale: Scale, work: Path) -> list[Row]:
+def run(sections: list[str], scale: Scale, work: Path, vlm_families: Sequence[str] = VLM_FAMILIES) -> list[Row]:
     """Build the inputs, run the chosen sections, return their rows."""
     import logging
 
@@ -373,7 +381,7 @@ def run(sections: list[str], scale: Scale, work: Path) -> list[Row]:
     if "cached" in sections:
         rows += section_cached(scale, work)
     if "vlm" in sections:
-        rows += section_vlm(scale, work)
+        rows += section_vlm(scale, work, vlm_families)
     return rows
 
 
@@ -381,10 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small inputs, a 2-layer ViT, no vlm section: a smoke test (< 60 s)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--vlm-family", nargs="+", choices=VLM_FAMILIES, default=VLM_FAMILIES, help="vlm section: only these checkpoints")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench", help="inputs are built (and reused) here")
     args = parser.parse_args(argv)
     sections = args.only or list(QUICK_SECTIONS if args.quick else SECTIONS)
-    rows = run(sections, QUICK if args.quick else Scale(), args.work)
+    rows = run(sections, QUICK if args.quick else Scale(), args.work, args.vlm_family)
     print(machine())
     print(render(rows))
 

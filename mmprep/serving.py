@@ -139,6 +139,8 @@ VLLM_LAYOUTS: dict[str, Callable[[CachedEmbedding], Any]] = {
     "qwen3_vl": _vllm_qwen3_vl,
     # vllm/model_executor/models/glm4_1v.py: `Glm4vImageEmbeddingInputs` (image_embeds ["f", "h"],
     # image_grid_thw ["n", 3]) and `Glm4vForConditionalGeneration._process_image_input`: the same pair.
+    # Caveat (vLLM 0.32): `Glm4vProcessingInfo.get_data_parser` is a plain `MultiModalDataParser`
+    # without image `embedding_fields`, so its request parser does not take this dict yet.
     "glm4v": _vllm_qwen2_vl,
 }
 _REFUSED = frozenset({"pooled", "gemma3"})  # families whose builder explains why vLLM takes no embeddings
