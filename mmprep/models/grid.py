@@ -10,7 +10,16 @@ from typing import Any, ClassVar
 import torch
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import Encoder, ModelSource, dtype_kwargs, output_of, owned, quiet_transformers
+from mmprep.models.base import (
+    Encoder,
+    ImageOptions,
+    ModelSource,
+    dtype_kwargs,
+    output_of,
+    owned,
+    processor_image_defaults,
+    quiet_transformers,
+)
 
 # Checkpoints name the tower "visual.*" (hub format) or "model.visual.*"; the tower alone wants neither.
 _TOWER_KEYS = {r"^(?:model\.)?visual\.": ""}
@@ -50,9 +59,11 @@ class GridTowerEncoder(Encoder):
     def input_names(self, processed: Any) -> list[str]:
         return ["pixel_values", "image_grid_thw"]
 
-    def input_size(self) -> tuple[int, int] | None:
-        """Dynamic resolution (the grid follows each image): no fixed size for --fast-decode to aim at."""
-        return None
+    @classmethod
+    def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:
+        """Dynamic resolution (the grid follows each image): no fixed size for --fast-decode to aim at;
+        the full processor's per-call image arguments, if its class has any, as serving passes them."""
+        return ImageOptions(processor_image_defaults(config), fixed_size=False)
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One forward over the concatenated patches of all images, split back per image by its grid (model dtype)."""
