@@ -65,7 +65,7 @@ def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
 
 def entries(cached: dict[str, Any], directory: Path) -> list[Any]:
-    with EmbeddingCache(cached["out"], model=load(directory).fingerprint) as cache:
+    with EmbeddingCache(cached["out"], model=str(directory)) as cache:
         return cache.get_many(cached["paths"])
 
 
@@ -253,13 +253,13 @@ def test_stats_and_show_list_every_tensor(checkpoints: dict[str, Path], cached: 
     table = runner.invoke(app, ["stats", str(cached["out"])], catch_exceptions=False).output
     assert "deepstack" in table and "image_grid_thw" in table
 
-    fingerprint = load(checkpoints["qwen3_vl"]).fingerprint
+    model = str(checkpoints["qwen3_vl"])  # the model's name: one fingerprint in this cache
     out = tmp_path / "e.safetensors"
-    result = runner.invoke(app, ["show", str(cached["out"]), cached["paths"][0], "--model", fingerprint, "--export", str(out)])
+    result = runner.invoke(app, ["show", str(cached["out"]), cached["paths"][0], "--model", model, "--export", str(out)])
     assert result.exit_code == 0
     (row,) = json.loads(result.output)["entries"]
     assert row["by_name"]["deepstack"] == {"dtype": "F32", "shape": [2, 18, 64]}
     exported = load_file(out)
     assert sorted(exported) == ["deepstack", "embeddings", "image_grid_thw"]
-    with EmbeddingCache(cached["out"], model=fingerprint) as cache:
+    with EmbeddingCache(cached["out"], model=model) as cache:
         assert torch.equal(exported["deepstack"], cache.get(cached["paths"][0]).tensors["deepstack"])
