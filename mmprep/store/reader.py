@@ -351,7 +351,7 @@ def show_entry(
             row["tensors"], row["shape"] = json.loads(row["tensors"]), json.loads(row["shape"])
             row["model"], row["family"] = names.get(row["fingerprint"], (None, None))
             row["stored"] = _stored_tensors(layout, row["shard"], row["tensors"])
-            row["by_name"] = {entry_tensor_name(key, n): row["stored"].get(n) for n in row["tensors"]}
+            row["by_name"] = {entry_tensor_name(row["key"], n): row["stored"].get(n) for n in row["tensors"]}
             entries.append(row)
         failures = [_with_iso_times(dict(r)) for r in conn.execute(f"SELECT * FROM failures WHERE {where}", args)]
         id_matches = 0
