@@ -30,6 +30,7 @@ from mmprep.store.index import utc_iso
 
 RATE_WINDOW = 30.0  # seconds of history behind the rate and ETA of log lines
 FIRST_ERRORS = 5  # error records printed at the end of a run
+SUMMARY_WIDTH = 200  # columns of the summary when it goes to a log, not a terminal
 ESTIMATE_BLOCK = 1 << 20  # bytes read at a time while counting a manifest's lines
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -287,7 +288,7 @@ def print_run_summary(summary: Any, console: Console) -> None:
     table.add_row("throughput", f"{s.images_per_s:.1f} images/s encoded, over {s.duration_s:.1f}s")
     table.add_row("cache", escape(s.cache_dir))
     table.add_row("exit", exit_reason(s))
-    console.print(table)
+    console.print(table, width=None if console.is_terminal else SUMMARY_WIDTH)  # logs get whole lines
     if s.failed:
         print_errors(s.errors_file, s.failed, console)
     if s.status == "interrupted":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,17 @@ DECODE_PROFILES: tuple[str, ...] = ("vllm", "hf", "pil")  # --decode-as: whose i
 DEFAULT_DECODE_AS = "vllm"  # what vLLM's server computes from the same image (README: "Decode profiles")
 RETRY_PERMANENT_AFTER = 7 * 86400.0  # --retry-permanent-after: a permanent failure is tried again after a week
 RAY_WORKER_RESTARTS = 3  # --worker-restarts: restarts of a dead Ray encoder actor (Ray Data's own default: forever)
+
+
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (examples: 30d, 12h, 90m, 45s)")
+    return float(m.group(1)) * DURATION_UNITS[m.group(2)]
 
 
 def default_decode_workers() -> int:

@@ -10,6 +10,8 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -217,7 +219,12 @@ def test_cheap_checks_come_before_the_model_loads(tmp_path, images):
     out = tmp_path / "locked"
     with WriterLock(out):  # a model that cannot load: exit 75 proves the lock was checked before loading it
         locked = cli("encode", str(manifest), "--model", str(tmp_path / "no-model"), "--out", str(out))
-    assert locked.exit_code == 75 and "--wait-lock" in locked.output
+        assert locked.exit_code == 75 and "--wait-lock" in locked.output
+        # ... and before anything heavy: in a process where importing torch fails, it still exits 75
+        no_torch = "import sys; sys.modules['torch'] = None; from mmprep.cli import main; main()"
+        args = ["encode", str(manifest), *TINY, "--out", str(out)]
+        proc = subprocess.run([sys.executable, "-c", no_torch, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr
 
 
 def test_one_env_name_for_the_cache_dir_in_every_command(tmp_path, images, monkeypatch):
@@ -232,7 +239,7 @@ def test_one_env_name_for_the_cache_dir_in_every_command(tmp_path, images, monke
         assert result.exit_code == 0, (args, result.output)
     assert json.loads(cli("stats", "--json", env=env).stdout)["cache_dir"] == str(out)
     old = cli("stats", env={"MMPREP_CACHE_DIR": "", "MMPREP_OUT": str(out)})
-    assert old.exit_code == 2  # MMPREP_OUT is not a name for it
+    assert old.exit_code == 2 and "MMPREP_OUT is not read" in old.output  # not a name for it, and it says so
 
 
 @pytest.fixture(scope="module")

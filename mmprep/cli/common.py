@@ -108,7 +108,7 @@ def check_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
 
 def parse_duration_option(text: str, name: str) -> float:
     """'30d', '12h' → seconds; a bad value is a usage error naming the option."""
-    from mmprep.store.gc import parse_duration
+    from mmprep.settings import parse_duration  # not via store.gc: that imports torch, and this runs before the lock
 
     try:
         return parse_duration(text)
@@ -169,6 +169,8 @@ def age_text(seconds: float) -> str:
 def cache_dir_of(path: Path | None) -> Path:
     """The cache directory: the argument (or $MMPREP_CACHE_DIR, which typer reads for it), else ./mmprep-cache;
     a file there is a usage error."""
+    if os.environ.get("MMPREP_OUT") and not os.environ.get(CACHE_DIR_ENV):  # the cache directory's old second name
+        err.print(f"[yellow]warning:[/yellow] MMPREP_OUT is not read; set {CACHE_DIR_ENV} for the cache directory")
     out = path or Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file, not a directory (the cache directory)")

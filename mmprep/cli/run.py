@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -168,7 +167,6 @@ def encode(
     lock = None
     try:
         out_dir = cache_dir_of(out)
-        warn_old_env()
         load = load_settings(
             concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
             allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
@@ -244,17 +242,11 @@ def take_writer_lock(out: Path, wait: float | None) -> Any:
 
 def with_model_hint(exc: MmprepError, model: str | None) -> MmprepError:
     """A model that failed to load and is a builtin's name without its prefix gets a suggestion."""
-    from mmprep.models import BUILTIN_MODELS
+    if not isinstance(exc, ModelLoadError):
+        return exc
+    from mmprep.models import BUILTIN_MODELS  # torch: only once a model was being loaded anyway
 
-    if isinstance(exc, ModelLoadError) and model in BUILTIN_MODELS:
-        return ModelLoadError(f"{exc} (did you mean --model builtin:{model}?)")
-    return exc
-
-
-def warn_old_env() -> None:
-    """MMPREP_OUT was the cache directory's second name; it is no longer read."""
-    if os.environ.get("MMPREP_OUT") and not os.environ.get(CACHE_DIR_ENV):
-        err.print(f"[yellow]warning:[/yellow] MMPREP_OUT is not read; set {CACHE_DIR_ENV} for the cache directory")
+    return ModelLoadError(f"did you mean --model builtin:{model}? ({exc})") if model in BUILTIN_MODELS else exc
 
 
 @app.command()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 import uuid
 from collections import Counter
@@ -27,23 +26,13 @@ from safetensors.torch import save
 
 from mmprep import __version__
 from mmprep.errors import UsageError
+from mmprep.settings import parse_duration  # noqa: F401 (its old home)
 from mmprep.store.index import CacheIndex
 from mmprep.store.layout import SHARD_SUFFIX, CacheLayout
 from mmprep.store.lock import WriterLock
 from mmprep.store.reader import resolve_model
 from mmprep.store.rebuild import ShardInfo, ShardUnreadable, read_shard
 from mmprep.store.shards import fsync_dir, write_atomic
-
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'30d', '12h', '90m', '45s', '2w' or plain seconds -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (examples: 30d, 12h, 90m, 45s)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
 
 @dataclass
 class GcReport:
