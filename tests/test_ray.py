@@ -95,7 +95,7 @@ def test_ray_engine_makes_the_local_engines_cache_and_reruns_fetch_nothing(manif
     code2, again = encode(manifest, tmp_path / "ray", "--engine", "ray")
     assert image_server.total_hits == hits
     assert (again["encoded"], again["cached"], again["skipped_failed"]) == (0, N_GOOD + 1, 5)
-    assert again["failures_by_kind"] == {"bad_manifest_line": 1} and code2 == 1
+    assert again["failures_by_kind"] == {"bad_manifest_line": 1} and code2 == 0  # the same bad line: not new
 
 
 def test_ray_engine_reads_a_parquet_manifest_with_custom_columns_like_the_local_engine(tmp_path, image_server):
