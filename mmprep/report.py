@@ -288,7 +288,8 @@ def print_run_summary(summary: Any, console: Console) -> None:
     table.add_row("throughput", f"{s.images_per_s:.1f} images/s encoded, over {s.duration_s:.1f}s")
     table.add_row("cache", escape(s.cache_dir))
     table.add_row("exit", exit_reason(s))
-    console.print(table, width=None if console.is_terminal else SUMMARY_WIDTH)  # logs get whole lines
+    wide = console if console.is_terminal else Console(file=console.file, width=SUMMARY_WIDTH)  # logs: whole lines
+    wide.print(table)
     if s.failed:
         print_errors(s.errors_file, s.failed, console)
     if s.status == "interrupted":
