@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from mmprep.errors import ErrorKind, ModelLoadError, RowError
+from mmprep.models.fastprep import fast_path_for
 
 logger = logging.getLogger("mmprep.models")
 
@@ -327,29 +328,45 @@ class ImagePreprocessor:
     """A model's image processor applied to one image at a time, safely from many threads."""
 
     def __init__(
-        self, processor: Any, select: Callable[[Any], Sequence[str]] | None = None, options: ImageOptions | None = None
+        self,
+        processor: Any,
+        select: Callable[[Any], Sequence[str]] | None = None,
+        options: ImageOptions | None = None,
+        *,
+        fast: bool = True,
     ) -> None:
         self._processor = processor
         self._select = select
         self._options = options or ImageOptions()
         self._local = threading.local()
+        # The exact fast path when one mirrors this processor (bit-identical outputs, so the fingerprint,
+        # which names the processor's class and config, stays as it is); else the processor itself.
+        self._fast = fast_path_for(processor, self._options.call_kwargs) if fast else None
+
+    @property
+    def fast_path(self) -> str | None:
+        """The name of the exact fast path in use, or None when the transformers processor runs."""
+        return type(self._fast).__name__ if self._fast is not None else None
 
     def input_size(self) -> tuple[int, int] | None:
         """The (W, H) every image is resized to, for --fast-decode; None for dynamic resolution."""
         return processor_input_size(self._processor) if self._options.fixed_size else None
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        processor = getattr(self._local, "processor", None)
-        if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
-            processor = self._local.processor = copy.deepcopy(self._processor)
         try:
-            batch = dict(processor(images=image, return_tensors="pt", **self._options.call_kwargs))
+            batch = dict(self._fast(image) if self._fast is not None else self._transformers(image))
             if self._options.record_size and "image_sizes" not in batch:
                 batch["image_sizes"] = torch.tensor([[image.height, image.width]], dtype=torch.int64)
             names = self._select(batch) if self._select is not None else list(batch.keys())
             return {key: batch[key] for key in names}
         except Exception as exc:
             raise RowError(ErrorKind.PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}") from exc
+
+    def _transformers(self, image: Image.Image) -> Any:
+        processor = getattr(self._local, "processor", None)
+        if processor is None:  # each thread gets its own copy: processors are not documented thread-safe
+            processor = self._local.processor = copy.deepcopy(self._processor)
+        return processor(images=image, return_tensors="pt", **self._options.call_kwargs)
 
 
 class Encoder(ABC):
