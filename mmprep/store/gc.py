@@ -21,9 +21,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import save
-
 from mmprep import __version__
 from mmprep.errors import UsageError
 from mmprep.settings import parse_duration  # noqa: F401 (its old home)
@@ -213,6 +210,9 @@ def _compact(
     index: CacheIndex, layout: CacheLayout, info: ShardInfo, keep: list[dict[str, object]], run_id: str
 ) -> tuple[str, int]:
     """Rewrite `info` with only the `keep` entries under a new name; repoint the index; delete the old."""
+    from safetensors import safe_open  # here, not at the top: only compaction reads tensors (torch)
+    from safetensors.torch import save
+
     with safe_open(str(info.path), "pt") as f:
         meta = dict(f.metadata())
         tensors = {t: f.get_tensor(t) for d in keep for t in d["tensors"]}  # type: ignore[attr-defined]

@@ -23,17 +23,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mmprep.errors import UsageError
 from mmprep.keys import cache_key
-from mmprep.serving import to_vllm as to_vllm  # noqa: F401 (the old home of to_vllm, kept as an alias)
+from mmprep.store.header import HeaderError, read_header
 from mmprep.store.index import connect, utc_iso
 from mmprep.store.layout import EMBEDDINGS, CacheLayout, entry_tensor_name
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: show/stats answer without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -377,15 +378,13 @@ def _with_iso_times(row: dict[str, Any]) -> dict[str, Any]:
 
 def _stored_tensors(layout: CacheLayout, shard: str, names: list[str]) -> dict[str, Any]:
     try:
-        with safe_open(str(layout.shard_path(shard)), "pt") as f:
-            present = set(f.keys())
-            return {
-                n: {"dtype": f.get_slice(n).get_dtype(), "shape": f.get_slice(n).get_shape()} if n in present
-                else {"error": "missing from shard"}
-                for n in names
-            }  # fmt: skip
-    except (OSError, SafetensorError) as exc:
+        stored = read_header(layout.shard_path(shard)).tensors
+    except (OSError, HeaderError) as exc:
         return {"error": f"shard unreadable: {exc}"}
+    return {
+        n: {"dtype": stored[n].dtype, "shape": stored[n].shape} if n in stored else {"error": "missing from shard"}
+        for n in names
+    }
 
 
 def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
@@ -395,6 +394,9 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--export names a file (.safetensors or .npy), and {path} is a directory")
+    import torch
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
         import numpy as np
@@ -412,3 +414,12 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     }  # fmt: skip
     save_file(tensors, str(path), metadata=meta)
     return [path]
+
+
+def __getattr__(name: str) -> Any:
+    """`to_vllm`'s old home, kept as an alias; imported on use (mmprep.serving imports torch)."""
+    if name == "to_vllm":
+        from mmprep.serving import to_vllm
+
+        return to_vllm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
 from mmprep.errors import IndexUnreadableError
+from mmprep.store.header import DTYPES, HeaderError, read_header
 from mmprep.store.index import ENTRY_INSERT, FAILURE_COLUMNS, CacheIndex, connect, failure_columns
 from mmprep.store.layout import (
     GRID_SUFFIX,
@@ -31,15 +29,12 @@ from mmprep.store.layout import (
 from mmprep.store.lock import WriterLock
 from mmprep.store.shards import fsync_dir
 
-# safetensors header dtype -> torch dtype
-_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 _REBUILD_TMP = f"{INDEX_NAME}.rebuild-"
 
 _REQUIRED = frozenset({"key", "url", "tensors", "content_sha256", "created"})
+
+
+_ITEMSIZE = {name: size for name, size in DTYPES.values()}  # torch dtype name -> bytes per element
 
 
 class ShardUnreadable(Exception):
@@ -69,7 +64,7 @@ class ShardInfo:
 
     def tensor_bytes(self, name: str) -> int:
         dtype, shape = self.tensors[name]
-        n = getattr(torch, dtype).itemsize
+        n = _ITEMSIZE[dtype]
         for d in shape:
             n *= d
         return n
@@ -124,19 +119,11 @@ def read_shard(layout: CacheLayout, name: str) -> ShardInfo:
     """Read a shard's self-description and tensor header; raise ShardUnreadable if it is unusable."""
     path = layout.shard_path(name)
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {}
-            for key in f.keys():
-                s = f.get_slice(key)
-                dtype = _DTYPES.get(s.get_dtype())
-                if dtype is None:
-                    raise ShardUnreadable(f"{name}: unknown tensor dtype {s.get_dtype()}")
-                tensors[key] = (str(dtype).removeprefix("torch."), list(s.get_shape()))
+        header = read_header(path)
+        meta = header.metadata
+        tensors = {key: (info.torch_dtype, info.shape) for key, info in header.tensors.items()}
         nbytes = path.stat().st_size
-    except ShardUnreadable:
-        raise
-    except Exception as exc:  # safetensors raises its own error type for any bad header
+    except (OSError, HeaderError) as exc:
         raise ShardUnreadable(f"{name}: {exc}") from exc
     if meta.get("format") != SHARD_FORMAT:
         raise ShardUnreadable(f"{name}: not an mmprep shard (format={meta.get('format')!r})")

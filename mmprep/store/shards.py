@@ -8,9 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors.torch import save
+from typing import TYPE_CHECKING
 
 from mmprep import __version__
 from mmprep.store.layout import (
@@ -21,6 +19,9 @@ from mmprep.store.layout import (
     CacheLayout,
     shard_tensor_name,
 )
+
+if TYPE_CHECKING:  # torch is imported by the writer only: verify/gc reuse this module's file helpers
+    import torch
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class ShardWriter:
             **({"model_family": self.family} if self.family else {}),
             "entries": json.dumps([e.describe() for e in entries], separators=(",", ":")),
         }
+        from safetensors.torch import save
+
         blob = save(tensors, metadata=metadata)
         self._seq += 1
         directory = self.layout.shard_dir(self.fingerprint)
