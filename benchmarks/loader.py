@@ -1,0 +1,179 @@
+"""`python -m benchmarks.loader [--only SECTION...]`: the loading half against its limits and against img2dataset.
+
+Sections (inputs under --work, default /tmp/mmprep-bench; figures of one row are measured in the same run,
+alternating the contenders, so ratios compare like with like on a shared machine):
+  prep     the exact fast preprocessing path vs the transformers processor it replaces (CLIP 224, Qwen2-VL)
+  size     `mmprep check --size 224x224` wall time vs img2dataset (subprocesses, start-up included),
+           same URLs, same loopback server; with --before DIR also the mmprep tree in DIR
+  model    `mmprep check --model` (in process) vs the in-process decode+preprocess limit, CLIP and Qwen2-VL
+  rss      peak RSS of `mmprep check --size 224x224` at 2k vs 60k rows (tiny JPEGs, subprocesses)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks import inputs  # noqa: E402
+from benchmarks.run import Row, check_rate, fetch_all, limit_rate, render  # noqa: E402
+
+SECTIONS = ("prep", "size", "model", "rss")
+
+
+def _best(times: list[float]) -> float:
+    return min(times)
+
+
+def section_prep(work: Path, images: int = 64, rounds: int = 3) -> list[Row]:
+    """Per-image time of ImagePreprocessor with and without the fast path, alternating, best of `rounds`."""
+    import io
+
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil
+
+    from mmprep.models import ImagePreprocessor
+
+    pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in inputs.jpeg_pool((640, 480), images)]
+    rows = []
+    for label, processor in [("CLIP 224 (resize+crop+normalize)", CLIPImageProcessorPil()),
+                             ("Qwen2-VL default (smart resize+patchify)", Qwen2VLImageProcessorPil())]:  # fmt: skip
+        fast, slow = ImagePreprocessor(processor), ImagePreprocessor(processor, fast=False)
+        assert fast.fast_path is not None
+        times: dict[str, list[float]] = {"fast": [], "transformers": []}
+        for _ in range(rounds):
+            for name, prep in (("transformers", slow), ("fast", fast)):
+                start = time.perf_counter()
+                for picture in pictures:
+                    prep(picture)
+                times[name].append((time.perf_counter() - start) / len(pictures) * 1e6)
+        f, t = _best(times["fast"]), _best(times["transformers"])
+        rows.append(Row("prep", f"640x480 photo → {label}, {len(pictures)} images, 1 thread",
+                        f"fast {f:.0f} µs · transformers {t:.0f} µs per image (best of {rounds}, alternating)",
+                        f"{t / f:.2f}x faster", "≥ 2x", {"fast_us": f, "transformers_us": t}))  # fmt: skip
+    return rows
+
+
+def _run_wall(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} exited {done.returncode}: {done.stderr[-2000:]}")
+    return wall
+
+
+def section_size(work: Path, server: inputs.BenchServer, rows: int = 1000, rounds: int = 2, before: Path | None = None) -> list[Row]:
+    """check --size 224x224 vs img2dataset (2 processes x 32 threads, resize to 224, center crop) on the same URLs."""
+    urls = [server.url("vga", i) for i in range(rows)]
+    manifest = inputs.write_manifest(work / f"size-{rows}.jsonl", urls)
+    url_list = work / f"size-{rows}.txt"
+    url_list.write_text("\n".join(urls) + "\n")
+    flags = ["--size", "224x224", "--allow-http", "--allow-host", "127.0.0.1", "--progress", "none", "--errors", str(work / "size-errors.jsonl")]
+    contenders: dict[str, Any] = {}
+    here = Path(__file__).resolve().parent.parent
+    for name, tree in (("mmprep", here), ("mmprep before", before)):
+        if tree is not None:
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            contenders[name] = ([sys.executable, "-m", "mmprep", "check", str(manifest), *flags], env)
+    img2dataset = shutil.which("img2dataset")
+    if img2dataset is None:
+        raise RuntimeError("img2dataset is not installed (pip install img2dataset==1.47.0)")
+    out = work / "img2dataset-out"
+
+    def i2d_argv() -> list[str]:
+        shutil.rmtree(out, ignore_errors=True)
+        return [img2dataset, "--url_list", str(url_list), "--input_format", "txt", "--output_folder", str(out),
+                "--output_format", "files", "--image_size", "224", "--resize_mode", "center_crop",
+                "--processes_count", "2", "--thread_count", "32", "--timeout", "30", "--retries", "0",
+                "--enable_wandb", "False", "--disallowed_header_directives", "[]"]  # fmt: skip
+
+    walls: dict[str, list[float]] = {name: [] for name in [*contenders, "img2dataset"]}
+    for _ in range(rounds):
+        walls["img2dataset"].append(_run_wall(i2d_argv(), cwd=work))
+        for name, (argv, env) in contenders.items():
+            walls[name].append(_run_wall(argv, env=env, cwd=work))
+    done = len(list(out.rglob("*.jpg")))
+    i2d = _best(walls["img2dataset"])
+    figures = " · ".join(f"{name} {', '.join(f'{w:.2f}' for w in ws)} s" for name, ws in walls.items())
+    ratio = " · ".join(f"{name} {_best(walls[name]) / i2d:.2f}x" for name in contenders)
+    return [Row("size", f"{rows} 640x480 JPEGs → 224, loopback server, wall incl. start-up (img2dataset wrote {done})",
+                figures, f"{ratio} img2dataset's wall (best runs)", "≤ 0.5x",
+                {name: _best(ws) for name, ws in walls.items()})]  # fmt: skip
+
+
+def section_model(work: Path, server: inputs.BenchServer, rows: int = 256) -> list[Row]:
+    """check --model vs the in-process decode+preprocess limit, for a CLIP-style and the Qwen2-VL processor."""
+    from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil
+
+    from mmprep.models import ImagePreprocessor
+
+    urls = [server.url("vga", 10_000 + i) for i in range(rows)]
+    manifest = inputs.write_manifest(work / f"model-{rows}.jsonl", urls)
+    bodies = fetch_all(urls)
+    out = []
+    for label, processor in [("CLIP 224", CLIPImageProcessorPil()), ("Qwen2-VL default", Qwen2VLImageProcessorPil())]:
+        prepare = ImagePreprocessor(processor)
+        limits, checks = [], []
+        for _ in range(2):  # alternate: limit, check, limit, check
+            limits.append(limit_rate(bodies, prepare))
+            checks.append(check_rate(manifest, prepare, work))
+        limit, check = max(limits), max(checks)
+        out.append(Row("model", f"640x480 JPEG → {label} processor (fast path), {rows} rows",
+                       f"check {', '.join(f'{c:.0f}' for c in checks)} · limit {', '.join(f'{v:.0f}' for v in limits)} img/s",
+                       f"{check / limit:.2f}x limit (best runs)", "≥ 0.9x", {"check": check, "limit": limit}))  # fmt: skip
+    return out
+
+
+def section_rss(work: Path, server: inputs.BenchServer, sizes: tuple[int, int] = (2_000, 60_000)) -> list[Row]:
+    """Peak RSS (VmHWM) of `mmprep check --size 224x224` over `sizes` rows of small JPEGs."""
+    peaks = {}
+    for rows in sizes:
+        manifest = inputs.write_manifest(work / f"rss-{rows}.jsonl", (server.url("tiny", i) for i in range(rows)))
+        with tempfile.NamedTemporaryFile(suffix=".rss") as peak:
+            argv = [sys.executable, "-m", "benchmarks.peak", peak.name, "-m", "mmprep", "check", str(manifest), "--size", "224x224",
+                    "--allow-http", "--allow-host", "127.0.0.1", "--progress", "none", "--errors", str(work / "rss-errors.jsonl")]  # fmt: skip
+            start = time.perf_counter()
+            _run_wall(argv, cwd=work)
+            wall = time.perf_counter() - start
+            peaks[rows] = (float(Path(peak.name).read_text()), wall)
+    (a, wa), (b, wb) = peaks[sizes[0]], peaks[sizes[1]]
+    return [Row("rss", f"`check --size 224x224`, 96x64 JPEGs, {sizes[0]:,} vs {sizes[1]:,} rows",
+                f"{a:.0f} MB ({wa:.0f} s) vs {b:.0f} MB ({wb:.0f} s) peak RSS", f"+{b - a:.0f} MB", "flat",
+                {"small_mb": a, "large_mb": b})]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench")
+    parser.add_argument("--rows", type=int, default=1000, help="rows of the size section")
+    parser.add_argument("--before", type=Path, help="an older mmprep source tree to time beside this one (size section)")
+    args = parser.parse_args(argv)
+    sections = args.only or list(SECTIONS)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    if "prep" in sections:
+        rows += section_prep(args.work)
+    pools = {"vga": inputs.jpeg_pool((640, 480)), "tiny": inputs.jpeg_pool((96, 64))}
+    with inputs.serving(pools) as server:
+        if "size" in sections:
+            rows += section_size(args.work, server, args.rows, before=args.before)
+        if "model" in sections:
+            rows += section_model(args.work, server)
+        if "rss" in sections:
+            rows += section_rss(args.work, server)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
