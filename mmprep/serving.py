@@ -1,18 +1,32 @@
 """Hand cached entries to serving engines: the exact inputs that let them skip the vision encoder.
 
-`to_vllm(entry)` dispatches on the entry's model family through `VLLM_LAYOUTS` (family -> builder);
-each builder names the vLLM model file and function that define the layout it produces. A new family
-adds one builder and one line in that table; a new engine or wire format adds its own function next
-to `to_vllm` (same dispatch on `entry.family`).
+One function per target format (README "Serving"):
+  `to_vllm(entry)`       offline vLLM: multi_modal_data={"image": to_vllm(entry)}
+  `to_vllm_part(entry)`  vLLM's OpenAI server / run-batch: the chat content part that replaces the
+                         image's `image_url` part (base64 of torch.save bytes, as vLLM decodes them)
+  `to_sglang(entries)`   SGLang: the one `{"format": "precomputed_embedding", ...}` item of a request
+  `save_pt(entry, path)` Dynamo's TensorRT-LLM worker: an embedding file given in place of an image URL
+  `vllm_ec_layout(...)`  vLLM's encoder-cache connector store (`mmprep export --format vllm-ec`)
+
+`to_vllm` dispatches on the entry's model family through `VLLM_LAYOUTS` (family -> builder); each
+builder names the vLLM model file and function that define the layout it produces. A new family adds
+one builder and one line in that table; the other formats derive from it or from the entry's tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import base64
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mmprep.store.layout import EMBEDDINGS
 
 if TYPE_CHECKING:  # the reader imports this module (for its `to_vllm` alias)
     from mmprep.store.reader import CachedEmbedding
@@ -146,6 +160,11 @@ VLLM_LAYOUTS: dict[str, Callable[[CachedEmbedding], Any]] = {
 _REFUSED = frozenset({"pooled", "gemma3"})  # families whose builder explains why vLLM takes no embeddings
 
 
+def has_embedding_input(family: str) -> bool:
+    """Whether vLLM takes this family's entries in place of images (pooled CLIP/SigLIP vectors, Gemma 3: no)."""
+    return family in VLLM_LAYOUTS and family not in _REFUSED
+
+
 def to_vllm(entry: CachedEmbedding) -> Any:
     """What vLLM takes as multi_modal_data={"image": to_vllm(entry)} for this one image (needs --enable-mm-embeds)."""
     build = VLLM_LAYOUTS.get(entry.family)
@@ -251,3 +270,119 @@ def vllm_ec_layout(family: str, model_info: dict[str, Any]) -> EcLayout:
             f"cannot read the config of {model_info.get('name')} to check token counts: {reason_of(exc)}"
         ) from exc
     return build(config, image_processor)
+
+
+# -- vLLM's OpenAI server (chat completions, run-batch) --------------------------------------------
+
+
+def tensor_to_base64(tensor: torch.Tensor) -> str:
+    """base64 of `torch.save` bytes, as vLLM writes them (`vllm.utils.serial_utils.tensor2base64`) and
+    reads them (`ImageEmbeddingMediaIO.load_base64`: `torch.load(weights_only=True)`). The tensor is
+    copied first: torch.save writes a view's whole storage, which could be a whole shard's."""
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format), buffer)
+    return base64.b64encode(buffer.getbuffer()).decode("ascii")
+
+
+def to_vllm_part(entry: CachedEmbedding) -> dict[str, Any]:
+    """The chat content part vLLM's server takes in place of this image's `image_url` part (started with
+    --enable-mm-embeds): `{"type": "image_embeds", "image_embeds": ..., "uuid": <entry key>}`.
+
+    One part carries one image (vllm/renderers/chat_utils.py `parse_image_embeds`, `_get_embeds_data`):
+    a dict layout (Qwen-VL) becomes a dict of base64 tensors with `image_grid_thw` as a 1-D `[3]` (a
+    `[1, 3]` is refused: "size_per_item should be a 1-D tensor"); a tensor layout becomes the image's
+    `[n_tokens, hidden]` (a `[1, n_tokens, hidden]` part is vLLM's deprecated batched form). The uuid
+    lets vLLM's own caches key the item by the entry. vLLM refuses a request that mixes `image_url` and
+    `image_embeds` parts ("Mixing raw image and embedding inputs is not allowed")."""
+    check_rows(entry)
+    offline = to_vllm(entry)
+    payload: str | dict[str, str]
+    if isinstance(offline, dict):
+        payload = {name: tensor_to_base64(_one_item(name, tensor)) for name, tensor in offline.items()}
+    else:
+        payload = tensor_to_base64(offline[0])  # [1, n_tokens, hidden] -> this image's [n_tokens, hidden]
+    return {"type": "image_embeds", "image_embeds": payload, "uuid": entry.key}
+
+
+def _one_item(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A per-image metadata tensor as a chat part carries it: a grid `[1, 3]` becomes `[3]`."""
+    return tensor.reshape(-1) if name.endswith("grid_thw") else tensor
+
+
+def check_rows(entry: CachedEmbedding) -> None:
+    """Refuse an entry whose embedding rows cannot fill its grid (rows x merge^2 = t*h*w for a whole
+    merge size): servers do not check it, and a short tensor fills the image's placeholders wrongly."""
+    grid = entry.tensors.get("image_grid_thw")
+    if grid is None:
+        return
+    rows, patches = entry.embeddings.shape[0], int(torch.prod(grid.reshape(-1)))
+    ratio, rest = divmod(patches, rows) if rows else (0, 1)
+    if rest or ratio < 1 or math.isqrt(ratio) ** 2 != ratio:
+        raise ServingFormatError(
+            f"entry {entry.key[:16]} has {rows} embedding rows for a grid of {patches} patches "
+            f"({grid.reshape(-1).tolist()}): not a whole number of merged patches"
+        )
+
+
+# -- SGLang --------------------------------------------------------------------------------------
+
+
+def to_sglang(entries: CachedEmbedding | Sequence[CachedEmbedding]) -> dict[str, Any]:
+    """SGLang's precomputed-embedding item for a request's images, in prompt order:
+    `Engine.generate(input_ids=..., image_data=[to_sglang(entries)])`.
+
+    sglang/srt/multimodal/processors/base_processor.py `process_and_combine_mm_data`: a dict with
+    `format == "precomputed_embedding"` becomes one item whose `feature` is the embeddings and whose
+    other keys (here `image_grid_thw`, `[n_images, 3]`, used for Qwen-VL's M-RoPE positions) are kept as
+    model data. SGLang takes one such item per request (`validate_mm_data`), so several images are
+    concatenated: `feature` `[sum of n_tokens, hidden]`. `input_ids` must hold each image's placeholder
+    tokens expanded to its row count."""
+    items = [entries] if hasattr(entries, "tensors") else list(entries)  # type: ignore[arg-type]
+    if not items:
+        raise ServingFormatError("to_sglang needs at least one entry")
+    if len({e.fingerprint for e in items}) > 1:
+        raise ServingFormatError("to_sglang: entries of different models cannot share a request")
+    for entry in items:
+        to_vllm(entry)  # the same families have an embedding input (pooled ones raise here)
+        check_rows(entry)
+    item: dict[str, Any] = {"format": "precomputed_embedding", "feature": torch.cat([e.embeddings for e in items])}
+    grids = [e.tensors.get("image_grid_thw") for e in items]
+    if grids[0] is not None:
+        item["image_grid_thw"] = torch.cat([g.reshape(1, -1) for g in grids])  # type: ignore[union-attr]
+    return item
+
+
+# -- Dynamo / TensorRT-LLM -------------------------------------------------------------------------
+
+EMBEDDING_FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def save_pt(entry: CachedEmbedding, path: Path | str) -> Path:
+    """Write the file Dynamo's TensorRT-LLM worker takes in place of an image URL (an `image_url` part
+    whose url is the file's path), atomically. The suffix picks the format: `.safetensors` (what
+    current Dynamo accepts), `.pt` / `.pth` (older Dynamo: `torch.load(weights_only=True)`).
+
+    Layout (Dynamo docs/features/multimodal/multimodal_trtllm.md, "Embedding File Formats"): the image's
+    embeddings as `[1, n_tokens, hidden]`; alone when that is all the entry holds (a single-tensor file
+    is read as the tensor), else with the entry's other tensors under their names and the embeddings
+    under `mm_embeddings` (the key the worker takes from a multi-tensor file)."""
+    path = Path(path)
+    if path.suffix not in EMBEDDING_FILE_SUFFIXES:
+        raise ServingFormatError(f"{path.name}: the suffix must be one of {', '.join(EMBEDDING_FILE_SUFFIXES)}")
+    to_vllm(entry)  # pooled entries have no embedding input anywhere
+    check_rows(entry)
+    tensors = {"mm_embeddings": entry.embeddings.unsqueeze(0)}
+    tensors.update((name, t) for name, t in entry.tensors.items() if name != EMBEDDINGS)
+    tensors = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format) for name, t in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp))
+        else:
+            torch.save(tensors["mm_embeddings"] if len(tensors) == 1 else tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -24,10 +24,15 @@ def is_request(obj: Any) -> bool:
 
 def request_images(obj: dict[str, Any], default_id: str | None = None) -> Iterator[tuple[str, str | None]]:
     """(url, id) for every image part of a request line; ids are `<custom_id>:<part index>` (or `<id>:<index>`)."""
-    body = obj.get("body", obj)
-    if not isinstance(body, dict):
-        raise Malformed("body must be an object")
     base = clean_id(obj.get("custom_id"), "custom_id") or default_id
+    for index, (_, url) in enumerate(request_image_parts(obj)):
+        yield url, (f"{base}:{index}" if base is not None else None)
+
+
+def request_image_parts(obj: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    """(part, url) for every image content part of a request line, in order; `part` is the request's own
+    dict, so a caller can change it in place (`mmprep rewrite`)."""
+    body = request_body(obj)
     if "messages" in body:
         items, field = body["messages"], "messages"
     elif "input" in body:
@@ -38,12 +43,6 @@ def request_images(obj: dict[str, Any], default_id: str | None = None) -> Iterat
         raise Malformed("request body has neither messages (Chat Completions) nor input (Responses)")
     if not isinstance(items, list):
         raise Malformed(f"{field} must be a list")
-    for index, url in enumerate(_image_urls(items, field)):
-        yield url, (f"{base}:{index}" if base is not None else None)
-
-
-def _image_urls(items: list[Any], field: str) -> Iterator[str]:
-    """The image URLs of a `messages` / `input` list, in order."""
     for item in items:
         if not isinstance(item, dict):
             if field == "input" and isinstance(item, str):  # Responses also takes plain strings
@@ -54,7 +53,15 @@ def _image_urls(items: list[Any], field: str) -> Iterator[str]:
             continue  # plain-text content has no images
         for part in content:
             if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
-                yield _part_url(part)
+                yield part, _part_url(part)
+
+
+def request_body(obj: dict[str, Any]) -> dict[str, Any]:
+    """The request of a line: a Batch API line's `body`, or the line itself when it is a bare request."""
+    body = obj.get("body", obj)
+    if not isinstance(body, dict):
+        raise Malformed("body must be an object")
+    return body
 
 
 def _part_url(part: dict[str, Any]) -> str:

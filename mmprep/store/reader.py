@@ -216,6 +216,13 @@ class EmbeddingCache:
                 self._remember(found)
         return results
 
+    def cached_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` are cached for this model, from the index alone (no tensor is read): what a
+        caller that only needs the key, such as `mmprep rewrite --uuid-only`, asks."""
+        with self._lock:
+            found = {key for key in keys if key in self._memory}
+        return found | self._lookup([key for key in dict.fromkeys(keys) if key not in found]).keys()
+
     @property
     def stats(self) -> ReaderStats:
         with self._lock:
