@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -148,3 +151,50 @@ def build_cached(cache_dir: Path, manifest: Path, fingerprint: str, model_name: 
         index.finish_run("bench-build", "completed", 0, {"rows": rows})
     finally:
         index.close()
+
+
+def save_qwen2_vl_7b_shaped(directory: Path) -> Path:
+    """A Qwen2-VL whose merged image tokens are Qwen2-VL-7B-sized (3584 wide) behind a 1-block, 32-wide
+    tower (random weights: only the size of what `mmprep rewrite` moves matters); 448x448 -> 256 tokens."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=3584, intermediate_size=64, num_hidden_layers=1, num_attention_heads=28,
+                         num_key_value_heads=4, max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=3584, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=127, video_token_id=126, vision_start_token_id=125, vision_end_token_id=124,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tmp = directory.with_name(directory.name + ".tmp")
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp)
+    Qwen2VLImageProcessor(min_pixels=448 * 448, max_pixels=448 * 448).save_pretrained(tmp)
+    tmp.rename(directory)
+    return directory
+
+
+def rewrite_inputs(where: Path, model: str, images: int, requests: int, size: tuple[int, int]) -> None:
+    """`images` distinct PNGs, a cache of them (`mmprep encode`), and an OpenAI batch file of `requests`
+    lines, each a system and a user message with text and one or two of the images."""
+    folder = where / "img"
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for i in range(images):
+        photo_like(size, seed=i).save(folder / f"{i}.png")
+        urls.append(str(folder / f"{i}.png"))
+    write_manifest(where / "manifest.jsonl", urls)
+    done = subprocess.run([sys.executable, "-m", "mmprep", "encode", str(where / "manifest.jsonl"), "--model", model,
+                           "--out", str(where / "cache"), "--allow-local-dir", str(folder), "--progress", "none"],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"encode for the rewrite benchmark failed: {done.stderr[-2000:]}")
+    with open(where / "batch.jsonl", "w", encoding="utf-8") as f:
+        for i in range(requests):
+            content: list[dict[str, Any]] = [{"type": "text", "text": f"Describe product photo {i} in one sentence."}]
+            content += [{"type": "image_url", "image_url": {"url": urls[(i + j) % images]}} for j in range(1 + i % 2)]
+            body = {"model": "Qwen/Qwen2-VL-7B-Instruct", "max_tokens": 64, "messages": [
+                {"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": content}]}  # fmt: skip
+            f.write(json.dumps({"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")

@@ -7,6 +7,8 @@ Sections (each builds its own inputs under --work, default /tmp/mmprep-bench; --
   cached   fully cached rerun of 10k vs 1M rows (subprocess `mmprep encode`): rows/s and peak RSS
   vlm      peak RSS loading LLaVA / Qwen2-VL / Qwen3-VL vision-only vs the whole checkpoint (subprocesses)
   gpu      check + encode on CUDA with a ViT-B/16 in float16 (skipped without a GPU)
+  rewrite  `mmprep rewrite` of an OpenAI batch file (100k lines) vs json.loads+dumps of every line; a
+           Qwen2-VL-7B-sized payload (256 tokens x 3584, fp32) for MB/s
 Figures of one row are measured in the same run, one after the other, so ratios compare like with like.
 """
 
@@ -31,8 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks import inputs  # noqa: E402
 
-SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu")
-QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu")  # vlm: eight model-loading subprocesses
+SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu", "rewrite")
+QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu", "rewrite")  # vlm: eight model-loading subprocesses
 LOOPBACK = dict(allow_http=True, allow_hosts=("127.0.0.1",))
 
 
@@ -48,10 +50,13 @@ class Scale:
     clip_layers: int = 12  # ViT-B: 12 layers of 768
     batch_size: int = 32
     gpu_rows: int = 2048
+    rewrite_rows: int = 100_000  # request lines of the batch file
+    rewrite_images: int = 64  # distinct images they reference (1 or 2 a request)
+    rewrite_large: int = 64  # requests with a Qwen2-VL-7B-sized embedding each, all distinct
 
 
 QUICK = Scale(check_rows=48, encode_rows=32, fast_rows=16, diff_images=4, cached_rows=(1_000, 10_000),
-              clip_layers=2, batch_size=8, gpu_rows=256)  # fmt: skip
+              clip_layers=2, batch_size=8, gpu_rows=256, rewrite_rows=5_000, rewrite_images=8, rewrite_large=4)  # fmt: skip
 
 
 @dataclass
@@ -260,6 +265,64 @@ def section_cached(scale: Scale, work: Path) -> list[Row]:
     ]  # fmt: skip
 
 
+JSON_FLOOR_CHILD = """
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as src, open(sys.argv[2], "w", encoding="utf-8") as out:
+    for line in src:
+        out.write(json.dumps(json.loads(line), ensure_ascii=False) + "\\n")
+"""
+
+
+REWRITE_CHILD = """
+import sys
+sys.stderr = sys.stdout  # the --json summary goes to stderr; hand it to the parent on stdout
+from mmprep.cli import app
+app(sys.argv[1:], prog_name="mmprep")
+"""
+
+
+def section_rewrite(scale: Scale, work: Path) -> list[Row]:
+    """`mmprep rewrite` (subprocesses, like a user runs it) next to the floor of any line rewriter."""
+    base = work / f"rewrite-{scale.rewrite_rows}"
+    small, large = base / "tiny", base / "large"
+    if not (base / "ready").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        inputs.rewrite_inputs(small, "builtin:tiny-qwen2-vl", scale.rewrite_images, scale.rewrite_rows, (56, 56))
+        model = inputs.save_qwen2_vl_7b_shaped(base / "qwen2-vl-7b-shaped")
+        inputs.rewrite_inputs(large, str(model), scale.rewrite_large, scale.rewrite_large, (448, 448))
+        (base / "ready").write_text("ok")
+
+    def run_rewrite(where: Path, *flags: str) -> tuple[dict[str, Any], float, float]:
+        """One `mmprep rewrite` subprocess: its --json summary (stderr, sent to stdout here), peak RSS, wall time."""
+        argv = ["rewrite", str(where / "batch.jsonl"), "--cache", str(where / "cache"), "-o", str(where / "out.jsonl"), "--json", *flags]
+        start = time.perf_counter()
+        rss, out = run_child(["-c", REWRITE_CHILD, *argv])
+        return json.loads(out), rss, time.perf_counter() - start
+
+    start = time.perf_counter()
+    floor_rss, _ = run_child(["-c", JSON_FLOOR_CHILD, str(small / "batch.jsonl"), str(small / "floor.jsonl")])
+    floor_rate = scale.rewrite_rows / (time.perf_counter() - start)
+    results = {}
+    for name, where, flags in (("embeds", small, ()), ("uuid", small, ("--uuid-only",)), ("large", large, ())):
+        summary, rss, wall = run_rewrite(where, *flags)
+        assert summary["replaced"] == summary["images"] > 0, summary
+        results[name] = (summary, rss, wall)
+    (e, e_rss, e_wall), (u, _, u_wall), (g, g_rss, _) = results["embeds"], results["uuid"], results["large"]
+    return [
+        Row("7 rewrite", f"OpenAI batch file, {e['requests']:,} requests, {e['images']:,} images (tiny Qwen2-VL, "
+            f"{e['bytes_out'] / e['requests'] / 1e3:.1f} kB written a request)",
+            f"image_embeds {e['requests_per_s']:,.0f} req/s ({e['mb_per_s']:.0f} MB/s; {e['requests'] / e_wall:,.0f} incl. start-up) · "
+            f"--uuid-only {u['requests_per_s']:,.0f} req/s · json.loads+dumps of every line {floor_rate:,.0f} lines/s",
+            f"{e['requests_per_s'] / floor_rate:.2f}x loads+dumps", "report",
+            {"requests_per_s": e["requests_per_s"], "uuid_requests_per_s": u["requests_per_s"], "floor": floor_rate}),
+        Row("7 rewrite", f"{g['requests']} requests with a Qwen2-VL-7B-sized part each (256 x 3584 fp32, distinct images)",
+            f"{g['mb_per_s']:,.0f} MB/s ({g['bytes_out'] / 1e6:,.0f} MB written), {g['requests_per_s']:,.1f} req/s; peak RSS "
+            f"{g_rss:.0f} MB (small parts: {e_rss:.0f} MB; floor child {floor_rss:.0f} MB)",
+            f"{g['bytes_out'] / g['requests'] / 1e6:.1f} MB a request", "report",
+            {"mb_per_s": g["mb_per_s"], "rss": g_rss}),
+    ]  # fmt: skip
+
+
 VLM_CHILD = """
 import sys
 import torch
@@ -382,6 +445,8 @@ def run(sections: list[str], scale: Scale, work: Path, vlm_families: Sequence[st
         rows += section_cached(scale, work)
     if "vlm" in sections:
         rows += section_vlm(scale, work, vlm_families)
+    if "rewrite" in sections:
+        rows += section_rewrite(scale, work)
     return rows
 
 

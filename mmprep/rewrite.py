@@ -21,13 +21,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import secrets
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from mmprep.keys import cache_key
 from mmprep.manifest.openai import is_request, request_body, request_image_parts
@@ -39,8 +41,20 @@ from mmprep.store.reader import EmbeddingCache
 __all__ = ["PART_MEMO_BYTES", "TARGETS", "RequestRewriter", "RewriteSummary", "open_output"]
 
 TARGETS = ("vllm",)  # --target: whose image-embedding content part is written
-PART_MEMO_BYTES = 64 * 1024 * 1024  # parts kept for images seen again (base64 strings, counted by length)
+PART_MEMO_BYTES = 64 * 1024 * 1024  # parts kept (as JSON text) for images seen again
 MAX_PROBLEMS = 20  # problem lines named in the summary (all are counted)
+CHUNK_LINES = 1024  # lines whose image keys are looked up in one index query ...
+CHUNK_CHARS = 16 * 1024 * 1024  # ... unless they hold more characters than this first
+
+
+class _Request(NamedTuple):
+    """A parsed chat request line: the object, its image parts (the object's own dicts) and their keys."""
+
+    obj: dict[str, Any]
+    parts: list[dict[str, Any]]
+    keys: list[str]
+    path: str
+    line: int
 
 
 @dataclass
@@ -85,8 +99,10 @@ class RequestRewriter:
         self.cache = cache
         self.uuid_only = uuid_only
         self.summary = RewriteSummary()
-        self._parts: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._parts: OrderedDict[str, str] = OrderedDict()  # entry key -> its part's JSON text
         self._part_bytes = 0
+        self._marker = f"mmprep-part-{secrets.token_hex(16)}"  # stands in for a part while the request is serialised
+        self._marker_re = re.compile(r"\{" + re.escape(json.dumps(self._marker)) + r": (\d+)\}")  # as _dumps writes it
 
     def run(self, paths: Iterable[str], out: IO[bytes]) -> RewriteSummary:
         """Rewrite every line of `paths` (`-`: stdin) to `out`, in order; return the summary."""
@@ -101,22 +117,36 @@ class RequestRewriter:
         return s
 
     def _rewrite_file(self, path: str, out: IO[bytes]) -> None:
-        number = 0
+        """Read `path` in chunks of lines (one index query a chunk), write each line as it comes out."""
+        number, chunk, chars = 0, [], 0
         with open_text(path) as stream:
             try:
                 while raw := stream.readline(MAX_LINE_CHARS):
                     number += 1
                     self.summary.lines += 1
                     if len(raw) == MAX_LINE_CHARS and not raw.endswith("\n"):  # copied through in pieces
+                        self._flush(chunk, out)
+                        chunk, chars = [], 0
                         self._problem(path, number, f"line longer than {MAX_LINE_CHARS} characters (copied unread)")
                         self._emit(raw, None, out)
                         while (raw := stream.readline(MAX_LINE_CHARS)) and not raw.endswith("\n"):
                             self._emit(raw, None, out)
                         self._emit(raw, None, out)
                         continue
-                    self._emit(raw, self._rewrite_line(raw, path, number), out)
+                    chunk.append((raw, self._parse(raw, path, number)))
+                    chars += len(raw)
+                    if len(chunk) >= CHUNK_LINES or chars >= CHUNK_CHARS:
+                        self._flush(chunk, out)
+                        chunk, chars = [], 0
             except READ_ERRORS as exc:
                 self._problem(path, number + 1, f"the rest of the file is unreadable: {type(exc).__name__}: {exc}")
+            self._flush(chunk, out)
+
+    def _flush(self, chunk: list[tuple[str, _Request | None]], out: IO[bytes]) -> None:
+        """Look the chunk's image keys up at once, then rewrite and write its lines in order."""
+        cached = self.cache.cached_keys([key for _, request in chunk if request is not None for key in request.keys])
+        for raw, request in chunk:
+            self._emit(raw, self._rewrite(request, cached) if request is not None else None, out)
 
     def _emit(self, raw: str, new: str | None, out: IO[bytes]) -> None:
         """Write `new` (with `raw`'s line ending) in place of `raw`, or `raw` itself when `new` is None."""
@@ -127,8 +157,8 @@ class RequestRewriter:
         self.summary.bytes_out += len(data)
         out.write(data)
 
-    def _rewrite_line(self, raw: str, path: str, number: int) -> str | None:
-        """The new text of one line (without its line ending), or None to copy it unchanged."""
+    def _parse(self, raw: str, path: str, number: int) -> _Request | None:
+        """The chat request of one line with its image parts, or None when the line is copied as it is."""
         text = raw.strip()
         if number == 1 and text.startswith("\ufeff"):
             text = text[1:].strip()
@@ -138,65 +168,69 @@ class RequestRewriter:
             obj = json.loads(text)
             if not is_request(obj):
                 return self._problem(path, number, "not an OpenAI request (no body, messages or input)")
-            parts = list(request_image_parts(obj))
+            found = list(request_image_parts(obj))
             is_chat = "messages" in request_body(obj)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, Malformed, 4300+-digit integers
             reason = exc if isinstance(exc, Malformed) else f"invalid JSON: {type(exc).__name__}: {str(exc)[:200]}"
             return self._problem(path, number, str(reason))
-        s = self.summary
-        s.requests += 1
-        if not parts:
+        self.summary.requests += 1
+        if not found:
             return None
         if not is_chat:
             return self._problem(path, number, "a Responses API request (input): only Chat Completions requests are rewritten")
-        s.images += len(parts)
-        keys = [cache_key(url) for _, url in parts]
-        cached = self.cache.cached_keys(keys)
+        self.summary.images += len(found)
+        return _Request(obj, [part for part, _ in found], [cache_key(url) for _, url in found], path, number)
+
+    def _rewrite(self, request: _Request, cached: set[str]) -> str | None:
+        """The new text of a request line (without its line ending), or None to copy it unchanged."""
+        s, keys = self.summary, request.keys
+        hits = sum(key in cached for key in keys)
         if self.uuid_only:
-            for (part, _), key in zip(parts, keys):
+            for part, key in zip(request.parts, keys):
                 if key in cached:
                     part["uuid"] = key
-            hits = sum(key in cached for key in keys)
             s.replaced += hits
             s.misses += len(keys) - hits
-            return _dumps(obj) if hits else None
-        misses = sum(key not in cached for key in keys)
-        if misses:
-            s.misses += misses
-            s.kept += len(keys) - misses
+            return _dumps(request.obj) if hits else None
+        if hits < len(keys):  # vLLM refuses a request mixing image_url and image_embeds parts
+            s.misses += len(keys) - hits
+            s.kept += hits
             return None
         try:
-            new_parts = [self._part(key) for key in keys]
+            fragments = [self._part_json(key) for key in keys]
         except ServingFormatError as exc:
             s.invalid += len(keys)
-            return self._problem(path, number, str(exc), skipped=False)
-        if any(p is None for p in new_parts):  # an entry vanished between the two lookups (gc)
+            return self._problem(request.path, request.line, str(exc), skipped=False)
+        if any(f is None for f in fragments):  # an entry vanished since the lookup (a concurrent gc)
             s.misses += len(keys)
             return None
-        for (part, _), new in zip(parts, new_parts):
+        # Serialise the small request with a marker in each image part's place, then put the parts' JSON
+        # (made once per image) in: json.dumps never scans the megabytes of base64 again.
+        for i, part in enumerate(request.parts):
             part.clear()
-            part.update(new)  # type: ignore[arg-type]
+            part[self._marker] = i
+        text, count = self._marker_re.subn(lambda m: fragments[int(m[1])], _dumps(request.obj))  # type: ignore[arg-type, return-value]
+        if count != len(keys):  # cannot happen unless the request's own text holds the random marker
+            raise RuntimeError(f"{request.path}:{request.line}: part marker found {count} times, expected {len(keys)}")
         s.replaced += len(keys)
-        return _dumps(obj)
+        return text
 
-    def _part(self, key: str) -> dict[str, Any] | None:
-        """The image_embeds part for one cached entry, from the memo when the image was seen recently."""
+    def _part_json(self, key: str) -> str | None:
+        """The image_embeds part of one cached entry as JSON text, from the memo when seen recently."""
         memo = self._parts.get(key)
         if memo is not None:
             self._parts.move_to_end(key)
-            return memo[0]
+            return memo
         entry = self.cache.get_key(key)
         if entry is None:
             return None
-        part = to_vllm_part(entry)
-        size = _payload_size(part["image_embeds"])
-        if size <= PART_MEMO_BYTES // 4:
-            self._parts[key] = (part, size)
-            self._part_bytes += size
+        text = _dumps(to_vllm_part(entry))
+        if len(text) <= PART_MEMO_BYTES // 4:
+            self._parts[key] = text
+            self._part_bytes += len(text)
             while self._part_bytes > PART_MEMO_BYTES:
-                _, (_, dropped) = self._parts.popitem(last=False)
-                self._part_bytes -= dropped
-        return part
+                self._part_bytes -= len(self._parts.popitem(last=False)[1])
+        return text
 
     def _problem(self, path: str, line: int, message: str, *, skipped: bool = True) -> None:
         """Record a line that is copied unchanged for a reason the user should see."""
@@ -210,10 +244,6 @@ class RequestRewriter:
 def _dumps(obj: Any) -> str:
     """A rewritten line: keys in their order, non-ASCII text as it was (not escaped)."""
     return json.dumps(obj, ensure_ascii=False)
-
-
-def _payload_size(payload: str | dict[str, str]) -> int:
-    return len(payload) if isinstance(payload, str) else sum(len(v) for v in payload.values())
 
 
 class open_output:  # noqa: N801  (a context manager used like open())

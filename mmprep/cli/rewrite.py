@@ -39,7 +39,7 @@ def rewrite(
         if out not in (None, "-") and not Path(out).parent.is_dir():  # type: ignore[arg-type]
             raise UsageError(f"cannot write {out}: its directory does not exist")
         try:
-            reader = EmbeddingCache(cache_dir, model=model, memory_bytes=64 << 20)
+            reader = EmbeddingCache(cache_dir, model=model, memory_bytes=0)  # rewrite keeps its own memo of parts
         except ValueError as exc:  # no such model / several models
             raise UsageError(str(exc)) from None
         with reader:
