@@ -310,5 +310,9 @@ def test_a_run_says_when_the_cache_holds_this_model_decoded_another_way(tmp_path
 
     stats = CliRunner().invoke(app, ["stats", str(cache)]).stdout
     assert "builtin:tiny-clip (--decode-as vllm)" in stats and "(--decode-as hf --exif-transpose)" in stats
+    checked = CliRunner().invoke(app, ["check", str(manifest), "--allow-local-dir", str(images), "--size", "32x32",
+                                       "--decode-as", "hf", "--no-exif-transpose", "--json", "--progress", "none",
+                                       "--errors", str(tmp_path / "check-errors.jsonl")])  # fmt: skip
+    assert checked.exit_code == 0 and json.loads(checked.stdout)["ok"] == 2
     bad = CliRunner().invoke(app, ["encode", *common, "--decode-as", "opencv"])
     assert bad.exit_code == 2 and "must be one of vllm, hf, pil, not 'opencv'" in " ".join(bad.stderr.split())
