@@ -155,15 +155,16 @@ def build_cached(cache_dir: Path, manifest: Path, fingerprint: str, model_name: 
 
 def save_qwen2_vl_7b_shaped(directory: Path) -> Path:
     """A Qwen2-VL whose merged image tokens are Qwen2-VL-7B-sized (3584 wide) behind a 1-block, 32-wide
-    tower (random weights: only the size of what `mmprep rewrite` moves matters); 448x448 -> 256 tokens."""
+    tower (random weights: only the size of what `mmprep rewrite` moves matters); 448x448 -> 256 tokens.
+    The text side is tiny (mmprep never loads it), so this is no model to generate with."""
     if (directory / "config.json").is_file():
         return directory
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=128, hidden_size=3584, intermediate_size=64, num_hidden_layers=1, num_attention_heads=28,
-                         num_key_value_heads=4, max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=3584, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=127, video_token_id=126, vision_start_token_id=125, vision_end_token_id=124,
