@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks import inputs  # noqa: E402
 
 SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu", "rewrite")
-QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu", "rewrite")  # vlm: eight model-loading subprocesses
+QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu")  # vlm: eight model-loading subprocesses; rewrite: four more (--only rewrite)
 LOOPBACK = dict(allow_http=True, allow_hosts=("127.0.0.1",))
 
 
