@@ -1,6 +1,6 @@
 """`python -m benchmarks.run [--quick] [--only SECTION...]`: one table of side-by-side throughput figures.
 
-Sections (each builds its own inputs under --work, default /tmp/mmprep-bench; --quick skips vlm):
+Sections (each builds its own inputs under --work, default /tmp/mmprep-bench; --quick skips vlm and rewrite):
   check    `mmprep check` images/s vs a naive sequential httpx+Pillow loop vs the machine's decode+preprocess limit
   encode   `mmprep encode` images/s vs model-only (pre-processed tensors, same batch size and device)
   fast     --fast-decode speed-up (check, camera-size JPEGs) and its effect on embeddings
