@@ -12,11 +12,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from _fetch_helpers import image, serve
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"
@@ -131,8 +135,21 @@ def mmprep(*args: str, cwd: Path | None = None, timeout: float = 600) -> subproc
     )
 
 
-def encode(manifest: Path, model: Path, cache: Path, *options: str) -> dict[str, Any]:
-    """`mmprep encode` the manifest (images on the test's 127.0.0.1 server); its --json summary."""
+@contextmanager
+def served(images: dict[str, bytes]) -> Iterator[dict[str, str]]:
+    """Serve `images` (name -> bytes) on 127.0.0.1 for the block; yields name -> URL."""
+    with serve() as server:
+        urls = {}
+        for name, body in images.items():
+            server.routes[f"/{name}"] = image(body, "application/octet-stream")
+            urls[name] = server.url(f"/{name}")
+        yield urls
+
+
+def encode(urls: list[str], model: Path, cache: Path, *options: str) -> dict[str, Any]:
+    """`mmprep encode` a manifest of `urls` (on the test's 127.0.0.1 server); its --json summary."""
+    manifest = cache.parent / f"{cache.name}-manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"url": u}) + "\n" for u in urls))
     done = mmprep(
         "encode", str(manifest), "--model", str(model), "--out", str(cache), "--allow-http",
         "--allow-host", "127.0.0.1", "--progress", "none", "--json", *options,

@@ -8,7 +8,6 @@ comparison can fail, from deliberately wrong embeddings.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _fetch_helpers import image, serve
 from _image_corpus import encode as encode_image
 from _image_corpus import noise
 from _model_helpers import pattern_image
 from _tiny_vlm import save_tiny_qwen2_vl
-from _vllm import IMAGE_PROMPT, VllmRun, encode, max_logprob_gap, mismatch, run_vllm, vllm_python
-from mmprep.store.reader import EmbeddingCache, to_vllm
+from _vllm import IMAGE_PROMPT, VllmRun, encode, max_logprob_gap, mismatch, run_vllm, served, vllm_python
+from mmprep.serving import to_vllm
+from mmprep.store.reader import EmbeddingCache
 
 # name -> encoded bytes; sizes give 12, 35 and 4 merged tokens; "twin" has "a"'s size (same grid), other pixels
 IMAGES = {
@@ -40,14 +39,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmRun]:
     vllm_python()  # skip before building anything when there is no vLLM
     root = tmp_path_factory.mktemp("vllm-fidelity")
     model = save_tiny_qwen2_vl(root / "model")
-    with serve() as server:
-        urls = {}
-        for name, body in IMAGES.items():
-            server.routes[f"/{name}"] = image(body, "application/octet-stream")
-            urls[name] = server.url(f"/{name}")
-        manifest = root / "manifest.jsonl"
-        manifest.write_text("".join(json.dumps({"url": u}) + "\n" for u in urls.values()))
-        summary = encode(manifest, model, root / "cache")
+    with served(IMAGES) as urls:
+        summary = encode(list(urls.values()), model, root / "cache")
         assert summary["encoded"] == len(IMAGES), summary
 
         embeds = root / "embeds"
