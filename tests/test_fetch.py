@@ -579,7 +579,7 @@ def test_pool_is_as_wide_as_concurrency() -> None:
         server.routes["/slow.png"] = _slow_image(0.5)
 
         async def go() -> None:
-            s = settings(concurrency=64, per_host=64)
+            s = settings(concurrency=64, per_host=64, timeout=60.0)  # width, not speed: a loaded machine must not time it out
             gate = asyncio.Semaphore(s.concurrency)  # what the pipeline does
 
             async def one() -> None:
