@@ -131,6 +131,9 @@ def test_all_good_rows_exit_zero_and_model_defaults_to_the_caches_only_model(tmp
     code, second = encode_json(more, env=env)  # the cron line: no --model, no --out
     assert code == 0
     assert (second["model"], second["encoded"], second["cached"]) == ("builtin:tiny-clip", 3, 3)
+    assert first["first_batch_s"] > 0 and second["first_batch_s"] > 0  # model loading included
+    code, third = encode_json(more, env=env)
+    assert (code, third["encoded"], third["first_batch_s"]) == (0, 0, None)  # nothing encoded: no first batch
 
 
 def test_pooled_embeddings_equal_a_direct_transformers_forward(tmp_path, image_server, served):

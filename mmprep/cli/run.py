@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -164,6 +165,7 @@ def encode(
     not failed before, 2 usage error, 70 the cache could not be written, 75 another run holds the cache,
     130/143 interrupted (rerun to continue).
     """
+    started = time.monotonic()
     lock = None
     try:
         out_dir = cache_dir_of(out)
@@ -211,7 +213,7 @@ def encode(
             encoder = load_encoder(settings.model, pixel_options(load))
             if load.fast_decode:
                 settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
-            summary = EncodeRun(manifests, settings, encoder, reporter, lock=lock).run()
+            summary = EncodeRun(manifests, settings, encoder, reporter, lock=lock, started=started).run()
     except MmprepError as exc:
         fail(with_model_hint(exc, model))
     finally:

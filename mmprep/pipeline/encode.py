@@ -82,6 +82,8 @@ class RunSummary:
     error: str | None = None  # why a failed run stopped
     # Entries of this model cached under other decode options, not reused by this run: [{decode, flags, entries}]
     other_decodes: list[dict[str, Any]] = field(default_factory=list)
+    # Seconds from the command's start (model loading included) to the first encoded batch; None: none encoded
+    first_batch_s: float | None = None
     rows_left: int | None = None  # interrupted: rows of the manifests not done (None: total unknown)
 
     def as_json(self) -> dict[str, Any]:
@@ -129,9 +131,12 @@ class EncodeRun(LoadingRun):
 
     def __init__(
         self, manifests: list[str], settings: Settings, encoder: Encoder, reporter: Any = None,
-        lock: WriterLock | None = None,
+        lock: WriterLock | None = None, started: float | None = None,
     ) -> None:  # fmt: skip
-        """`lock`: the cache's writer lock when the caller took it already (before loading the model)."""
+        """`lock`: the cache's writer lock when the caller took it already (before loading the model);
+        `started`: time.monotonic() when the command started (default: now), for `first_batch_s`."""
+        self._started = time.monotonic() if started is None else started
+        self._first_batch_at: float | None = None
         super().__init__(manifests, settings.load, reporter)
         self.settings = settings
         self.lock = lock
@@ -328,7 +333,10 @@ class EncodeRun(LoadingRun):
                     break
                 batch.append(item)
             results = self._encode(batch)
-            self.counters.encoded += sum(isinstance(r, _Encoded) for r in results)  # progress moves every batch
+            encoded = sum(isinstance(r, _Encoded) for r in results)
+            self.counters.encoded += encoded  # progress moves every batch
+            if encoded and self._first_batch_at is None:
+                self._first_batch_at = time.monotonic()
             for result in results:
                 self._writer_q.put(result)
 
@@ -474,6 +482,7 @@ class EncodeRun(LoadingRun):
             errors_file=str(errors_path),
             error=self.run_error,
             other_decodes=self.other_decodes,
+            first_batch_s=None if self._first_batch_at is None else round(self._first_batch_at - self._started, 3),
             rows_left=None if status != "interrupted" or c.total is None else max(c.total - c.done, 0),
         )
         try:
