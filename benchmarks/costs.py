@@ -1,0 +1,148 @@
+"""`python -m benchmarks.costs --model DIR [--before TREE] [--rows N]`: per-image CPU cost of `mmprep check --model`.
+
+Each mmprep tree (this one, and --before's) runs `CheckRun` over the same URLs in a child process with
+cProfile enabled in every thread (`threading.setprofile`); the image server runs in another process, so
+its work is not counted. Functions' own time (tottime) is summed per stage — fetch/HTTP (httpx, httpcore,
+h11, asyncio, sockets, mmprep.fetch), decode (Pillow's decoders and mmprep.decode), preprocess (resize,
+the image processor, numpy, mmprep.models), bookkeeping (the rest) — leaving out time spent waiting
+(lock acquires, epoll, sleeps, queue waits). cProfile's own overhead weighs on Python-level code more than
+on C calls, so the bookkeeping share is an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+WAITS = ("'acquire'", "'poll'", "time.sleep", "'wait'", "select.select", "'control'")  # blocked, not working
+STAGES = ("fetch/HTTP", "decode", "preprocess", "bookkeeping")
+
+
+def stage_of(filename: str, name: str) -> str | None:
+    """The stage a profiled function's own time belongs to; None for time spent waiting."""
+    if any(w in name for w in WAITS):
+        return None
+    path = filename.replace("\\", "/")
+    if any(p in path for p in ("/httpx/", "/httpcore/", "/h11/", "/anyio/", "/asyncio/", "/ssl.py", "/socket.py", "/selectors.py", "mmprep/fetch/")):
+        return "fetch/HTTP"
+    if "recv" in name or "send" in name or "socket" in name:
+        return "fetch/HTTP"
+    if "mmprep/models/" in path or "/transformers/" in path or "/numpy/" in path or "resize" in name or "fastprep" in path:
+        return "preprocess"
+    if "'decode' of 'ImagingDecoder'" in name or "mmprep/decode" in path or "/PIL/" in path:
+        return "decode"
+    return "bookkeeping"
+
+
+def child(model: str, manifest: str, out: str) -> None:
+    """Run CheckRun in this process with every thread profiled; write {stage: seconds} and the row count."""
+    import cProfile
+    import pstats
+    import threading
+
+    from mmprep.models import load_preprocessor
+    from mmprep.pipeline import CheckRun
+    from mmprep.settings import LoadSettings, ModelSettings
+
+    prepare = load_preprocessor(ModelSettings(name=model))
+    load = LoadSettings(allow_http=True, allow_hosts=("127.0.0.1",))
+    profiles: list[cProfile.Profile] = []
+
+    def start(*_: object) -> None:  # the first event of each new thread: profile that thread from here on
+        sys.setprofile(None)
+        profile = cProfile.Profile()
+        profiles.append(profile)
+        profile.enable()
+
+    threading.setprofile(start)
+    main = cProfile.Profile()
+    profiles.append(main)
+    started = time.perf_counter()
+    main.enable()
+    summary = CheckRun([manifest], load, Path(out).with_suffix(".errors.jsonl"), prepare).run()
+    main.disable()
+    wall = time.perf_counter() - started
+    threading.setprofile(None)
+    totals = dict.fromkeys(STAGES, 0.0)
+    top: dict[str, float] = {}
+    for profile in profiles:
+        profile.disable()
+        try:
+            stats = pstats.Stats(profile)
+        except TypeError:  # a thread that recorded nothing
+            continue
+        for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+            stage = stage_of(filename, name)
+            if stage is not None:
+                totals[stage] += tottime
+                where = f"{stage}: {Path(filename).name}:{name}"
+                top[where] = top.get(where, 0.0) + tottime
+    heaviest = dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])
+    Path(out).write_text(json.dumps({"rows": summary.ok, "failed": summary.failed, "wall": wall, "stages": totals, "top": heaviest}))
+
+
+def serve(port_file: str) -> None:
+    """The benchmark image server in its own process, until killed."""
+    sys.path.insert(0, str(HERE.parent.parent))
+    from benchmarks import inputs
+
+    with inputs.serving({"vga": inputs.jpeg_pool((640, 480))}) as server:
+        Path(port_file).write_text(str(server.server_address[1]))
+        while True:
+            time.sleep(3600)
+
+
+def table(label: str, result: dict) -> list[str]:
+    rows, stages = result["rows"], result["stages"]
+    total = sum(stages.values())
+    lines = [f"| {label}: stage | µs per image | share |", "| --- | --- | --- |"]
+    for stage in STAGES:
+        lines.append(f"| {stage} | {stages[stage] / rows * 1e6:,.0f} | {stages[stage] / total:.0%} |")
+    lines.append(f"| total CPU (profiled) | {total / rows * 1e6:,.0f} | wall {result['wall']:.1f} s for {rows} rows |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory whose image processor `check --model` runs")
+    parser.add_argument("--before", type=Path, help="an older mmprep source tree, profiled beside this one")
+    parser.add_argument("--rows", type=int, default=300)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "MANIFEST", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", metavar="PORT_FILE", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+    if args.serve:
+        return serve(args.serve)
+    args.work.mkdir(parents=True, exist_ok=True)
+    port_file = args.work / "costs.port"
+    port_file.unlink(missing_ok=True)
+    server = subprocess.Popen([sys.executable, str(HERE), "--serve", str(port_file)])
+    try:
+        while not port_file.exists():
+            time.sleep(0.1)
+        port = int(port_file.read_text())
+        manifest = args.work / f"costs-{args.rows}.jsonl"
+        manifest.write_text("".join(json.dumps({"url": f"http://127.0.0.1:{port}/vga/{i}.jpg"}) + "\n" for i in range(args.rows)))
+        trees = {"before": args.before, "after": HERE.parent.parent} if args.before else {"now": HERE.parent.parent}
+        for label, tree in trees.items():
+            out = args.work / f"costs-{label}.json"
+            env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            subprocess.run([sys.executable, str(HERE), "--child", args.model, str(manifest), str(out)], env=env, check=True)
+            print("\n".join(table(label, json.loads(out.read_text()))) + "\n")
+    finally:
+        server.kill()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
