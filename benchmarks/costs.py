@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 
-WAITS = ("'acquire'", "'poll'", "time.sleep", "'wait'", "select.select", "'control'")  # blocked, not working
+WAITS = ("'acquire'", "'poll'", "time.sleep", "'wait'", "select.select", "'control'", "'get' of '_queue")  # blocked
+# ("'get' of '_queue.SimpleQueue'": an idle worker thread waiting for its next task)
 STAGES = ("fetch/HTTP", "decode", "preprocess", "bookkeeping")
 
 
@@ -33,13 +34,25 @@ def stage_of(filename: str, name: str) -> str | None:
     path = filename.replace("\\", "/")
     if any(p in path for p in ("/httpx/", "/httpcore/", "/h11/", "/anyio/", "/asyncio/", "/ssl.py", "/socket.py", "/selectors.py", "mmprep/fetch/")):
         return "fetch/HTTP"
-    if "recv" in name or "send" in name or "socket" in name:
+    if any(p in name for p in ("_socket", "select.epoll", "_ssl.")):
         return "fetch/HTTP"
-    if "mmprep/models/" in path or "/transformers/" in path or "/numpy/" in path or "resize" in name or "fastprep" in path:
+    if any(p in path for p in ("mmprep/models/", "/transformers/", "/numpy/")) or "numpy" in name or "resize" in name:
         return "preprocess"
-    if "'decode' of 'ImagingDecoder'" in name or "mmprep/decode" in path or "/PIL/" in path:
+    if "ImagingDecoder" in name or "ImagingCore" in name or "mmprep/decode" in path or "/PIL/" in path:
         return "decode"
     return "bookkeeping"
+
+
+def stage_totals(functions: list[list]) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """{stage: seconds} and the heaviest functions with their stage, from [filename, name, own seconds] rows."""
+    totals = dict.fromkeys(STAGES, 0.0)
+    rows = []
+    for filename, name, seconds in functions:
+        stage = stage_of(filename, name)
+        if stage is not None:
+            totals[stage] += seconds
+        rows.append((f"{stage or 'waiting'}: {Path(filename).name}:{name}", seconds))
+    return totals, sorted(rows, key=lambda r: -r[1])[:15]
 
 
 def child(model: str, manifest: str, out: str) -> None:
@@ -71,8 +84,7 @@ def child(model: str, manifest: str, out: str) -> None:
     main.disable()
     wall = time.perf_counter() - started
     threading.setprofile(None)
-    totals = dict.fromkeys(STAGES, 0.0)
-    top: dict[str, float] = {}
+    functions: dict[tuple[str, str], float] = {}
     for profile in profiles:
         profile.disable()
         try:
@@ -80,13 +92,9 @@ def child(model: str, manifest: str, out: str) -> None:
         except TypeError:  # a thread that recorded nothing
             continue
         for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-            stage = stage_of(filename, name)
-            if stage is not None:
-                totals[stage] += tottime
-                where = f"{stage}: {Path(filename).name}:{name}"
-                top[where] = top.get(where, 0.0) + tottime
-    heaviest = dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])
-    Path(out).write_text(json.dumps({"rows": summary.ok, "failed": summary.failed, "wall": wall, "stages": totals, "top": heaviest}))
+            functions[(filename, name)] = functions.get((filename, name), 0.0) + tottime
+    rows = [[filename, name, seconds] for (filename, name), seconds in functions.items()]
+    Path(out).write_text(json.dumps({"rows": summary.ok, "failed": summary.failed, "wall": wall, "functions": rows}))
 
 
 def serve(port_file: str) -> None:
@@ -101,12 +109,15 @@ def serve(port_file: str) -> None:
 
 
 def table(label: str, result: dict) -> list[str]:
-    rows, stages = result["rows"], result["stages"]
+    rows = result["rows"]
+    stages, heaviest = stage_totals(result["functions"])
     total = sum(stages.values())
     lines = [f"| {label}: stage | µs per image | share |", "| --- | --- | --- |"]
     for stage in STAGES:
         lines.append(f"| {stage} | {stages[stage] / rows * 1e6:,.0f} | {stages[stage] / total:.0%} |")
     lines.append(f"| total CPU (profiled) | {total / rows * 1e6:,.0f} | wall {result['wall']:.1f} s for {rows} rows |")
+    lines.append("")
+    lines += [f"    {seconds / rows * 1e6:8,.0f} µs  {where}" for where, seconds in heaviest]
     return lines
 
 
@@ -138,7 +149,8 @@ def main() -> None:
             out = args.work / f"costs-{label}.json"
             env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
             subprocess.run([sys.executable, str(HERE), "--child", args.model, str(manifest), str(out)], env=env, check=True)
-            print("\n".join(table(label, json.loads(out.read_text()))) + "\n")
+        for label in trees:
+            print("\n".join(table(label, json.loads((args.work / f"costs-{label}.json").read_text()))) + "\n")
     finally:
         server.kill()
         server.wait()

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil, SiglipImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers import (
+    CLIPImageProcessorPil,
+    Qwen2VLImageProcessorPil,
+    SiglipImageProcessorPil,
+)
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
 
 from mmprep.errors import RowError
 from mmprep.models import ImagePreprocessor, load_preprocessor
@@ -149,7 +155,7 @@ def test_falls_back_to_transformers(processor, call_kwargs) -> None:
         assert preprocess.fast_path is None
         img = image(120, 90, "RGB")
         expected = processor(images=img, return_tensors="pt")
-        assert all(torch.equal(preprocess(img)[k], expected[k]) for k in expected.keys())
+        assert all(torch.equal(preprocess(img)[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-clip", "builtin:tiny-qwen2-vl"])

@@ -54,7 +54,7 @@ def fast_path_for(processor: Any, call_kwargs: dict[str, Any] | None = None) -> 
         return None
     try:
         options = _resolved_options(processor)
-    except Exception:  # a processor whose options do not resolve the standard way
+    except (AttributeError, KeyError, TypeError, ValueError):  # options that do not resolve the standard way
         return None
     qwen = _qwen2_vl_class()
     if qwen is not None and type(processor) is qwen:
@@ -72,7 +72,9 @@ def _resolved_options(processor: Any) -> dict[str, Any]:
 
 def _qwen2_vl_class() -> type | None:
     try:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
     except ImportError:
         return None
     return Qwen2VLImageProcessorPil
@@ -144,10 +146,10 @@ class ValueTable:
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB -> CHW float32, one lookup per value."""
-        height, width, _ = pixels.shape
-        out = np.empty((3, height, width), dtype=np.float32)
+        planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # contiguous uint8 planes: indexing is ~3x faster
+        out = np.empty(planes.shape, dtype=np.float32)
         for channel in range(3):
-            np.take(self.table[channel], pixels[:, :, channel], out=out[channel])
+            out[channel] = self.table[channel][planes[channel]]
         return out
 
 
@@ -249,7 +251,9 @@ class QwenPatchPath(FastPath):
     """`Qwen2VLImageProcessorPil._preprocess`: smart resize, rescale, normalize, patchify; grid as [1, 3] int64."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            smart_resize,
+        )
 
         self._smart_resize = smart_resize  # transformers' own function: the same grid, the same errors
         self._resize = bool(options.get("do_resize"))

@@ -21,7 +21,7 @@ _HOMES = {
     "EncodeRun": "encode",
     "RunSummary": "encode",
 }
-__all__ = list(_HOMES)
+__all__ = ["CheckRun", "CheckSummary", "EncodeRun", "RunCounters", "RunSummary"]
 
 
 def __getattr__(name: str) -> Any:
