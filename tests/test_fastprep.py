@@ -19,7 +19,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 
 from mmprep.errors import RowError
 from mmprep.models import ImagePreprocessor, load_preprocessor
-from mmprep.models.fastprep import QwenPatchPath, ResizeCropPath, fast_path_for
+from mmprep.models.fastprep import QwenPatchPath, ResizeCropPath, agrees, fast_path_for
 from mmprep.settings import ModelSettings
 
 SIZES = [(640, 480), (480, 640), (224, 224), (225, 223), (1, 1), (2, 300), (300, 2), (33, 17), (1000, 10), (57, 999)]
@@ -171,3 +171,13 @@ def test_builtin_models_take_the_fast_path(model, tmp_path, monkeypatch) -> None
         a, b = fast(img), slow(img)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
         assert a["pixel_values"].std() > 0.1  # not a constant image
+
+
+def test_a_path_that_disagrees_on_the_probe_is_not_taken(monkeypatch) -> None:
+    """The build-time probe: if transformers changed a step (here: normalize), the fast path is refused."""
+    processor = CLIPImageProcessorPil()
+    fast = fast_path_for(processor)
+    assert fast is not None and agrees(processor, fast)
+    changed = CLIPImageProcessorPil()
+    monkeypatch.setattr(type(changed), "normalize", lambda self, image, mean, std, **kw: image * 0.5)
+    assert not agrees(changed, fast)

@@ -7,13 +7,17 @@ uint8 value of one channel to one float32 value, so those steps are computed onc
 values of each channel, by the very same numpy operations in the very same dtypes (a lookup table), and an
 image is then one table lookup per pixel. Resizing is the same Pillow call on the same RGB image;
 cropping and patchifying move the same values. The result is bit-identical to the transformers processor
-(tests/test_fastprep.py checks that over many sizes, aspect ratios and modes), which is why the
-fingerprint does not change when this path is taken: the stored tensors are the same.
+(tests/test_fastprep.py checks that over many sizes, aspect ratios and modes), which is why neither
+this path nor a version of it is part of the fingerprint: the stored tensors are the same whichever
+path made them, so entries written before it existed stay valid and the two paths share a cache. A
+change here that could move a single value must instead add a fact to `models.base.fingerprint`.
 
 Covered: any `PilBackend` processor that keeps the backend's own resize / center-crop / rescale / normalize
 steps (CLIP, SigLIP and the like), and `Qwen2VLImageProcessorPil` (Qwen2-VL, Qwen2.5-VL: smart resize and
 patchify). Anything else (a torchvision backend, an overridden step, padding, an unusual size rule, extra
-call arguments) gets None from `fast_path_for` and keeps the transformers processor.
+call arguments) gets None from `fast_path_for` and keeps the transformers processor; so does a path that
+does not reproduce the processor's tensors on a probe image when it is built (a guard against a
+transformers release that changes a step).
 """
 
 from __future__ import annotations
@@ -25,9 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-
-# Bump when this module's output could differ from what it produced before for the same processor.
-FASTPREP_VERSION = 1
 
 _PIL_FILTERS = {int(f) for f in Image.Resampling}
 # Resolved processor options that do not change a PIL-backend processor's pixels for a PIL input.
@@ -57,11 +58,26 @@ def fast_path_for(processor: Any, call_kwargs: dict[str, Any] | None = None) -> 
     except (AttributeError, KeyError, TypeError, ValueError):  # options that do not resolve the standard way
         return None
     qwen = _qwen2_vl_class()
+    path: FastPath | None = None
     if qwen is not None and type(processor) is qwen:
-        return QwenPatchPath.from_options(options)
-    if _keeps_backend_steps(type(processor), PilBackend):
-        return ResizeCropPath.from_options(options)
-    return None
+        path = QwenPatchPath.from_options(options)
+    elif _keeps_backend_steps(type(processor), PilBackend):
+        path = ResizeCropPath.from_options(options)
+    return path if path is not None and agrees(processor, path) else None
+
+
+def agrees(processor: Any, path: FastPath) -> bool:
+    """A guard against a transformers release that changes a step: both give the same tensors for a probe image."""
+    rng = np.random.default_rng(0)
+    probe = Image.fromarray(rng.integers(0, 256, (45, 67, 3), dtype=np.uint8))
+    try:
+        expected = processor(images=probe, return_tensors="pt")
+        got = path(probe)
+    except Exception:  # noqa: BLE001 (any failure means: do not take the fast path)
+        return False
+    return set(got) == set(expected.keys()) and all(
+        got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]) for key in got
+    )
 
 
 def _resolved_options(processor: Any) -> dict[str, Any]:
