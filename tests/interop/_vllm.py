@@ -150,6 +150,11 @@ def encode(urls: list[str], model: Path, cache: Path, *options: str) -> dict[str
     """`mmprep encode` a manifest of `urls` (on the test's 127.0.0.1 server); its --json summary."""
     manifest = cache.parent / f"{cache.name}-manifest.jsonl"
     manifest.write_text("".join(json.dumps({"url": u}) + "\n" for u in urls))
+    return encode_manifest(manifest, model, cache, *options)
+
+
+def encode_manifest(manifest: Path, model: Path, cache: Path, *options: str) -> dict[str, Any]:
+    """`mmprep encode MANIFEST` (images on the test's 127.0.0.1 server); its --json summary."""
     done = mmprep(
         "encode", str(manifest), "--model", str(model), "--out", str(cache), "--allow-http",
         "--allow-host", "127.0.0.1", "--progress", "none", "--json", *options,

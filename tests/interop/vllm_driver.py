@@ -9,7 +9,8 @@ JOB: {"model": DIR, "llm": {extra LLM(...) kwargs}, "max_tokens": N,
                                          dict mmprep's to_vllm gives, saved tensor by tensor; several are
                                          concatenated into one dict, as vLLM wants)
   "messages": [...]                      LLM.chat with these OpenAI messages, as given
-  "batch_file": FILE                     LLM.chat on body.messages of each OpenAI batch line (ids: custom_id)
+  "batch_file": FILE                     LLM.chat on body.messages of each OpenAI batch line (ids: the
+                                         request's "id_prefix" + the line's custom_id)
 OUT: {"vllm": version, "results": {ID: {"token_ids", "logprobs", "prompt_token_ids", "seconds"} or {"error"}}}.
 
 Greedy, ignore_eos, one request at a time ("seconds" is its wall time: with max_tokens=1, its time to
@@ -59,7 +60,7 @@ def _inputs(request: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _expand(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Batch-file requests become one chat request per line, keyed by the line's custom_id."""
+    """Batch-file requests become one chat request per line, keyed by the prefix and the line's custom_id."""
     expanded = []
     for request in requests:
         if "batch_file" not in request:
@@ -69,7 +70,8 @@ def _expand(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for line in f:
                 if line.strip():
                     envelope = json.loads(line)
-                    expanded.append({"id": envelope["custom_id"], "messages": envelope["body"]["messages"]})
+                    request_id = request.get("id_prefix", "") + envelope["custom_id"]
+                    expanded.append({"id": request_id, "messages": envelope["body"]["messages"]})
     return expanded
 
 
