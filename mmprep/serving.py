@@ -201,6 +201,20 @@ def _ec_qwen2_vl(config: Any) -> EcLayout:
     )
 
 
+def _ec_merged_grid(family: str, config: Any) -> EcLayout:
+    """Qwen3-VL, Qwen3.5, GLM-4.1V: one image's element of embed_multimodal() is `to_vllm`'s
+    "image_embeds" — for Qwen3-VL the merged tokens with the deepstack levels concatenated on the last
+    dimension (vllm/model_executor/models/qwen3_vl.py: `_process_image_input` returns the tower's
+    `cat([hidden] + deepstack)` split per image, and `embed_input_ids` splits the levels back off);
+    qwen3_5.py and glm4_1v.py: the merged tokens. Rows: t*h*w / merge² of the image's grid."""
+    merge = int(config.vision_config.spatial_merge_size)
+    return EcLayout(
+        family,
+        lambda e: VLLM_LAYOUTS[family](e)["image_embeds"],
+        lambda e: int(_need(e, "image_grid_thw").prod()) // merge**2,
+    )
+
+
 def _ec_llava(config: Any) -> EcLayout:
     """LLaVA: the projected patch tokens [(image_size / patch_size)², text_hidden] (+1 with the "full"
     strategy, which keeps CLS). vllm/model_executor/models/llava.py: `embed_multimodal` returns the
@@ -248,6 +262,9 @@ EC_LAYOUTS: dict[str, Callable[[Any, Any], EcLayout]] = {
     "gemma3": _ec_gemma3,  # the only way vLLM 0.32 takes Gemma 3 embeddings from outside
     "internvl": _ec_internvl,
     "llava_next": _ec_llava_next,
+    "qwen3_vl": lambda config, _processor: _ec_merged_grid("qwen3_vl", config),
+    "qwen3_5": lambda config, _processor: _ec_merged_grid("qwen3_5", config),
+    "glm4v": lambda config, _processor: _ec_merged_grid("glm4v", config),
 }
 
 

@@ -232,3 +232,35 @@ def test_store_of_another_model_and_token_sequences_as_rows_are_refused(cache: d
     assert len(entry_files(store)) == 6
     token_rows = cli("export", str(cache["out"]), "--out", str(tmp_path / "npy"), "--model", fingerprints[0][:16])
     assert token_rows.exit_code == 2 and "token sequence" in token_rows.output
+
+
+def test_qwen3_vl_store_holds_merged_tokens_and_deepstack_concatenated(tmp_path: Path) -> None:
+    """Qwen3-VL: vLLM caches the tower's cat([merged] + deepstack levels) per image, so the `ec_cache`
+    tensor is to_vllm's image_embeds, [n, hidden * (1 + levels)], with n = t*h*w / merge² rows."""
+    from mmprep.serving import to_vllm
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    urls = []
+    for i, size in enumerate([(56, 84), (112, 56)]):
+        path = images / f"{i}.png"
+        path.write_bytes(image_bytes("RGB", size, "PNG", i))
+        urls.append(str(path))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(u) + "\n" for u in urls))
+    out, store = tmp_path / "cache", tmp_path / "store"
+    result = cli("encode", str(manifest), "--model", "builtin:tiny-qwen3-vl", "--out", str(out), "--allow-local-dir",
+                 str(images), "--progress", "none")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = cli("export", str(out), "--out", str(store), "--format", "vllm-ec", "--progress", "none")
+    assert result.exit_code == 0, result.output
+    with EmbeddingCache(out, model="builtin:tiny-qwen3-vl") as reader:
+        for url in urls:
+            entry = reader.get(url)
+            stored = load_file(str(store / cache_key(url) / ENTRY_FILE))[TENSOR]
+            levels = entry.tensors["deepstack"].shape[0]
+            assert levels >= 1 and stored.shape[1] == entry.embeddings.shape[1] * (1 + levels)
+            assert torch.equal(stored, to_vllm(entry)["image_embeds"])
+            assert stored.shape[0] == entry.embeddings.shape[0] == int(entry.image_grid_thw.prod()) // 4
+            hidden = entry.embeddings.shape[1]
+            assert not torch.allclose(stored[:, :hidden], stored[:, hidden : 2 * hidden])  # levels differ from the merged tokens
