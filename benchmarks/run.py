@@ -9,6 +9,7 @@ Sections (each builds its own inputs under --work, default /tmp/mmprep-bench; --
   gpu      check + encode on CUDA with a ViT-B/16 in float16 (skipped without a GPU)
   rewrite  `mmprep rewrite` of an OpenAI batch file (100k lines) vs json.loads+dumps of every line; a
            Qwen2-VL-7B-sized payload (256 tokens x 3584, fp32) for MB/s
+  export   `mmprep export` npy vs a naive EmbeddingCache.get loop (vectors/s, peak RSS); vllm-ec entries/s
 Figures of one row are measured in the same run, one after the other, so ratios compare like with like.
 """
 
@@ -33,8 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks import inputs  # noqa: E402
 
-SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu", "rewrite")
-QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu")  # vlm: eight model-loading subprocesses; rewrite: four more (--only rewrite)
+SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu", "rewrite", "export")
+QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu")  # vlm: eight model-loading subprocesses; rewrite: four more (--only rewrite); export: 1M vectors
 LOOPBACK = dict(allow_http=True, allow_hosts=("127.0.0.1",))
 
 
@@ -53,10 +54,13 @@ class Scale:
     rewrite_rows: int = 100_000  # request lines of the batch file
     rewrite_images: int = 64  # distinct images they reference (1 or 2 a request)
     rewrite_large: int = 64  # requests with a Qwen2-VL-7B-sized embedding each, all distinct
+    export_rows: int = 1_000_000
+    export_ec_rows: int = 2_000
 
 
 QUICK = Scale(check_rows=48, encode_rows=32, fast_rows=16, diff_images=4, cached_rows=(1_000, 10_000),
-              clip_layers=2, batch_size=8, gpu_rows=256, rewrite_rows=5_000, rewrite_images=8, rewrite_large=4)  # fmt: skip
+              clip_layers=2, batch_size=8, gpu_rows=256, rewrite_rows=5_000, rewrite_images=8, rewrite_large=4,
+              export_rows=5_000, export_ec_rows=50)  # fmt: skip
 
 
 @dataclass
@@ -447,6 +451,10 @@ def run(sections: list[str], scale: Scale, work: Path, vlm_families: Sequence[st
         rows += section_vlm(scale, work, vlm_families)
     if "rewrite" in sections:
         rows += section_rewrite(scale, work)
+    if "export" in sections:
+        from benchmarks.export import section_export
+
+        rows += section_export(scale.export_rows, scale.export_ec_rows, work, run_child, Row)
     return rows
 
 

@@ -15,7 +15,7 @@ from collections import Counter
 POINTS = frozenset({
     "after_fetch", "in_encode", "after_shard_write", "in_index_commit",  # encode
     "merge_after_copy", "merge_in_commit",  # merge
-    "export_after_file", "ec_after_entry",  # export
+    "export_after_file", "ec_before_rename",  # export
 })
 _reached: Counter[str] = Counter()
 _lock = threading.Lock()

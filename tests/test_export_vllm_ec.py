@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import image_bytes
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import image_bytes
 from mmprep import EmbeddingCache, cache_key
 from mmprep.cli import app
 from mmprep.export.vllm_ec import ENTRY_FILE, STAGING, STORE_MANIFEST, TENSOR
@@ -120,13 +120,16 @@ def test_key_vllm_names_entries_by_vllms_identifier(cache: dict) -> None:
 
 
 def test_identifier_is_recorded_for_rows_cached_before_without_refetching_twice(cache: dict, tmp_path: Path) -> None:
-    """A row encoded without --vllm-model-id gets its identifier on the next run that has it: fetched once
-    more (not re-encoded); the run after that fetches nothing."""
+    """Rows encoded without --vllm-model-id get their identifier on the next run that has it: fetched once
+    more (not re-encoded); the run after that fetches nothing. The same bytes under two URLs are one entry
+    of a --key vllm store (vLLM names the bytes, not the URL)."""
     cache = private_copy(cache, tmp_path)
-    path = cache["images"] / "late.png"  # the images directory is shared, but no other test lists its files
-    path.write_bytes(image_bytes("RGB", (60, 60), "PNG", 40))
+    body = image_bytes("RGB", (60, 60), "PNG", 40)
+    paths = [cache["images"] / "late.png", cache["images"] / "late-copy.png"]  # the images directory is shared,
+    for path in paths:  # but no other test lists its files
+        path.write_bytes(body)
     manifest = tmp_path / "late.jsonl"
-    manifest.write_text(json.dumps(str(path)) + "\n")
+    manifest.write_text("".join(json.dumps(str(p)) + "\n" for p in paths))
     common = ["--model", "builtin:tiny-qwen2-vl", "--out", str(cache["out"]), "--allow-local-dir", str(cache["images"]),
               "--progress", "none", "--json"]  # fmt: skip
     summaries = []
@@ -134,16 +137,17 @@ def test_identifier_is_recorded_for_rows_cached_before_without_refetching_twice(
         result = cli("encode", str(manifest), *common, *extra)
         assert result.exit_code == 0, result.output
         summaries.append(json.loads(result.stdout))
-    assert [(s["encoded"], s["refreshed"], s["cached"]) for s in summaries] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    assert [(s["encoded"], s["refreshed"], s["cached"]) for s in summaries] == [(2, 0, 0), (0, 2, 0), (0, 0, 2)]
     store = cache["root"] / "store-late"
     result = export(cache, store, "--key", "vllm", "--vllm-model-id", "late/model")
-    assert result.exit_code == 1 and "1 written" in result.output and "6 without a vLLM identifier" in result.output
-    assert list(entry_files(store)) == [vllm_image_identifier(path.read_bytes(), "late/model")]
+    assert result.exit_code == 1 and "6 without a vLLM identifier" in result.output
+    assert "1 written, 0 replaced, 1 skipped" in result.output
+    assert list(entry_files(store)) == [vllm_image_identifier(body, "late/model")]
 
 
 def test_killed_export_leaves_no_visible_partial_entry(cache: dict) -> None:
-    """SIGKILL while the third entry is written (whole, not yet renamed into place): vLLM sees two entries,
-    both complete; the rerun removes the leftover and writes the other four."""
+    """SIGKILL just before the third entry's rename (all six are staged, whole): vLLM sees two entries,
+    both complete; the rerun removes the leftovers and writes the other four."""
     store = cache["root"] / "store-killed"
     cmd = [sys.executable, "-m", "mmprep", "export", str(cache["out"]), "--out", str(store), "--format", "vllm-ec",
            "--progress", "none"]  # fmt: skip
@@ -157,7 +161,7 @@ def test_killed_export_leaves_no_visible_partial_entry(cache: dict) -> None:
         assert_entry_is_the_cached_one(cache, store, identifier, by_key[identifier])
     entry_dirs = {p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert entry_dirs == set(visible)  # no directory of the third entry: vLLM's lookup finds nothing there
-    assert len(list((store / STAGING).rglob(ENTRY_FILE))) == 1  # the third, complete but invisible
+    assert len(list((store / STAGING).rglob(ENTRY_FILE))) == 4  # the other four, complete but invisible
     rerun = export(cache, store)
     assert rerun.exit_code == 0 and "4 written, 0 replaced, 2 skipped" in rerun.output
     assert len(entry_files(store)) == 6 and not (store / STAGING).exists()

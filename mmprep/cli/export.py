@@ -47,7 +47,7 @@ def export(
 
     try:
         settings = _settings(cache_dir_of(cache_dir), out, fmt, model, dtype, rows_per_file, overwrite, key, vllm_model_id, prune_empty, progress)
-        report = export_cache(settings, ExportReporter(progress))
+        report = export_cache(settings, ExportReporter(settings.progress))
     except MmprepError as exc:
         fail(exc)
     if json_out:

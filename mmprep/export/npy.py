@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.export.source import ExportRow
+from mmprep.export.source import ListedRow
 from mmprep.export.staging import part_path
 from mmprep.export.tabular import (
     META_COLUMNS,
@@ -58,7 +58,7 @@ class NpyPart(PartWriter):
         schema = pa.schema([(name, pa.string()) for name in META_COLUMNS])
         self._meta = pq.ParquetWriter(str(self.meta_path), schema)
 
-    def write(self, rows: Sequence[ExportRow], matrix: np.ndarray) -> None:
+    def write(self, rows: Sequence[ListedRow], matrix: np.ndarray) -> None:
         self._emb.write(memoryview(matrix).cast("B"))
         self._meta.write_table(self._pa.table(metadata_columns(self._pa, rows)))
         self.rows += len(rows)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.export.source import ExportRow
+from mmprep.export.source import ListedRow
 from mmprep.export.staging import part_path
 from mmprep.export.tabular import (
     META_COLUMNS,
@@ -43,7 +43,7 @@ class ParquetPart(PartWriter):
         schema = pa.schema([(name, pa.string()) for name in META_COLUMNS] + [("embedding", pa.list_(value, dim))])
         self._writer = pq.ParquetWriter(str(self.path), schema)
 
-    def write(self, rows: Sequence[ExportRow], matrix: np.ndarray) -> None:
+    def write(self, rows: Sequence[ListedRow], matrix: np.ndarray) -> None:
         pa = self._pa
         columns = metadata_columns(pa, rows)
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), self.dim)

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mmprep.errors import ExportFormatError
 from mmprep.export.progress import ExportCounters
-from mmprep.export.source import CacheSource, ExportRow
+from mmprep.export.source import CacheSource, ListedRow
 from mmprep.export.staging import StagedDir
 from mmprep.extras import require
 from mmprep.report import Reporter
@@ -24,7 +23,7 @@ META_COLUMNS = ("url", "id", "key", "content_sha256")
 OUT_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def metadata_columns(pa: Any, rows: Sequence[ExportRow]) -> dict[str, Any]:
+def metadata_columns(pa: Any, rows: Sequence[ListedRow]) -> dict[str, Any]:
     """The metadata columns of `rows` as pyarrow string arrays (`id` is null where the manifest gave none)."""
     return {
         "url": pa.array([r.url for r in rows], pa.string()),
@@ -53,19 +52,11 @@ def vector_layout(source: CacheSource, fmt: str, dtype: str | None) -> tuple[int
     return (dims[0] if dims else 0), np.dtype(OUT_DTYPES[chosen])
 
 
-def vectors(rows: Sequence[ExportRow], dtype: np.dtype) -> np.ndarray:
-    """The rows' embeddings as one C-contiguous [rows, dim] matrix of `dtype`."""
-    stacked = torch.stack([r.entry.embeddings for r in rows])
-    if stacked.dtype == torch.bfloat16:
-        stacked = stacked.float()
-    return np.ascontiguousarray(stacked.numpy(), dtype=dtype)
-
-
 class PartWriter(ABC):
     """One output file (or aligned pair of files) being written."""
 
     @abstractmethod
-    def write(self, rows: Sequence[ExportRow], matrix: np.ndarray) -> None: ...
+    def write(self, rows: Sequence[ListedRow], matrix: np.ndarray) -> None: ...
 
     @abstractmethod
     def close(self) -> int:
@@ -84,7 +75,7 @@ class RollingWriter:
         self.bytes = 0
         self.rows = 0
 
-    def write(self, rows: Sequence[ExportRow], matrix: np.ndarray) -> None:
+    def write(self, rows: Sequence[ListedRow], matrix: np.ndarray) -> None:
         start = 0
         while start < len(rows):
             if self._part is None:
@@ -148,8 +139,11 @@ def export_tabular(settings: ExportSettings, reporter: Reporter | None = None) -
     from mmprep.export import npy, parquet
 
     pq = require("pyarrow.parquet", "parquet", f"--format {settings.format}")
-    fmt = {"npy": (npy.NpyPart, npy.owned), "parquet": (parquet.ParquetPart, parquet.owned)}
-    part_class, owned = fmt[settings.format]
+    part_class = {"npy": npy.NpyPart, "parquet": parquet.ParquetPart}[settings.format]
+
+    def owned(name: str) -> bool:  # --overwrite replaces an earlier export of either format
+        return npy.owned(name) or parquet.owned(name)
+
     with CacheSource(settings.cache_dir, settings.model, settings.batch_rows) as source:
         dim, dtype = vector_layout(source, settings.format, settings.dtype)
         total = source.count()
@@ -162,8 +156,8 @@ def export_tabular(settings: ExportSettings, reporter: Reporter | None = None) -
         if reporter is not None:
             reporter.start(counters)
         try:
-            for batch in source.batches():
-                writer.write(batch, vectors(batch, dtype))
+            for rows, matrix in source.vector_batches():
+                writer.write(rows, np.ascontiguousarray(matrix, dtype=dtype))
                 counters.done = counters.written = writer.rows
                 counters.bytes = writer.bytes
             writer.close()

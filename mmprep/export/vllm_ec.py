@@ -129,63 +129,86 @@ def _export_batch(
 ) -> None:
     """Skip the listed entries the store holds unchanged (header read only); read and write the others."""
     todo: list[ListedRow] = []
+    identifiers: dict[str, str] = {}  # entry key -> directory name
+    taken: set[str] = set()
     for row in listed:
-        meta = _stored_meta(store / (row.vllm_identifier or row.key) / ENTRY_FILE)
-        if (meta.get("content_sha256"), meta.get("fingerprint")) == (row.content_sha256, source.fingerprint):
+        identifier = row.vllm_identifier or row.key
+        meta = _stored_meta(store / identifier / ENTRY_FILE)
+        same = (meta.get("content_sha256"), meta.get("fingerprint")) == (row.content_sha256, source.fingerprint)
+        if same or identifier in taken:  # --key vllm: the same bytes under two URLs make one entry
             report.skipped += 1
         else:
             todo.append(row)
-    identifiers = {r.key: r.vllm_identifier or r.key for r in todo}
+            identifiers[row.key] = identifier
+            taken.add(identifier)
+    staged: list[tuple[str, int]] = []
     for row in source.load(todo) if todo else []:
-        report.bytes += _write_entry(store, identifiers[row.key], row, layout, source.fingerprint, report)
+        blob = _entry_blob(store, identifiers[row.key], row, layout, source.fingerprint, report)
+        if blob is None:
+            continue
+        target = store / identifiers[row.key] / ENTRY_FILE
+        if target.exists():
+            _replace_file(target, blob)
+            report.replaced += 1
+            report.bytes += len(blob)
+        else:
+            _stage(store, identifiers[row.key], blob)
+            staged.append((identifiers[row.key], len(blob)))
+    _publish(store, staged, report)
     counters.done = report.skipped + report.written + report.replaced + len(report.refused)
     counters.written = report.written + report.replaced
     counters.bytes = report.bytes
 
 
-def _write_entry(store: Path, identifier: str, row: ExportRow, layout: EcLayout, fingerprint: str, report: EcReport) -> int:
-    """Write one entry safely; returns the bytes written (0 when skipped or refused)."""
+def _entry_blob(
+    store: Path, identifier: str, row: ExportRow, layout: EcLayout, fingerprint: str, report: EcReport
+) -> bytes | None:
+    """The entry's file content, or None when it is refused (row count) or the store already has its tensor."""
     tensor = layout.tensor(row.entry).contiguous()
     expected = layout.rows(row.entry)
     if tensor.dim() != 2 or tensor.shape[0] != expected:
         report.refused.append(f"{row.url} ({row.key[:16]}): {list(tensor.shape)} for a grid of {expected} tokens")
-        return 0
+        return None
     target = store / identifier / ENTRY_FILE
     if target.exists() and _same_tensor(target, tensor):
         report.skipped += 1  # e.g. written by a vLLM producer, or by mmprep before a re-encode with equal output
-        return 0
+        return None
     meta = {"format": STORE_FORMAT, "key": row.key, "content_sha256": row.content_sha256,
             "fingerprint": fingerprint, "mmprep_version": __version__}  # fmt: skip
-    blob = save({TENSOR: tensor}, metadata=meta)
-    if target.exists():
-        _replace_file(target, blob)
-        report.replaced += 1
-    else:
-        _place_new(store, identifier, blob)
-        report.written += 1
-    fault_point("ec_after_entry")
-    return len(blob)
+    return save({TENSOR: tensor}, metadata=meta)
 
 
-def _place_new(store: Path, identifier: str, blob: bytes) -> None:
-    """A new entry: written whole in the staging area, then its directory renamed into place."""
+def _stage(store: Path, identifier: str, blob: bytes) -> None:
+    """Write a new entry whole under the staging area (made durable, for a batch at once, by `_publish`)."""
     staged = store / STAGING / identifier
     staged.mkdir(parents=True, exist_ok=True)
-    with open(staged / ENTRY_FILE, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(staged)
-    fault_point("ec_before_rename")
-    final = store / identifier
-    try:
-        os.rename(staged, final)  # also replaces the empty directory a vLLM miss leaves behind
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        _replace_file(final / ENTRY_FILE, blob)  # the directory holds something else: place just the file
-        shutil.rmtree(staged, ignore_errors=True)
+    (staged / ENTRY_FILE).write_bytes(blob)
+
+
+def _publish(store: Path, staged: list[tuple[str, int]], report: EcReport) -> None:
+    """Make a batch of staged entries durable (files, then their directories), then rename each directory
+    into place (over the empty directory a vLLM miss leaves behind, if any); one fsync of the store at the end."""
+    if not staged:
         return
+    for identifier, _size in staged:
+        fd = os.open(store / STAGING / identifier / ENTRY_FILE, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(store / STAGING / identifier)
+    for identifier, size in staged:
+        fault_point("ec_before_rename")
+        staged_dir, final = store / STAGING / identifier, store / identifier
+        try:
+            os.rename(staged_dir, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            _replace_file(final / ENTRY_FILE, (staged_dir / ENTRY_FILE).read_bytes())  # the directory holds other files
+            shutil.rmtree(staged_dir, ignore_errors=True)
+        report.written += 1
+        report.bytes += size
     fsync_dir(store)
 
 

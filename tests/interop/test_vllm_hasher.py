@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import image_bytes
 from PIL import Image
 
-from conftest import image_bytes
 from mmprep.vllm_hash import vllm_image_identifier
 
 HERE = Path(__file__).resolve().parent
