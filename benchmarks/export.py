@@ -56,11 +56,12 @@ def build_qwen(base: Path, rows: int) -> Path:
     if (base / "ready").is_file():
         return cache
     import torch
-    from transformers import Qwen2VLConfig
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor
 
     base.mkdir(parents=True, exist_ok=True)
     model_dir = base / "qwen2-vl-config"
     Qwen2VLConfig(vision_config={"spatial_merge_size": 2}).save_pretrained(model_dir)
+    Qwen2VLImageProcessor().save_pretrained(model_dir)  # the export reads the model's config and processor
     urls = base / "urls.txt"
     urls.write_text("".join(f"https://images.example/q/{i:07d}.jpg\n" for i in range(rows)))
     generator = torch.Generator().manual_seed(1)
