@@ -17,11 +17,11 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`mmprep
 
 @app.command()
 def rewrite(
-    requests: Annotated[list[str], typer.Argument(help="OpenAI chat request files: bare bodies or Batch API lines (.gz ok); '-' reads stdin.")],
-    out: Annotated[Optional[str], typer.Option("-o", "--out", help="Where to write the requests (.gz compresses) (default: stdout).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", envvar="MMPREP_MODEL", help="Model name or fingerprint (default: the cache's only model).")] = None,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help=f"Cache directory (env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}).")] = None,
-    target: Annotated[str, typer.Option("--target", help="Server whose embedding part is written: vllm.", callback=lambda v: check_choice(v, "--target", ("vllm",)))] = "vllm",
+    requests: Annotated[list[str], typer.Argument(metavar="REQUESTS", help="OpenAI chat request files: bare bodies or Batch API lines (.gz ok); '-' reads stdin.")],
+    out: Annotated[Optional[str], typer.Option("-o", "--out", metavar="OUT", help="Where to write the requests (.gz compresses) (default: stdout).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", envvar="MMPREP_MODEL", metavar="M", help="Model name or fingerprint (default: the cache's only model).")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", metavar="DIR", help=f"Cache directory (env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}).")] = None,
+    target: Annotated[str, typer.Option("--target", metavar="TARGET", help="Server whose embedding part is written: vllm.", callback=lambda v: check_choice(v, "--target", ("vllm",)))] = "vllm",
     uuid_only: Annotated[bool, typer.Option("--uuid-only", help="Only add \"uuid\": <entry key> to cached image parts (for a server reading an encoder-cache store).")] = False,
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON (on stderr: stdout may carry the requests).")] = False,
 ) -> None:
