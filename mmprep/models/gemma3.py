@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import Encoder, ImageOptions, ModelSource, output_of, owned, processor_image_defaults
-from mmprep.models.vision_parts import load_vision_model
+from mmprep.models.base import ImageOptions, output_of, owned, processor_image_defaults
+from mmprep.models.vision_parts import VisionPartsEncoder
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 
@@ -21,7 +21,7 @@ _PAN_AND_SCAN = (
 )
 
 
-class Gemma3Encoder(Encoder):
+class Gemma3Encoder(VisionPartsEncoder):
     """Per image "embeddings" [n_views * mm_tokens_per_image, text_hidden]: `get_image_features` of the
     image and then of each pan-and-scan crop (processor order), flattened: the sequence the language
     model's image placeholders receive (`Gemma3Model.forward` masked_scatter), and what vLLM's
@@ -36,26 +36,7 @@ class Gemma3Encoder(Encoder):
 
     family = "gemma3"
 
-    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.model = model
-
-    @classmethod
-    def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
-    ) -> Gemma3Encoder:
-        from transformers.models.gemma3.modeling_gemma3 import Gemma3Model
-
-        model = load_vision_model(source, config, architecture, dtype, shell=Gemma3Model, parts=("multi_modal_projector",))
-        return cls(
-            model=model.to(device).eval(),
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
+    SHELL = ("gemma3", "Gemma3Model")
 
     @classmethod
     def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:

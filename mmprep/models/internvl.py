@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import Encoder, ImageOptions, ModelSource, output_of, owned, processor_image_defaults
-from mmprep.models.vision_parts import load_vision_model
+from mmprep.models.base import ImageOptions, output_of, owned, processor_image_defaults
+from mmprep.models.vision_parts import VisionPartsEncoder
 
 ARCHITECTURES = ("InternVLForConditionalGeneration",)
 
 
-class InternVLEncoder(Encoder):
+class InternVLEncoder(VisionPartsEncoder):
     """Per image "embeddings" [n_tiles * image_seq_length, text_hidden]: `get_image_features` of each
     tile (processor order: the dynamic-resolution tiles, then the thumbnail), flattened: the sequence the
     language model's <IMG_CONTEXT> placeholders receive, and what vLLM's InternVL models produce per image;
@@ -25,26 +25,7 @@ class InternVLEncoder(Encoder):
 
     family = "internvl"
 
-    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.model = model
-
-    @classmethod
-    def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
-    ) -> InternVLEncoder:
-        from transformers.models.internvl.modeling_internvl import InternVLModel
-
-        model = load_vision_model(source, config, architecture, dtype, shell=InternVLModel, parts=("multi_modal_projector",))
-        return cls(
-            model=model.to(device).eval(),
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
+    SHELL = ("internvl", "InternVLModel")
 
     @classmethod
     def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:

@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import Encoder, ModelSource, output_of, owned
-from mmprep.models.vision_parts import load_vision_model
+from mmprep.models.base import output_of, owned
+from mmprep.models.vision_parts import VisionPartsEncoder
 
 ARCHITECTURES = ("LlavaForConditionalGeneration",)
 
 
-class LlavaEncoder(Encoder):
+class LlavaEncoder(VisionPartsEncoder):
     """Per image "embeddings" [n_tokens, text_hidden]: `get_image_features` with the config's
     vision_feature_layer and vision_feature_select_strategy.
 
@@ -22,28 +22,12 @@ class LlavaEncoder(Encoder):
 
     family = "llava"
 
-    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
+    SHELL = ("llava", "LlavaModel")
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.model = model
         self.feature_layer = self.config.vision_feature_layer
         self.select_strategy = self.config.vision_feature_select_strategy
-
-    @classmethod
-    def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
-    ) -> LlavaEncoder:
-        from transformers.models.llava.modeling_llava import LlavaModel
-
-        model = load_vision_model(source, config, architecture, dtype, shell=LlavaModel, parts=("multi_modal_projector",))
-        return cls(
-            model=model.to(device).eval(),
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
 
     def input_names(self, processed: Any) -> list[str]:
         return ["pixel_values"]

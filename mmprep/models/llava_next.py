@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import Encoder, ImageOptions, ModelSource, output_of, owned, processor_image_defaults
-from mmprep.models.vision_parts import load_vision_model
+from mmprep.models.base import ImageOptions, output_of, owned, processor_image_defaults
+from mmprep.models.vision_parts import VisionPartsEncoder
 
 ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 
 
-class LlavaNextEncoder(Encoder):
+class LlavaNextEncoder(VisionPartsEncoder):
     """Per image "embeddings" [n_tokens, text_hidden] and "image_sizes" [1, 2] int64 (height, width).
 
     The embeddings are `get_image_features`' packed sequence: the base tile's tokens, then the anyres
@@ -23,28 +23,8 @@ class LlavaNextEncoder(Encoder):
 
     family = "llava_next"
 
-    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.model = model
-
-    @classmethod
-    def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
-    ) -> LlavaNextEncoder:
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
-
-        model = load_vision_model(
-            source, config, architecture, dtype, shell=LlavaNextModel, parts=("multi_modal_projector", "image_newline")
-        )
-        return cls(
-            model=model.to(device).eval(),
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
+    SHELL = ("llava_next", "LlavaNextModel")
+    PARTS = ('multi_modal_projector', 'image_newline')
 
     @classmethod
     def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:

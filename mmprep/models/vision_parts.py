@@ -8,16 +8,17 @@ checkpoint without safetensors is read whole and its language model dropped.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import ModelSource, dtype_kwargs, quiet_transformers
+from mmprep.models.base import Encoder, ModelSource, dtype_kwargs, quiet_transformers
 
 # Checkpoints name the parts "vision_tower.*" (hub format) or with a "model." prefix (transformers v5).
 _TOWER_KEYS = {r"^(?:model\.)?vision_tower\.": ""}
@@ -124,3 +125,32 @@ def drop_language_model(model: torch.nn.Module) -> None:
         for name in ("language_model", "lm_head"):
             if owner._modules.get(name) is not None:  # a registered submodule, not a forwarding property
                 owner._modules[name] = None
+
+
+class VisionPartsEncoder(Encoder):
+    """A family whose encoder is a transformers `<Family>Model` shell holding only the vision tower and
+    `PARTS` (LLaVA, LLaVA-NeXT, Gemma 3, InternVL): loading is the same for all of them, once, here."""
+
+    SHELL: ClassVar[tuple[str, str]]  # (transformers.models.<module>, shell class), e.g. ("llava", "LlavaModel")
+    PARTS: ClassVar[tuple[str, ...]] = ("multi_modal_projector",)
+
+    def __init__(self, *, model: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+    ) -> VisionPartsEncoder:
+        module, name = cls.SHELL
+        shell = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+        model = load_vision_model(source, config, architecture, dtype, shell=shell, parts=cls.PARTS)
+        return cls(
+            model=model.to(device).eval(),
+            source=source,
+            config=config,
+            image_processor=image_processor,
+            architecture=architecture,
+            device=device,
+            dtype=dtype,
+        )
