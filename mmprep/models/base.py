@@ -418,6 +418,15 @@ class Encoder(ABC):
         """How this family calls its image processor (default: as configured, fixed size if it has one)."""
         return ImageOptions()
 
+    @classmethod
+    def assemble(
+        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device,
+        dtype: torch.dtype, **modules: Any,
+    ) -> Any:  # fmt: skip
+        """This family's encoder around its loaded `modules` (the plumbing every family's `load` shares)."""
+        return cls(source=source, config=config, image_processor=image_processor, architecture=architecture,
+                   device=device, dtype=dtype, **modules)  # fmt: skip
+
     # -- worker threads --------------------------------------------------------------------------
 
     def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:

@@ -46,15 +46,7 @@ class GridTowerEncoder(Encoder):
         cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
     ) -> GridTowerEncoder:
         visual = load_vision_tower(source, config, cls.VISION_TOWERS[architecture], dtype).to(device).eval()
-        return cls(
-            visual=visual,
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
+        return cls.assemble(source, config, image_processor, architecture, device, dtype, visual=visual)
 
     def input_names(self, processed: Any) -> list[str]:
         return ["pixel_values", "image_grid_thw"]

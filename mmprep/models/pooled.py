@@ -33,15 +33,7 @@ class PooledEncoder(Encoder):
         model_class = getattr(transformers, architecture)
         model = model_class.from_pretrained(source.location, **source.pretrained_kwargs(), **dtype_kwargs(dtype))
         model = model.to(device).eval()
-        return cls(
-            model=model,
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
+        return cls.assemble(source, config, image_processor, architecture, device, dtype, model=model)
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One batched forward; per image {"embeddings": [embed_dim]} in the model dtype."""

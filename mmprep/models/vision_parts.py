@@ -145,12 +145,4 @@ class VisionPartsEncoder(Encoder):
         module, name = cls.SHELL
         shell = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
         model = load_vision_model(source, config, architecture, dtype, shell=shell, parts=cls.PARTS)
-        return cls(
-            model=model.to(device).eval(),
-            source=source,
-            config=config,
-            image_processor=image_processor,
-            architecture=architecture,
-            device=device,
-            dtype=dtype,
-        )
+        return cls.assemble(source, config, image_processor, architecture, device, dtype, model=model.to(device).eval())
