@@ -97,17 +97,6 @@ def child(model: str, manifest: str, out: str) -> None:
     Path(out).write_text(json.dumps({"rows": summary.ok, "failed": summary.failed, "wall": wall, "functions": rows}))
 
 
-def serve(port_file: str) -> None:
-    """The benchmark image server in its own process, until killed."""
-    sys.path.insert(0, str(HERE.parent.parent))
-    from benchmarks import inputs
-
-    with inputs.serving({"vga": inputs.jpeg_pool((640, 480))}) as server:
-        Path(port_file).write_text(str(server.server_address[1]))
-        while True:
-            time.sleep(3600)
-
-
 def table(label: str, result: dict) -> list[str]:
     rows = result["rows"]
     stages, heaviest = stage_totals(result["functions"])
@@ -128,22 +117,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "MANIFEST", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--serve", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    if args.serve:
-        return serve(args.serve)
     args.work.mkdir(parents=True, exist_ok=True)
-    port_file = args.work / "costs.port"
-    port_file.unlink(missing_ok=True)
-    server = subprocess.Popen([sys.executable, str(HERE), "--serve", str(port_file)])
-    try:
-        while not port_file.exists():
-            time.sleep(0.1)
-        port = int(port_file.read_text())
+    sys.path.insert(0, str(HERE.parent.parent))
+    from benchmarks import inputs
+
+    with inputs.serving_elsewhere(args.work) as server:
         manifest = args.work / f"costs-{args.rows}.jsonl"
-        manifest.write_text("".join(json.dumps({"url": f"http://127.0.0.1:{port}/vga/{i}.jpg"}) + "\n" for i in range(args.rows)))
+        inputs.write_manifest(manifest, [server.url("vga", i) for i in range(args.rows)])
         trees = {"before": args.before, "after": HERE.parent.parent} if args.before else {"now": HERE.parent.parent}
         for label, tree in trees.items():
             out = args.work / f"costs-{label}.json"
@@ -151,9 +134,6 @@ def main() -> None:
             subprocess.run([sys.executable, str(HERE), "--child", args.model, str(manifest), str(out)], env=env, check=True)
         for label in trees:
             print("\n".join(table(label, json.loads((args.work / f"costs-{label}.json").read_text()))) + "\n")
-    finally:
-        server.kill()
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,45 @@ def serving(pools: dict[str, list[bytes]]) -> Iterator[BenchServer]:
         server.server_close()
 
 
+class RemoteServer:
+    """The URLs of a BenchServer running in another process."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def url(self, pool: str, index: int) -> str:
+        return f"http://127.0.0.1:{self.port}/{pool}/{index}.jpg"
+
+
+@contextmanager
+def serving_elsewhere(work: Path) -> Iterator[RemoteServer]:
+    """A BenchServer with the "vga" (640x480) and "tiny" (96x64) pools in a child process: its request
+    handling then takes no GIL (and no profiler time) from the process being measured."""
+    port_file = work / f"server-{time.monotonic_ns()}.port"
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks.inputs", "--serve", str(port_file)],
+                             cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    try:
+        while not port_file.exists():
+            if child.poll() is not None:
+                raise RuntimeError(f"the benchmark image server exited with {child.returncode}")
+            time.sleep(0.05)
+        yield RemoteServer(int(port_file.read_text()))
+    finally:
+        child.kill()
+        child.wait()
+        port_file.unlink(missing_ok=True)
+
+
+def _serve(port_file: Path) -> None:
+    """serving_elsewhere's child: serve until killed."""
+    with serving({"vga": jpeg_pool((640, 480)), "tiny": jpeg_pool((96, 64))}) as server:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(server.server_address[1]))
+        tmp.rename(port_file)  # whole, never half-written
+        while True:
+            time.sleep(3600)
+
+
 def write_manifest(path: Path, urls: Iterator[str] | list[str]) -> Path:
     """One {"url": ...} line per URL."""
     with open(path, "w", encoding="utf-8") as f:
@@ -199,3 +238,8 @@ def rewrite_inputs(where: Path, model: str, images: int, requests: int, size: tu
             body = {"model": "Qwen/Qwen2-VL-7B-Instruct", "max_tokens": 64, "messages": [
                 {"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": content}]}  # fmt: skip
             f.write(json.dumps({"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        _serve(Path(sys.argv[2]))

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from enum import Enum
 
+# The commands' exit codes (README: "Exit codes"), in one place.
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
+EXIT_USAGE = 2  # a usage error, or a model that cannot load (also when its weights fail once the run has started)
+EXIT_RUN_FAILED = 70  # EX_SOFTWARE: the run gave up before its end (what was committed stays)
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the cache; try again later
+
 
 class ErrorKind(str, Enum):
     """The documented, stable set of per-row error kinds (README: "Error kinds")."""

@@ -288,6 +288,8 @@ def print_run_summary(summary: Any, console: Console) -> None:
     table.add_row("throughput", f"{s.images_per_s:.1f} images/s encoded, over {s.duration_s:.1f}s")
     if getattr(s, "first_batch_s", None) is not None:
         table.add_row("first batch", f"{s.first_batch_s:.1f}s after the command started (model loading included)")
+    if getattr(s, "model_load_s", None) is not None:
+        table.add_row("model load", f"{s.model_load_s:.1f}s, while rows were read, fetched and preprocessed")
     table.add_row("cache", escape(s.cache_dir))
     table.add_row("exit", exit_reason(s))
     wide = console if console.is_terminal else Console(file=console.file, width=SUMMARY_WIDTH)  # logs: whole lines

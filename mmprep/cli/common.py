@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mmprep import __version__
-from mmprep.errors import CacheLockedError, CacheWriteError, MmprepError, UsageError
+from mmprep.errors import EXIT_LOCKED, EXIT_RUN_FAILED, EXIT_USAGE, CacheLockedError, CacheWriteError, MmprepError, UsageError
 from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings, ShardSpec
 
 app = typer.Typer(
@@ -205,7 +205,6 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-EXIT_USAGE, EXIT_RUN_FAILED, EXIT_LOCKED = 2, 70, 75  # 70 = EX_SOFTWARE, 75 = EX_TEMPFAIL: try again later
 
 
 def fail(exc: MmprepError) -> NoReturn:

@@ -197,7 +197,7 @@ def encode(
         )
         lock = take_writer_lock(out_dir, settings.wait_lock)  # before the model loads: a busy cache answers at once
         from mmprep.decode import pixel_options
-        from mmprep.models import load_encoder
+        from mmprep.models import open_encoder
         from mmprep.pipeline import EncodeRun
         from mmprep.report import Reporter
 
@@ -210,7 +210,8 @@ def encode(
                               gpus_per_worker=gpus_per_worker, worker_restarts=worker_restarts,
                               reporter=reporter, lock=lock)  # fmt: skip
         else:
-            encoder = load_encoder(settings.model, pixel_options(load))
+            encoder = open_encoder(settings.model, pixel_options(load))  # config, processor, fingerprint
+            encoder.start()  # the weights load behind while the run reads, fetches and preprocesses rows
             if load.fast_decode:
                 settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
             summary = EncodeRun(manifests, settings, encoder, reporter, lock=lock, started=started).run()

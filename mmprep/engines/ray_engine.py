@@ -124,7 +124,7 @@ class RayEncodeRun(EncodeRun):
             self.adopted = adopt_orphans(self._index, self.layout)
             f = self.facts
             self._index.register_model(f.fingerprint, f.name, f.family, f.description)
-            self.find_other_decodes(self._index, f.description)
+            self.find_other_decodes(self._index, str(f.description.get("base_fingerprint", f.fingerprint)))
             self._index.start_run(self.run_id, f.fingerprint, f.name)
             todo = self._plan_rows()
             if todo and self.stop_signal is None:
@@ -387,7 +387,7 @@ class EncodeActor:
         fetched_bytes = 0
         for start in range(0, len(ready), self.batch_size):
             part = ready[start : start + self.batch_size]
-            for (_row, nbytes), result in zip(part, self._encode([p for p, _ in part])):
+            for (_row, nbytes), result in zip(part, self._encode(self.encoder, [p for p, _ in part])):
                 if isinstance(result, _Failed):
                     out.append(_result(failure=_failure_json(result.failure), bytes_fetched=nbytes))
                 else:

@@ -22,6 +22,7 @@ from mmprep.models.base import (
     resolve_source,
 )
 from mmprep.models.builtin import BUILTIN_MODELS, NOTE, builtin_model_dir
+from mmprep.models.handle import EncoderHandle
 from mmprep.settings import ModelSettings
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "FAMILIES",
     "OUTPUT_FORMAT_VERSION",
     "Encoder",
+    "EncoderHandle",
+    "open_encoder",
     "builtin_model_dir",
     "load_encoder",
     "supported_architectures",
@@ -84,13 +87,13 @@ def load_preprocessor(settings: ModelSettings) -> ImagePreprocessor:
     except ModelLoadError:  # an image processor without a model config: preprocess as configured
         return ImagePreprocessor(image_processor)
     family = FAMILIES.get(_architecture_of(config))
-    options = family.image_options_for(config, image_processor) if family is not None else None
-    return ImagePreprocessor(image_processor, options=options)
+    return family.preprocessor_for(config, image_processor) if family is not None else ImagePreprocessor(image_processor)
 
 
-def load_encoder(settings: ModelSettings, decode_options: dict[str, object] | None = None) -> Encoder:
-    """Load the model named by settings.name (hub id + revision, local directory, or builtin:<name>); raise ModelLoadError.
-    `decode_options`: the pixel-changing decode options its images go through (part of the fingerprint)."""
+def open_encoder(settings: ModelSettings, decode_options: dict[str, object] | None = None) -> EncoderHandle:
+    """The model named by settings.name (hub id + revision, local directory, or builtin:<name>) up to its
+    weights: config, image processor and fingerprint, which `EncoderHandle.start` or `.load` complete;
+    raise ModelLoadError. `decode_options`: the pixel-changing decode options its images go through."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     try:
@@ -106,13 +109,16 @@ def load_encoder(settings: ModelSettings, decode_options: dict[str, object] | No
                 f"supported architectures: {', '.join(FAMILIES)}"
             )
         image_processor = load_image_processor(source)
-        encoder = family.load(source, config, image_processor, architecture, device, dtype)
-        encoder.set_decode_options(decode_options or {})
-        return encoder
+        return EncoderHandle(family, source, config, image_processor, architecture, device, dtype, decode_options or {})
     except ModelLoadError:
         raise
-    except Exception as exc:  # corrupt weights, incompatible config, out of memory, ...
+    except Exception as exc:  # an unreadable config or processor, ...
         raise ModelLoadError(f"cannot load model {settings.name!r}: {reason_of(exc)}") from exc
+
+
+def load_encoder(settings: ModelSettings, decode_options: dict[str, object] | None = None) -> Encoder:
+    """Load the model named by settings.name, weights included, on this thread; raise ModelLoadError."""
+    return open_encoder(settings, decode_options).load()
 
 
 def _architecture_of(config: Any) -> str:

@@ -392,7 +392,7 @@ class Encoder(ABC):
         self.dtype = dtype
         self._image_processor = image_processor
         self.image_options = self.image_options_for(config, image_processor)
-        self._preprocessor = ImagePreprocessor(image_processor, self.input_names, self.image_options)
+        self._preprocessor = self.preprocessor_for(config, image_processor)
         self._weights = weights_identity(source)
         self.set_decode_options({})
 
@@ -400,18 +400,32 @@ class Encoder(ABC):
         """Declare the pixel-changing decode options (`decode.pixel_options`) this encoder's images go
         through: they change the embeddings, so they are part of the fingerprint."""
         self.decode_options = dict(options)
-        facts = dict(
-            family=self.family,
-            architecture=self.architecture,
-            config=self.config,
-            image_processor=self._image_processor,
-            dtype=self.dtype,
-            weights=self._weights,
-            image_call=self.image_options.call_kwargs,
+        self.fingerprint, self.base_fingerprint = self.fingerprints_for(
+            self.architecture, self.config, self._image_processor, self.dtype, self._weights, self.decode_options
         )
-        self.fingerprint = fingerprint(**facts, decode=self.decode_options)
-        # The same model decoded without options (the `pil` profile): what ties its decode variants together.
-        self.base_fingerprint = fingerprint(**facts)
+
+    @classmethod
+    def fingerprints_for(
+        cls, architecture: str, config: Any, image_processor: Any, dtype: torch.dtype, weights: dict[str, Any],
+        decode_options: dict[str, object],
+    ) -> tuple[str, str]:  # fmt: skip
+        """(fingerprint, base fingerprint) of this family's encoder: known before its weights load (the
+        base one is the same model decoded without options, the `pil` profile: what ties decode variants together)."""
+        facts = dict(
+            family=cls.family,
+            architecture=architecture,
+            config=config,
+            image_processor=image_processor,
+            dtype=dtype,
+            weights=weights,
+            image_call=cls.image_options_for(config, image_processor).call_kwargs,
+        )
+        return fingerprint(**facts, decode=decode_options), fingerprint(**facts)
+
+    @classmethod
+    def preprocessor_for(cls, config: Any, image_processor: Any) -> ImagePreprocessor:
+        """The image processor as this family calls it, keeping the inputs its forward takes (no weights needed)."""
+        return ImagePreprocessor(image_processor, cls.input_names, cls.image_options_for(config, image_processor))
 
     @classmethod
     def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:
@@ -433,7 +447,8 @@ class Encoder(ABC):
         """Run the model's image processor on one RGB image (CPU, thread-safe; called from decode worker threads)."""
         return self._preprocessor(image)
 
-    def input_names(self, processed: Any) -> Sequence[str]:
+    @classmethod
+    def input_names(cls, processed: Any) -> Sequence[str]:
         """Which of the processor's outputs the forward needs (default: all of them)."""
         return list(processed.keys())
 

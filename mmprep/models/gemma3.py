@@ -46,7 +46,8 @@ class Gemma3Encoder(VisionPartsEncoder):
                 kwargs[name] = getattr(image_processor, name)
         return ImageOptions(kwargs, fixed_size=not kwargs.get("do_pan_and_scan"), record_size=True)
 
-    def input_names(self, processed: Any) -> list[str]:
+    @classmethod
+    def input_names(cls, processed: Any) -> list[str]:
         return ["pixel_values", "image_sizes"]  # [1 + n_crops, 3, H, W]: the image, then its crops; [1, 2]
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

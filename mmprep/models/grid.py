@@ -48,7 +48,8 @@ class GridTowerEncoder(Encoder):
         visual = load_vision_tower(source, config, cls.VISION_TOWERS[architecture], dtype).to(device).eval()
         return cls.assemble(source, config, image_processor, architecture, device, dtype, visual=visual)
 
-    def input_names(self, processed: Any) -> list[str]:
+    @classmethod
+    def input_names(cls, processed: Any) -> list[str]:
         return ["pixel_values", "image_grid_thw"]
 
     @classmethod

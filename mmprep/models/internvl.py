@@ -33,7 +33,8 @@ class InternVLEncoder(VisionPartsEncoder):
         tiles = kwargs.get("crop_to_patches", image_processor.crop_to_patches)
         return ImageOptions(kwargs, fixed_size=not tiles, record_size=True)
 
-    def input_names(self, processed: Any) -> list[str]:
+    @classmethod
+    def input_names(cls, processed: Any) -> list[str]:
         return ["pixel_values", "image_sizes"]  # [n_tiles, 3, H, W], [1, 2] (recorded by the preprocessor)
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

@@ -29,7 +29,8 @@ class LlavaEncoder(VisionPartsEncoder):
         self.feature_layer = self.config.vision_feature_layer
         self.select_strategy = self.config.vision_feature_select_strategy
 
-    def input_names(self, processed: Any) -> list[str]:
+    @classmethod
+    def input_names(cls, processed: Any) -> list[str]:
         return ["pixel_values"]
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

@@ -31,7 +31,8 @@ class LlavaNextEncoder(VisionPartsEncoder):
         # the grid follows the image's aspect ratio and can exceed the base size: no fixed target size
         return ImageOptions(processor_image_defaults(config), fixed_size=False)
 
-    def input_names(self, processed: Any) -> list[str]:
+    @classmethod
+    def input_names(cls, processed: Any) -> list[str]:
         return ["pixel_values", "image_sizes"]  # [1, n_patches, 3, H, W] (base + grid), [1, 2] (H, W)
 
     def encode(self, items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

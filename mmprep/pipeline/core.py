@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmprep.errors import ErrorKind, RowError
+from mmprep.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_RUN_FAILED, EXIT_SIGINT, EXIT_SIGTERM, ErrorKind, RowError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched, Fetcher
 from mmprep.keys import cache_key, stored_url
@@ -35,8 +35,6 @@ from mmprep.store.index import FailureRecord
 MANIFEST_CHUNK = 2048  # records read, hashed, looked up and planned at a time
 INFLIGHT = "inflight"  # state of a key another row of this run is already loading
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
-EXIT_RUN_FAILED = 70  # EX_SOFTWARE: the run gave up before its end (what was committed stays)
 
 
 @dataclass
@@ -302,6 +300,13 @@ class LoadingRun:
     def on_signal(self, signum: int) -> None:
         """Stop taking new rows and cancel the fetches in flight; rows already fetched finish and are flushed."""
         if self.stop_signal is None:
+            self.halt(signum)
+            if self.reporter is not None:
+                self.reporter.note("stopping: finishing the in-flight rows and flushing…")
+
+    def halt(self, signum: int = signal.SIGTERM) -> None:
+        """Stop taking new rows and cancel the fetches in flight (from any thread): a signal, or a run that failed."""
+        if self.stop_signal is None:
             self.stop_signal = signum
             loop = self._loop
             if loop is not None:  # call_soon_threadsafe: a handler may run outside the loop (Ray's signal.signal)
@@ -309,8 +314,6 @@ class LoadingRun:
                     loop.call_soon_threadsafe(self._cancel_fetches)
                 except RuntimeError:  # the loop closed meanwhile: nothing is fetching any more
                     pass
-            if self.reporter is not None:
-                self.reporter.note("stopping: finishing the in-flight rows and flushing…")
 
     def exit_status(self, rows_failed: bool) -> tuple[str, int]:
         if self.run_error is not None:

@@ -4,6 +4,9 @@
                   → writer queue (bounded) → writer thread: shards, index rows, failures, errors.jsonl
 The writer owns the index connection; an entry row is committed only after its shard is durable,
 and a key leaves the in-flight set only once committed, so no row is ever fetched twice in a run.
+Given an EncoderHandle whose weights are still loading, everything but the model thread starts at
+once: the manifest is read and classified, rows are fetched, decoded and preprocessed until the
+bounded model queue is full, and the model thread waits for the weights before its first batch.
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ from typing import Any
 import torch
 
 from mmprep.decode import decode_flags, decode_image, pixel_options
-from mmprep.errors import CacheWriteError, ErrorKind, RowError
+from mmprep.errors import EXIT_USAGE, CacheWriteError, ErrorKind, ModelLoadError, RowError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched
 from mmprep.keys import stored_url
 from mmprep.manifest import BadLine, Record
-from mmprep.models import Encoder
+from mmprep.models import Encoder, EncoderHandle
 from mmprep.pipeline.core import INFLIGHT, PLAIN, LoadingRun, Plan, failure_of, keys_of
 from mmprep.pipeline.retry import FailurePolicy
 from mmprep.settings import LoadSettings, Settings
@@ -84,6 +87,8 @@ class RunSummary:
     other_decodes: list[dict[str, Any]] = field(default_factory=list)
     # Seconds from the command's start (model loading included) to the first encoded batch; None: none encoded
     first_batch_s: float | None = None
+    # Seconds the model's weights took to load while the run was already loading rows; None: loaded before
+    model_load_s: float | None = None
     rows_left: int | None = None  # interrupted: rows of the manifests not done (None: total unknown)
 
     def as_json(self) -> dict[str, Any]:
@@ -115,6 +120,13 @@ class _Failed:
 
 
 @dataclass
+class _Registered:
+    """The loaded model's facts, for the index's models table (before its first entry is committed)."""
+
+    description: dict[str, Any]
+
+
+@dataclass
 class _Checked:
     """A cached entry whose source was re-validated unchanged (304 or same bytes)."""
 
@@ -130,18 +142,21 @@ class EncodeRun(LoadingRun):
     """Runs manifests through the whole pipeline into a cache directory."""
 
     def __init__(
-        self, manifests: list[str], settings: Settings, encoder: Encoder, reporter: Any = None,
+        self, manifests: list[str], settings: Settings, encoder: Encoder | EncoderHandle, reporter: Any = None,
         lock: WriterLock | None = None, started: float | None = None,
     ) -> None:  # fmt: skip
-        """`lock`: the cache's writer lock when the caller took it already (before loading the model);
+        """`encoder`: loaded, or a handle whose weights load while the run starts (`EncoderHandle.start`);
+        `lock`: the cache's writer lock when the caller took it already (before loading the model);
         `started`: time.monotonic() when the command started (default: now), for `first_batch_s`."""
         self._started = time.monotonic() if started is None else started
         self._first_batch_at: float | None = None
+        self._model_loaded_s: float | None = None
+        self.model_error: ModelLoadError | None = None
         super().__init__(manifests, settings.load, reporter)
         self.settings = settings
         self.lock = lock
         self.failures = FailurePolicy(settings.load, settings.retry_permanent_after)
-        self.encoder = encoder
+        self.encoder = encoder  # .name, .family, .fingerprint and .preprocess work before the weights are loaded
         self.layout = CacheLayout(settings.out)
         self.fingerprint = encoder.fingerprint
         batch = settings.model.batch_size
@@ -155,22 +170,24 @@ class EncodeRun(LoadingRun):
         self._vllm_ids: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()  # --vllm-model-id, for the writer
 
     def run(self) -> RunSummary:
-        """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary."""
+        """Run to completion (or until SIGINT/SIGTERM), flush everything, return the summary; ModelLoadError
+        (after recording the run as failed) when the weights of an EncoderHandle fail to load."""
         held = self.lock is not None and self.lock.held
         with contextlib.nullcontext() if held else WriterLock(self.layout.root, wait=self.settings.wait_lock):
             try:
-                return self._run_locked()
+                summary = self._run_locked()
             except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the writer ends the run as failed)
                 raise CacheWriteError(cache_write_message(exc)) from exc
+        if self.model_error is not None:
+            raise self.model_error
+        return summary
 
     def _run_locked(self) -> RunSummary:
         self.layout.errors.mkdir(parents=True, exist_ok=True)
         index = CacheIndex(self.layout.index)
         try:
             self.adopted = adopt_orphans(index, self.layout)  # a crashed run's written-but-unindexed shards
-            description = self.encoder.describe()
-            index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, description)
-            self.find_other_decodes(index, description)
+            self.find_other_decodes(index, self.encoder.base_fingerprint)
             index.start_run(self.run_id, self.fingerprint, self.encoder.name)
         finally:
             index.close()
@@ -197,12 +214,14 @@ class EncodeRun(LoadingRun):
             self.run_error = cache_write_message(self._writer_error)
         elif self._writer_error is not None:
             raise self._writer_error
+        elif self.model_error is not None:
+            self.run_error = str(self.model_error)
         return self._finish()
 
-    def find_other_decodes(self, index: CacheIndex, description: dict[str, Any]) -> None:
-        """Say at start (and in the summary) when the cache holds this model's entries decoded another
-        way: this run does not reuse them (a changed --decode-as default would re-encode them all)."""
-        base = str(description.get("base_fingerprint", self.fingerprint))
+    def find_other_decodes(self, index: CacheIndex, base: str) -> None:
+        """Say at start (and in the summary) when the cache holds entries of this model (`base`: its
+        fingerprint without decode options) decoded another way: this run does not reuse them (a changed
+        --decode-as default would re-encode them all)."""
         self.other_decodes = [
             {"decode": options, "flags": " ".join(decode_flags(options, profile=True)), "entries": count}
             for options, count in index.decode_variants(self.fingerprint, base)
@@ -303,11 +322,13 @@ class EncodeRun(LoadingRun):
         local = self._local
         if not hasattr(local, "index"):
             local.index = CacheIndex(self.layout.index, readonly=True)
-            local.reader = EmbeddingCache(self.layout.root, model=self.fingerprint, memory_bytes=0)
-            self._readers.extend([local.index, local.reader])
+            self._readers.append(local.index)
         other = local.index.key_with_content(self.fingerprint, sha)
         if other is None or other == key:
             return None
+        if not hasattr(local, "reader"):  # opened once this model has an entry (and so a models row)
+            local.reader = EmbeddingCache(self.layout.root, model=self.fingerprint, memory_bytes=0)
+            self._readers.append(local.reader)
         entry = local.reader.get_key(other)
         if entry is None:  # vanished (gc) between the two reads: just encode
             return None
@@ -316,6 +337,11 @@ class EncodeRun(LoadingRun):
     # -- model thread ---------------------------------------------------------------------------
 
     def _model_loop(self) -> None:
+        encoder = self._loaded_encoder()
+        if encoder is None:  # the weights failed to load, or the run stopped first: the queued rows stay undone
+            self._discard_model_queue()
+            return
+        self._writer_q.put(_Registered(encoder.describe()))  # ahead of this model's first entry
         batch_size = self.settings.model.batch_size
         stopping = False
         while not stopping:
@@ -332,7 +358,7 @@ class EncodeRun(LoadingRun):
                     stopping = True
                     break
                 batch.append(item)
-            results = self._encode(batch)
+            results = self._encode(encoder, batch)
             encoded = sum(isinstance(r, _Encoded) for r in results)
             self.counters.encoded += encoded  # progress moves every batch
             if encoded and self._first_batch_at is None:
@@ -340,11 +366,36 @@ class EncodeRun(LoadingRun):
             for result in results:
                 self._writer_q.put(result)
 
-    def _encode(self, batch: list[_Prepared]) -> list[_Encoded | _Failed]:
+    def _loaded_encoder(self) -> Encoder | None:
+        """The encoder once its weights are loaded; None when they fail to load (the run stops, failed) or
+        the run is stopped first (a signal, the writer): rows then wait in no queue for minutes."""
+        handle = self.encoder
+        if not isinstance(handle, EncoderHandle):
+            return handle
+        while True:
+            try:
+                encoder = handle.wait(timeout=0.1)
+            except ModelLoadError as exc:
+                self.model_error = exc
+                self.halt()
+                return None
+            if encoder is not None:
+                self._model_loaded_s = handle.load_seconds
+                return encoder
+            if self.stop_signal is not None:
+                return None
+
+    def _discard_model_queue(self) -> None:
+        """Take rows off the model queue (so decode threads never block) until _STOP; they were not encoded
+        and are not failures: released, a rerun loads them."""
+        while (item := self._model_q.get()) is not _STOP:
+            self.release([item.key])
+
+    def _encode(self, encoder: Encoder, batch: list[_Prepared]) -> list[_Encoded | _Failed]:
         """Encode a batch; if the batch fails, encode row by row so one bad row fails alone."""
         try:
             fault_point("in_encode")
-            outputs = self.encoder.encode([row.inputs for row in batch])
+            outputs = encoder.encode([row.inputs for row in batch])
             return [_Encoded(row, out) for row, out in zip(batch, outputs)]
         except Exception as exc:
             if len(batch) == 1:
@@ -352,7 +403,7 @@ class EncodeRun(LoadingRun):
                 return [_Failed(failure_of(batch[0].record, batch[0].key, error))]
         results: list[_Encoded | _Failed] = []
         for row in batch:
-            results.extend(self._encode([row]))
+            results.extend(self._encode(encoder, [row]))
         return results
 
     # -- writer thread --------------------------------------------------------------------------
@@ -374,7 +425,9 @@ class EncodeRun(LoadingRun):
                 if item is _STOP:
                     stopped = True
                     break
-                if isinstance(item, _Encoded):
+                if isinstance(item, _Registered):
+                    index.register_model(self.fingerprint, self.encoder.name, self.encoder.family, item.description)
+                elif isinstance(item, _Encoded):
                     shards.add(self._entry_of(item))
                     self._pending_dedup += item.dedup
                 elif isinstance(item, _Failed):
@@ -455,6 +508,8 @@ class EncodeRun(LoadingRun):
     def _finish(self) -> RunSummary:
         c = self.counters
         status, code = self.exit_status(c.new_failures > 0)
+        if self.model_error is not None:
+            code = EXIT_USAGE  # as when the model fails to load before the run: the same error, the same exit
         errors_path = self.layout.run_errors(self.run_id)
         summary = RunSummary(
             run_id=self.run_id,
@@ -483,6 +538,7 @@ class EncodeRun(LoadingRun):
             error=self.run_error,
             other_decodes=self.other_decodes,
             first_batch_s=None if self._first_batch_at is None else round(self._first_batch_at - self._started, 3),
+            model_load_s=None if self._model_loaded_s is None else round(self._model_loaded_s, 3),
             rows_left=None if status != "interrupted" or c.total is None else max(c.total - c.done, 0),
         )
         try:
