@@ -5,8 +5,9 @@ rescales in float64 (`uint8 -> float64 * rescale_factor -> float32`) and normali
 (`(x - mean) / std`), all through a generic, validating call path. Every step after the resize maps one
 uint8 value of one channel to one float32 value, so those steps are computed once, for the 256 possible
 values of each channel, by the very same numpy operations in the very same dtypes (a lookup table), and an
-image is then one table lookup per pixel. Resizing is the same Pillow call on the same RGB image;
-cropping and patchifying move the same values. The result is bit-identical to the transformers processor
+image is then one table lookup per pixel. Resizing is Pillow's resize of the same RGB image, computed
+only for the pixels the center crop keeps (`models.resample`: a C mirror of Pillow's resampler, checked
+against Pillow at run time, else Pillow itself); cropping and patchifying move the same values. The result is bit-identical to the transformers processor
 (tests/test_fastprep.py checks that over many sizes, aspect ratios and modes), which is why neither
 this path nor a version of it is part of the fingerprint: the stored tensors are the same whichever
 path made them, so entries written before it existed stay valid and the two paths share a cache. A
@@ -29,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from mmprep.models.resample import Window, resized_window
 
 _PIL_FILTERS = {int(f) for f in Image.Resampling}
 # Resolved processor options that do not change a PIL-backend processor's pixels for a PIL input.
@@ -186,11 +189,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of an RGB image is a copy
 
 
-def _resized(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
-    """transformers.image_transforms.resize on an RGB image: the same Pillow call (PIL takes (width, height))."""
-    return image.resize((width, height), resample=resample, reducing_gap=None)
-
-
 class ResizeCropPath(FastPath):
     """`PilBackend._preprocess`: resize (fixed size or shortest edge), center crop, rescale, normalize."""
 
@@ -226,12 +224,28 @@ class ResizeCropPath(FastPath):
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         rgb = to_rgb(image)
-        if self._target is not None:
-            rgb = _resized(rgb, *self._target(rgb.height, rgb.width), self._resample)
-        pixels = np.asarray(rgb)
-        if self._crop is not None:
+        if self._target is None:
+            pixels = np.asarray(rgb)
+            window = None
+        else:
+            # transformers.image_transforms.resize: the same Pillow resize (PIL takes (width, height)),
+            # computed only inside the crop when the crop fits; center_crop pads when it does not
+            height, width = self._target(rgb.height, rgb.width)
+            window = self._crop_window(height, width)
+            pixels = resized_window(rgb, (width, height), self._resample, window)
+        if self._crop is not None and window is None:
             pixels = center_crop(pixels, *self._crop)
         return {"pixel_values": torch.from_numpy(self._values.apply(pixels)[None])}
+
+    def _crop_window(self, height: int, width: int) -> Window | None:
+        """center_crop's box inside a height x width image, or None without a crop or when it needs padding."""
+        if self._crop is None:
+            return None
+        crop_height, crop_width = self._crop
+        if crop_height > height or crop_width > width:
+            return None
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
+        return (left, top, left + crop_width, top + crop_height)
 
 
 def _shortest_edge_rule(size: int) -> Callable[[int, int], tuple[int, int]]:
@@ -301,8 +315,10 @@ class QwenPatchPath(FastPath):
                 rgb.height, rgb.width, factor=self._patch * self._merge,
                 min_pixels=self._min_pixels, max_pixels=self._max_pixels,
             )  # fmt: skip
-            rgb = _resized(rgb, height, width, self._resample)
-        chw = self._values.apply(np.asarray(rgb))
+            pixels = resized_window(rgb, (width, height), self._resample)
+        else:
+            pixels = np.asarray(rgb)
+        chw = self._values.apply(pixels)
         patches, grid_h, grid_w = self._patchify(chw)
         return {
             "pixel_values": torch.from_numpy(patches),
