@@ -19,6 +19,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 
 from mmprep.errors import RowError
 from mmprep.models import ImagePreprocessor, load_preprocessor
+from mmprep.models import resample
 from mmprep.models.fastprep import QwenPatchPath, ResizeCropPath, agrees, fast_path_for
 from mmprep.settings import ModelSettings
 
@@ -83,6 +84,27 @@ QWEN_CONFIGS = [
     {"patch_size": 16, "merge_size": 2, "min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 100},
     {"temporal_patch_size": 1, "resample": Image.Resampling.BILINEAR, "max_pixels": 28 * 28 * 30},
 ]
+
+
+@pytest.fixture(params=["native", "pillow"])
+def resampler(request, monkeypatch) -> str:
+    """Each comparison runs with the native resampler and with MMPREP_NATIVE_RESAMPLE=0 (Pillow's own resize)."""
+    if request.param == "native":
+        if not resample.native_built():
+            pytest.skip("mmprep.models._resample is not built (`pip install -e .` with a C compiler builds it)")
+        monkeypatch.delenv(resample.NATIVE_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(resample.NATIVE_SWITCH, "0")
+    return request.param
+
+
+def assert_resampler_in_use(fast, resampler: str) -> None:
+    """The native resampler really runs for every mirrored filter when it is on, and never when it is off."""
+    filter_used = getattr(fast, "_resample", None)
+    if filter_used is not None and int(filter_used) in resample.MIRRORED_FILTERS:
+        assert resample.native_enabled(filter_used) is (resampler == "native")
+
+
 PROCESSORS = (
     [("clip", CLIPImageProcessorPil, c, ResizeCropPath) for c in CLIP_CONFIGS]
     + [("siglip", SiglipImageProcessorPil, c, ResizeCropPath) for c in SIGLIP_CONFIGS]
@@ -91,11 +113,12 @@ PROCESSORS = (
 
 
 @pytest.mark.parametrize(("name", "cls", "config", "path"), PROCESSORS, ids=[f"{p[0]}-{i}" for i, p in enumerate(PROCESSORS)])
-def test_bit_identical_over_sizes_and_modes(name, cls, config, path) -> None:
+def test_bit_identical_over_sizes_and_modes(name, cls, config, path, resampler) -> None:
     """Every size (incl. 1x1 and 1:150 strips) and mode (alpha, palette transparency, CMYK, 16-bit) matches exactly."""
     processor = cls(**config)
     fast = fast_path_for(processor)
     assert isinstance(fast, path)
+    assert_resampler_in_use(fast, resampler)
     for index, (width, height) in enumerate(SIZES):
         mode = MODES[index % len(MODES)]
         if name == "qwen2_vl" and max(width, height) / min(width, height) > 200:
@@ -105,13 +128,34 @@ def test_bit_identical_over_sizes_and_modes(name, cls, config, path) -> None:
         same(processor, fast, image(97, 61, mode, seed=7))
 
 
-def test_qwen_at_its_default_pixel_budget() -> None:
+def test_qwen_at_its_default_pixel_budget(resampler) -> None:
     """A full-size photo at Qwen2-VL's default budget: hundreds of patches, the grid as transformers computes it."""
     processor = Qwen2VLImageProcessorPil()
     fast = fast_path_for(processor)
+    assert_resampler_in_use(fast, resampler)
     img = image(1280, 720, "RGB", seed=3)
     same(processor, fast, img)
     assert fast(img)["image_grid_thw"].tolist() == [[1, 52, 92]]
+
+
+@pytest.mark.skipif(not resample.native_built(), reason="mmprep.models._resample is not built")
+def test_resize_and_center_crop_compute_only_the_crop(monkeypatch) -> None:
+    """CLIP's 640x480 -> 298x224 resize is computed for the 224x224 crop only; a crop larger than the image pads."""
+    monkeypatch.delenv(resample.NATIVE_SWITCH, raising=False)
+    windows = []
+    native = resample._native
+
+    def recording(image, size, resample_filter, window):
+        windows.append((size, window))
+        return native(image, size, resample_filter, window)
+
+    monkeypatch.setattr(resample, "_native", recording)
+    processor = CLIPImageProcessorPil()
+    same(processor, fast_path_for(processor), image(640, 480, "RGB"))
+    assert windows[-1] == ((298, 224), (37, 0, 261, 224))
+    padded = CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 32, "width": 24})
+    same(padded, fast_path_for(padded), image(40, 30, "RGB"))
+    assert windows[-1] == ((26, 20), None)  # the whole resize, then center_crop pads it
 
 
 def test_comparison_detects_a_one_ulp_change() -> None:
