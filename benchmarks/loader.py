@@ -2,7 +2,8 @@
 
 Sections (inputs under --work, default /tmp/mmprep-bench; figures of one row are measured in the same run,
 alternating the contenders, so ratios compare like with like on a shared machine):
-  prep     the exact fast preprocessing path vs the transformers processor it replaces (CLIP 224, Qwen2-VL)
+  prep     the exact fast preprocessing path, with the native resampler and with Pillow's resize, vs the
+           transformers processor it replaces (CLIP 224, SigLIP 224x224, Qwen2-VL)
   size     `mmprep check --size 224x224` wall time vs img2dataset (subprocesses, start-up included),
            same URLs, same loopback server; with --before DIR also the mmprep tree in DIR
   model    `mmprep check --model` (in process) vs the in-process decode+preprocess limit, CLIP and Qwen2-VL
@@ -36,31 +37,48 @@ def _best(times: list[float]) -> float:
 
 
 def section_prep(work: Path, images: int = 64, rounds: int = 3) -> list[Row]:
-    """Per-image CPU time of ImagePreprocessor with and without the fast path, alternating, best of `rounds`."""
+    """Per-image CPU time: the fast path with the native resampler, with Pillow's resize, and the transformers
+    processor, alternating, best of `rounds`."""
     import io
 
     from PIL import Image
-    from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil
+    from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil, SiglipImageProcessorPil
 
     from mmprep.models import ImagePreprocessor
+    from mmprep.models import resample as native
 
     pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in inputs.jpeg_pool((640, 480), images)]
     rows = []
     for label, processor in [("CLIP 224 (resize+crop+normalize)", CLIPImageProcessorPil()),
+                             ("SigLIP 224x224 (resize+normalize, bicubic)", SiglipImageProcessorPil()),
                              ("Qwen2-VL default (smart resize+patchify)", Qwen2VLImageProcessorPil())]:  # fmt: skip
         fast, slow = ImagePreprocessor(processor), ImagePreprocessor(processor, fast=False)
         assert fast.fast_path is not None
-        times: dict[str, list[float]] = {"fast": [], "transformers": []}
-        for _ in range(rounds):
-            for name, prep in (("transformers", slow), ("fast", fast)):
-                start = time.thread_time()  # this thread's CPU time: robust to a loaded machine
-                for picture in pictures:
-                    prep(picture)
-                times[name].append((time.thread_time() - start) / len(pictures) * 1e6)
-        f, t = _best(times["fast"]), _best(times["transformers"])
+        contenders = {"transformers": (slow, "0"), "fast+Pillow": (fast, "0")}
+        if native.native_enabled(processor.resample):
+            contenders["fast+native"] = (fast, "1")
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        switch = os.environ.get(native.NATIVE_SWITCH)
+        try:
+            for _ in range(rounds):
+                for name, (prep, native_on) in contenders.items():
+                    os.environ[native.NATIVE_SWITCH] = native_on
+                    start = time.thread_time()  # this thread's CPU time: robust to a loaded machine
+                    for picture in pictures:
+                        prep(picture)
+                    times[name].append((time.thread_time() - start) / len(pictures) * 1e6)
+        finally:
+            if switch is None:
+                os.environ.pop(native.NATIVE_SWITCH, None)
+            else:
+                os.environ[native.NATIVE_SWITCH] = switch
+        best = {name: _best(values) for name, values in times.items()}
+        t, pil = best["transformers"], best["fast+Pillow"]
+        fastest = best.get("fast+native", pil)
+        figures = " · ".join(f"{name} {value:,.0f} µs" for name, value in best.items())
+        ratio = f"{t / fastest:.2f}x faster" + (f" (with Pillow's resize {t / pil:.2f}x)" if "fast+native" in best else " (native resampler not built)")
         rows.append(Row("prep", f"640x480 photo → {label}, {len(pictures)} images, 1 thread",
-                        f"fast {f:.0f} µs · transformers {t:.0f} µs CPU per image (best of {rounds}, alternating)",
-                        f"{t / f:.2f}x faster", "≥ 2x", {"fast_us": f, "transformers_us": t}))  # fmt: skip
+                        f"{figures} CPU per image (best of {rounds}, alternating)", ratio, "≥ 2x", best))  # fmt: skip
     return rows
 
 
