@@ -12,7 +12,9 @@
  * columns they read) are computed; and the sums are integer sums (modulo 2^32, like Pillow's
  * int accumulators on every platform it runs on), so their order is free: the horizontal pass
  * runs on blocks of rows transposed into columns and both passes become
- * `acc[i] += (uint32)src[i] * k` over contiguous memory, which the compiler vectorizes.
+ * `acc[i] += (uint32)src[i] * k` over contiguous memory, which the compiler vectorizes. The rows
+ * between the passes stream through a small ring (cache-resident, no page faults) instead of a
+ * whole intermediate image.
  * mmprep/models/resample.py checks the result against Pillow itself before using it.
  */
 
@@ -286,82 +288,70 @@ vertical_row(const uint8_t *src, ptrdiff_t stride, int taps, const int32_t *k, i
 
 /* ---- the stages of one resize ---- */
 
-/* `rows` rows resampled horizontally into `dest` (3 bytes a pixel). h's bounds read source columns
-   [first, last); `src` points at column `first` of the first row (`ps` bytes a pixel); `columns`
-   holds (last - first) * BLOCK_STRIDE bytes and `block_out` count * BLOCK_STRIDE. */
+/* Up to BLOCK_ROWS rows resampled horizontally; the results stay in `block_out` (see block_row).
+   h's bounds read source columns [first, last); `src` points at column `first` of the first row
+   (`ps` bytes a pixel); `columns` holds (last - first) * BLOCK_STRIDE bytes and `block_out`
+   count * BLOCK_STRIDE. With fewer rows than a block the other lanes hold stale values, unused. */
 static void
-horizontal_stage(
+horizontal_rows(
     const uint8_t *src, ptrdiff_t src_stride, int ps, int rows, const Coeffs *h, int count, int first,
-    int last, uint8_t *columns, uint8_t *block_out, uint8_t *dest, ptrdiff_t dest_stride
+    int last, uint8_t *columns, uint8_t *block_out
 ) {
     const int ncolumns = last - first;
-    for (int start = 0; start < rows; start += BLOCK_ROWS) {
-        /* A short last block overlaps the one before (recomputing a value gives the same value);
-           fewer rows than a block leave stale lanes whose results are not written out. */
-        int at = start, n = BLOCK_ROWS;
-        if (start + BLOCK_ROWS > rows) {
-            if (rows >= BLOCK_ROWS) {
-                at = rows - BLOCK_ROWS;
-            } else {
-                n = rows - start;
-            }
-        }
-        /* transpose: columns[x][r * 3 + channel], 4 bytes a copy where the 4th byte is either
-           overwritten by the next row or lands in a column's spare bytes */
-        for (int r = 0; r < n; r++) {
-            const uint8_t *line = src + (at + r) * src_stride;
-            uint8_t *col = columns + r * CHANNELS;
-            const int wide = ps == 4 ? ncolumns : ncolumns - 1; /* the last RGB pixel may end the buffer */
-            for (int x = 0; x < wide; x++) {
-                uint32_t pixel;
-                memcpy(&pixel, line + (size_t)x * ps, 4);
-                memcpy(col + (size_t)x * BLOCK_STRIDE, &pixel, 4);
-            }
-            for (int x = wide > 0 ? wide : 0; x < ncolumns; x++) {
-                memcpy(col + (size_t)x * BLOCK_STRIDE, line + (size_t)x * ps, CHANNELS);
-            }
-        }
-        horizontal_block(columns, count, h->bounds, h->coeffs, h->ksize, first, block_out);
-        for (int r = 0; r < n; r++) { /* 4 bytes a copy but the last: the next pixel overwrites the 4th */
-            uint8_t *out = dest + (at + r) * dest_stride;
-            const uint8_t *in = block_out + r * CHANNELS;
-            for (int x = 0; x < count - 1; x++) {
-                uint32_t pixel;
-                memcpy(&pixel, in + (size_t)x * BLOCK_STRIDE, 4);
-                memcpy(out + x * CHANNELS, &pixel, 4);
-            }
-            memcpy(out + (count - 1) * CHANNELS, in + (size_t)(count - 1) * BLOCK_STRIDE, CHANNELS);
-        }
-    }
-}
-
-/* `count` rows of `width` bytes, resampled vertically: v's bounds count from src's row 0. */
-static void
-vertical_stage(
-    const uint8_t *src, ptrdiff_t src_stride, int width, const Coeffs *v, int count, uint8_t *dest,
-    ptrdiff_t dest_stride
-) {
-    for (int y = 0; y < count; y++) {
-        vertical_row(
-            src + v->bounds[y * 2] * src_stride, src_stride, v->bounds[y * 2 + 1],
-            v->coeffs + (size_t)y * v->ksize, width, dest + y * dest_stride
-        );
-    }
-}
-
-/* `rows` rows of `count` pixels from `src` (`ps` bytes a pixel) as 3 bytes a pixel. */
-static void
-copy_stage(const uint8_t *src, ptrdiff_t src_stride, int ps, int rows, int count, uint8_t *dest, ptrdiff_t dest_stride) {
+    /* transpose: columns[x][r * 3 + channel], 4 bytes a copy where the 4th byte is either
+       overwritten by the next row or lands in a column's spare bytes */
     for (int r = 0; r < rows; r++) {
         const uint8_t *line = src + r * src_stride;
-        uint8_t *out = dest + r * dest_stride;
-        if (ps == CHANNELS) {
-            memcpy(out, line, (size_t)count * CHANNELS);
-        } else {
-            for (int x = 0; x < count; x++) {
-                memcpy(out + x * CHANNELS, line + (ptrdiff_t)x * ps, CHANNELS);
-            }
+        uint8_t *col = columns + r * CHANNELS;
+        const int wide = ps == 4 ? ncolumns : ncolumns - 1; /* the last RGB pixel may end the buffer */
+        for (int x = 0; x < wide; x++) {
+            uint32_t pixel;
+            memcpy(&pixel, line + (size_t)x * ps, 4);
+            memcpy(col + (size_t)x * BLOCK_STRIDE, &pixel, 4);
         }
+        for (int x = wide > 0 ? wide : 0; x < ncolumns; x++) {
+            memcpy(col + (size_t)x * BLOCK_STRIDE, line + (size_t)x * ps, CHANNELS);
+        }
+    }
+    horizontal_block(columns, count, h->bounds, h->coeffs, h->ksize, first, block_out);
+}
+
+/* Row r of the last horizontal_rows, `count` pixels of 3 bytes, into `out` (4 bytes a copy but the
+   last: the next pixel overwrites the 4th). */
+static void
+block_row(const uint8_t *block_out, int r, int count, uint8_t *out) {
+    const uint8_t *in = block_out + r * CHANNELS;
+    for (int x = 0; x < count - 1; x++) {
+        uint32_t pixel;
+        memcpy(&pixel, in + (size_t)x * BLOCK_STRIDE, 4);
+        memcpy(out + x * CHANNELS, &pixel, 4);
+    }
+    memcpy(out + (count - 1) * CHANNELS, in + (size_t)(count - 1) * BLOCK_STRIDE, CHANNELS);
+}
+
+/* `count` pixels of one row as 3 bytes a pixel. */
+static void
+copy_row(const uint8_t *src, int ps, int count, uint8_t *out) {
+    if (ps == CHANNELS) {
+        memcpy(out, src, (size_t)count * CHANNELS);
+        return;
+    }
+    for (int x = 0; x < count; x++) {
+        memcpy(out + x * CHANNELS, src + (ptrdiff_t)x * ps, CHANNELS);
+    }
+}
+
+/* Output rows [first, first + count) of v, `width` bytes each: v's bounds count from src's row 0. */
+static void
+vertical_rows(
+    const uint8_t *src, ptrdiff_t src_stride, int width, const Coeffs *v, int first, int count,
+    uint8_t *dest, ptrdiff_t dest_stride
+) {
+    for (int y = first; y < first + count; y++) {
+        vertical_row(
+            src + v->bounds[y * 2] * src_stride, src_stride, v->bounds[y * 2 + 1],
+            v->coeffs + (size_t)y * v->ksize, width, dest + (y - first) * dest_stride
+        );
     }
 }
 
@@ -383,7 +373,7 @@ typedef struct {
     int column_first, column_last; /* source columns the window reads */
     uint8_t *columns;              /* one transposed block of rows (horizontal pass) */
     uint8_t *block_out;            /* the horizontal pass's output for one block */
-    uint8_t *temp;                 /* the first pass's output */
+    uint8_t *temp;                 /* rows between the passes */
 } Plan;
 
 static void
@@ -441,6 +431,28 @@ shift_bounds(Coeffs *c, int count, int by) {
 
 /* The window into `out` (window_h x window_w x 3, C order); 0 when out of memory. Runs without
    the GIL: nothing here touches a Python object. */
+/* Rows of the first pass as the second needs them, in a ring of `ring` rows stored twice (slot s
+   and s + ring), so that any `ring` consecutive rows lie at one stride: each output row's taps. */
+typedef struct {
+    uint8_t *rows;
+    int ring, produced;
+    ptrdiff_t stride;
+} Ring;
+
+/* Where row `row` goes (its first copy); ring_mirror makes the second. */
+static uint8_t *
+ring_slot(const Ring *ring, int row) {
+    return ring->rows + (ptrdiff_t)(row % ring->ring) * ring->stride;
+}
+
+static void
+ring_mirror(const Ring *ring, int row) {
+    uint8_t *slot = ring_slot(ring, row);
+    memcpy(slot + (ptrdiff_t)ring->ring * ring->stride, slot, (size_t)ring->stride);
+}
+
+/* The window into `out` (window_h x window_w x 3, C order); 0 when out of memory. Runs without
+   the GIL: nothing here touches a Python object. */
 static int
 run_job(const Job *job, uint8_t *out) {
     const int window_w = job->right - job->left, window_h = job->bottom - job->top;
@@ -459,6 +471,9 @@ run_job(const Job *job, uint8_t *out) {
     if (need_v) {
         ok = ok && axis_plan(job->height, job->out_height, job->filter, job->top, job->bottom, &p->v,
                              &p->row_first, &p->row_last);
+        if (ok) {
+            shift_bounds(&p->v, window_h, p->row_first);
+        }
     } else {
         p->row_first = job->top;
         p->row_last = job->bottom;
@@ -478,45 +493,75 @@ run_job(const Job *job, uint8_t *out) {
     }
     const int rows = p->row_last - p->row_first, columns = p->column_last - p->column_first;
     const uint8_t *source = job->pixels + (ptrdiff_t)p->row_first * job->row_stride;
-    if (ok && need_v && vertical_first) {
-        /* rows of the window x the columns they read, ps bytes a pixel, then horizontally */
+    const uint8_t *source_columns = source + (ptrdiff_t)p->column_first * ps;
+    if (!ok) {
+        /* out of memory */
+    } else if (vertical_first) {
+        /* BLOCK_ROWS window rows at a time: vertically (all the columns they read, ps bytes a
+           pixel), then horizontally straight into the output */
         const ptrdiff_t temp_stride = (ptrdiff_t)(columns ? columns : 1) * ps;
-        p->temp = malloc((size_t)window_h * (size_t)temp_stride);
+        p->temp = malloc((size_t)BLOCK_ROWS * (size_t)temp_stride);
         ok = p->temp != NULL;
-        if (ok) {
-            shift_bounds(&p->v, window_h, p->row_first);
-            vertical_stage(source + (ptrdiff_t)p->column_first * ps, job->row_stride, columns * ps, &p->v,
-                           window_h, p->temp, temp_stride);
-            horizontal_stage(p->temp, temp_stride, ps, window_h, &p->h, window_w, p->column_first,
-                             p->column_last, p->columns, p->block_out, out, out_stride);
-        }
-    } else if (ok && need_v) {
-        /* horizontally (or copied) into temp, then vertically; an RGB source the horizontal pass
-           leaves alone is read in place */
-        const uint8_t *rows_in = source + (ptrdiff_t)job->left * CHANNELS;
-        ptrdiff_t stride = job->row_stride;
-        if (need_h || ps != CHANNELS) {
-            p->temp = malloc((size_t)(rows ? rows : 1) * (size_t)out_stride);
-            ok = p->temp != NULL;
-            if (ok && need_h) {
-                horizontal_stage(source + (ptrdiff_t)p->column_first * ps, job->row_stride, ps, rows, &p->h, window_w, p->column_first,
-                                 p->column_last, p->columns, p->block_out, p->temp, out_stride);
-            } else if (ok) {
-                copy_stage(source + (ptrdiff_t)job->left * ps, job->row_stride, ps, rows, window_w, p->temp,
-                           out_stride);
+        for (int y = 0; ok && y < window_h; y += BLOCK_ROWS) {
+            const int n = window_h - y < BLOCK_ROWS ? window_h - y : BLOCK_ROWS;
+            vertical_rows(source_columns, job->row_stride, columns * ps, &p->v, y, n, p->temp, temp_stride);
+            horizontal_rows(p->temp, temp_stride, ps, n, &p->h, window_w, p->column_first, p->column_last,
+                            p->columns, p->block_out);
+            for (int r = 0; r < n; r++) {
+                block_row(p->block_out, r, window_w, out + (y + r) * out_stride);
             }
-            rows_in = p->temp;
-            stride = out_stride;
         }
-        if (ok) {
-            shift_bounds(&p->v, window_h, p->row_first);
-            vertical_stage(rows_in, stride, (int)out_stride, &p->v, window_h, out, out_stride);
+    } else if (need_v && !need_h && ps == CHANNELS) { /* the vertical pass reads the source in place */
+        vertical_rows(source_columns, job->row_stride, (int)out_stride, &p->v, 0, window_h, out, out_stride);
+    } else if (need_v) {
+        /* horizontally (or copied) into a ring of rows, then vertically, one output row at a time;
+           the ring holds every row when the bounds are not monotonic (they always are in practice) */
+        Ring ring = {.ring = p->v.ksize + BLOCK_ROWS, .produced = 0, .stride = out_stride};
+        for (int y = 1; y < window_h; y++) {
+            if (p->v.bounds[y * 2] < p->v.bounds[y * 2 - 2] ||
+                p->v.bounds[y * 2] + p->v.bounds[y * 2 + 1] < p->v.bounds[y * 2 - 2] + p->v.bounds[y * 2 - 1]) {
+                ring.ring = rows;
+            }
         }
-    } else if (ok && need_h) {
-        horizontal_stage(source + (ptrdiff_t)p->column_first * ps, job->row_stride, ps, window_h, &p->h, window_w, p->column_first,
-                         p->column_last, p->columns, p->block_out, out, out_stride);
-    } else if (ok) {
-        copy_stage(source + (ptrdiff_t)job->left * ps, job->row_stride, ps, window_h, window_w, out, out_stride);
+        ring.ring = ring.ring > rows ? (rows ? rows : 1) : ring.ring;
+        ring.rows = p->temp = malloc((size_t)ring.ring * 2 * (size_t)out_stride);
+        ok = p->temp != NULL;
+        for (int y = 0; ok && y < window_h; y++) {
+            const int lo = p->v.bounds[y * 2], taps = p->v.bounds[y * 2 + 1];
+            while (ring.produced < lo + taps) {
+                const int n = rows - ring.produced < BLOCK_ROWS ? rows - ring.produced : BLOCK_ROWS;
+                const uint8_t *src = source_columns + ring.produced * job->row_stride;
+                if (need_h) {
+                    horizontal_rows(src, job->row_stride, ps, n, &p->h, window_w, p->column_first,
+                                    p->column_last, p->columns, p->block_out);
+                }
+                for (int r = 0; r < n; r++) {
+                    uint8_t *slot = ring_slot(&ring, ring.produced + r);
+                    if (need_h) {
+                        block_row(p->block_out, r, window_w, slot);
+                    } else {
+                        copy_row(src + r * job->row_stride, ps, window_w, slot);
+                    }
+                    ring_mirror(&ring, ring.produced + r);
+                }
+                ring.produced += n;
+            }
+            vertical_row(ring_slot(&ring, lo), out_stride, taps,
+                         p->v.coeffs + (size_t)y * p->v.ksize, (int)out_stride, out + y * out_stride);
+        }
+    } else if (need_h) { /* horizontally straight into the output */
+        for (int y = 0; y < window_h; y += BLOCK_ROWS) {
+            const int n = window_h - y < BLOCK_ROWS ? window_h - y : BLOCK_ROWS;
+            horizontal_rows(source_columns + y * job->row_stride, job->row_stride, ps, n, &p->h, window_w,
+                            p->column_first, p->column_last, p->columns, p->block_out);
+            for (int r = 0; r < n; r++) {
+                block_row(p->block_out, r, window_w, out + (y + r) * out_stride);
+            }
+        }
+    } else {
+        for (int y = 0; y < window_h; y++) {
+            copy_row(source_columns + y * job->row_stride, ps, window_w, out + y * out_stride);
+        }
     }
     plan_free(p);
     return ok;
