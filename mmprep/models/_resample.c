@@ -5,8 +5,9 @@
  * HAMMING, BICUBIC and LANCZOS on 3-channel images:
  *   - the coefficients come from the same double operations in the same order (build with
  *     -fno-fast-math -ffp-contract=off), rounded to int with the same PRECISION_BITS;
- *   - a pass is skipped when its dimension is unchanged, the horizontal pass runs first and
- *     its result is clipped to uint8 before the vertical pass, as in ImagingResampleInner.
+ *   - as in ImagingResampleInner, a pass is skipped when its dimension is unchanged, the
+ *     horizontal pass runs first unless the height shrinks by more than twice as many pixels as
+ *     the width, and the first pass's result is clipped to uint8 before the second.
  * Two things differ, neither of which can move a value: each output pixel depends only on its
  * own coefficients, so only the pixels of the requested window (and the intermediate rows and
  * columns they read) are computed; and the sums are integer sums (modulo 2^32, like Pillow's
