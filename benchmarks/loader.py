@@ -91,14 +91,12 @@ def _resize_alone(pictures: list[Any], rounds: int) -> Any:
     times: dict[str, list[float]] = {"Pillow resize+crop": [], "native window": []}
     bicubic, size, window = 3, (298, 224), (37, 0, 261, 224)
     for _ in range(rounds):
-        for name in times:
+        for name, values in times.items():
+            resize = native._native if name == "native window" else native._pillow
             start = time.thread_time()
             for picture in pictures:
-                if name == "native window":
-                    native._native(picture, size, bicubic, window)
-                else:
-                    native._pillow(picture, size, bicubic, window)
-            times[name].append((time.thread_time() - start) / len(pictures) * 1e6)
+                resize(picture, size, bicubic, window)
+            values.append((time.thread_time() - start) / len(pictures) * 1e6)
     best = {name: _best(values) for name, values in times.items()}
     return Row("prep", f"640x480 photo → 298x224 bicubic, center 224x224 (CLIP's resize alone), {len(pictures)} images",
                " · ".join(f"{name} {value:,.0f} µs" for name, value in best.items()) + " CPU per image",

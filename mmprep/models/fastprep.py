@@ -7,7 +7,8 @@ uint8 value of one channel to one float32 value, so those steps are computed onc
 values of each channel, by the very same numpy operations in the very same dtypes (a lookup table), and an
 image is then one table lookup per pixel. Resizing is Pillow's resize of the same RGB image, computed
 only for the pixels the center crop keeps (`models.resample`: a C mirror of Pillow's resampler, checked
-against Pillow at run time, else Pillow itself); cropping and patchifying move the same values. The result is bit-identical to the transformers processor
+against Pillow at run time, else Pillow itself); cropping and patchifying move the same values. The
+result is bit-identical to the transformers processor
 (tests/test_fastprep.py checks that over many sizes, aspect ratios and modes), which is why neither
 this path nor a version of it is part of the fingerprint: the stored tensors are the same whichever
 path made them, so entries written before it existed stay valid and the two paths share a cache. A
