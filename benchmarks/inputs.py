@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -98,13 +99,19 @@ def serving(pools: dict[str, list[bytes]]) -> Iterator[BenchServer]:
 
 
 class RemoteServer:
-    """The URLs of a BenchServer running in another process."""
+    """The URLs of a BenchServer running in another process, and the CPU time that process has used."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, pid: int) -> None:
         self.port = port
+        self.pid = pid
 
     def url(self, pool: str, index: int) -> str:
         return f"http://127.0.0.1:{self.port}/{pool}/{index}.jpg"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -119,7 +126,7 @@ def serving_elsewhere(work: Path) -> Iterator[RemoteServer]:
             if child.poll() is not None:
                 raise RuntimeError(f"the benchmark image server exited with {child.returncode}")
             time.sleep(0.05)
-        yield RemoteServer(int(port_file.read_text()))
+        yield RemoteServer(int(port_file.read_text()), child.pid)
     finally:
         child.kill()
         child.wait()

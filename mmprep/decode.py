@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import ErrorKind, RowError
 from .settings import DECODE_PROFILES, LoadSettings, MiB
@@ -195,15 +195,25 @@ def to_rgb(im: Image.Image, settings: LoadSettings) -> Image.Image:
     background = settings.alpha_background or PROFILE_DEFAULTS[profile][1]
     if profile == "pil":
         if exif:
-            im = ImageOps.exif_transpose(im)
+            im = _exif_oriented(im)
         return _pil_rgb(im, settings.alpha_background)
     if exif:
         with contextlib.suppress(Exception):  # vllm.multimodal.image.normalize_image: a bad EXIF is ignored
-            im = ImageOps.exif_transpose(im)
+            im = _exif_oriented(im)
     assert background is not None
     if profile == "vllm":
         return _vllm_rgb(im, background)
     return _hf_rgb(im, background)
+
+
+_TURNED = frozenset(range(2, 9))  # EXIF orientations ImageOps.exif_transpose turns or flips
+
+
+def _exif_oriented(im: Image.Image) -> Image.Image:
+    """`ImageOps.exif_transpose(im)` (of a loaded image) without the copy it returns when nothing is to turn."""
+    if im.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED:
+        return ImageOps.exif_transpose(im)
+    return im
 
 
 def _vllm_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -22,7 +22,7 @@ from mmprep import __version__
 from mmprep.errors import ErrorKind, RowError
 from mmprep.fetch.codings import ACCEPT_ENCODING, BodyDecoder, parse_codings
 from mmprep.fetch.local import read_file
-from mmprep.fetch.policy import DataTarget, HttpTarget, UrlPolicy
+from mmprep.fetch.policy import DataTarget, FileTarget, HttpTarget, UrlPolicy
 from mmprep.fetch.transport import GuardedTransport
 from mmprep.keys import display_url
 from mmprep.settings import LoadSettings, MiB
@@ -105,16 +105,19 @@ class Fetcher:
 
         Raises RowError for anything that goes wrong, with `.attempts` set.
         """
-        if _is_http(url):
-            target = self.policy.check_url(url)  # no I/O for http(s)
-        else:  # a local path (disk) or a data URL (possibly megabytes to decode): off the event loop
-            target = await asyncio.to_thread(self.policy.check_url, url)
-        if isinstance(target, HttpTarget):
-            return await self._fetch_http(target.url, _conditional_headers(etag, last_modified))
+        if self.policy.is_local(url):  # disk, or a data URL (possibly megabytes to decode): off the event loop
+            return await asyncio.to_thread(self.fetch_local, url)
+        target = self.policy.check_url(url)  # no I/O for http(s)
+        assert isinstance(target, HttpTarget)  # is_local() said: neither a path nor a data URL
+        return await self._fetch_http(target.url, _conditional_headers(etag, last_modified))
+
+    def fetch_local(self, url: str) -> Fetched:
+        """A local file or data URL (`policy.is_local`), checked and read on this (worker) thread; RowError if bad."""
+        target = self.policy.check_url(url)
         if isinstance(target, DataTarget):
             return Fetched(target.data, url, target.media_type, None, None, attempts=1)
-        data = await asyncio.to_thread(read_file, target.path, self.settings.max_bytes)
-        return Fetched(data, url, None, None, None, attempts=1)
+        assert isinstance(target, FileTarget)
+        return Fetched(read_file(target.path, self.settings.max_bytes), url, None, None, None, attempts=1)
 
     async def _fetch_http(self, url: httpx.URL, headers: dict[str, str]) -> Fetched | None:
         """Try, and retry with backoff what may succeed later (timeouts, connection errors, 429, 5xx)."""
@@ -308,10 +311,6 @@ async def _decoded(response: httpx.Response, limit: int) -> AsyncIterator[bytes]
                 if codings:  # one raw chunk may inflate to max_bytes: let the other rows run meanwhile
                     await asyncio.sleep(0)
     decoder.finish()
-
-
-def _is_http(url: str) -> bool:
-    return url[:8].lower().startswith(("http://", "https://"))
 
 
 def _conditional_headers(etag: str | None, last_modified: str | None) -> dict[str, str]:

@@ -53,12 +53,17 @@ def read_file(path: str, max_bytes: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise _bad(f"cannot open {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise _bad(f"{path} is not a regular file")
-    with os.fdopen(fd, "rb") as file:
+    with os.fdopen(fd, "rb", buffering=0) as file:
         try:
-            data = file.read(max_bytes + 1)
+            # Sized by the file (a max_bytes + 1 buffer would be allocated, then shrunk, for every row);
+            # a file that grew since fstat is read on, up to the limit.
+            data = file.read(min(info.st_size, max_bytes) + 1)
+            while len(data) <= max_bytes and (more := file.read(min(1 << 16, max_bytes + 1 - len(data)))):
+                data += more
         except OSError as exc:
             raise _bad(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:

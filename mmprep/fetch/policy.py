@@ -94,6 +94,13 @@ class UrlPolicy:
             max_bytes=s.max_bytes,
         )
 
+    def is_local(self, url: str) -> bool:
+        """Whether `url` is read without the network (a data URL, a path or file:// URL); no I/O, no checks."""
+        if is_data_url(url):
+            return True
+        match = _SCHEME.match(url)
+        return match is None or match.group(1).lower() == "file"
+
     def check_url(self, url: str) -> Target:
         """Classify and vet `url`; may read the disk (local paths) or decode (data URLs)."""
         if not url:

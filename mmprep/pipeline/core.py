@@ -252,6 +252,11 @@ class LoadingRun:
         loop = asyncio.get_running_loop()
         try:
             try:
+                if fetcher.policy.is_local(record.url):  # read on the decode thread: one trip there, not two
+                    if self.stop_signal is not None:
+                        raise asyncio.CancelledError  # stopped before it was read: not done, not a failure
+                    await loop.run_in_executor(pool, self._read_and_handle, record, key, plan, fetcher)
+                    return
                 fetched = await self._fetch(record, plan, fetcher)
                 fault_point("after_fetch")
                 if fetched is None:
@@ -269,6 +274,14 @@ class LoadingRun:
                 await self.record_failure(failure_of(record, key, error))
         finally:
             slots.release()
+
+    def _read_and_handle(self, record: Record, key: str, plan: Plan, fetcher: Fetcher) -> None:
+        """Decode thread: a local file or data URL read, then handled (the event loop only schedules it)."""
+        fetched = fetcher.fetch_local(record.url)
+        fault_point("after_fetch")
+        with self._inflight_lock:  # counted from several decode threads
+            self.counters.bytes_fetched += len(fetched.data)
+        self.handle(record, key, fetched, plan)
 
     async def _fetch(self, record: Record, plan: Plan, fetcher: Fetcher) -> Fetched | None:
         """The row's fetch, which a stop cancels (_cancel_fetches); a row that gets here after a stop is not fetched."""
