@@ -236,3 +236,39 @@ def test_bad_arrow_arguments_raise_specific_errors() -> None:
         _native.resize_arrow(*grey.__arrow_c_array__(), (5, 4), (2, 2), 3)
     with pytest.raises(ValueError, match="image_size"):
         _native.resize_arrow(*image.__arrow_c_array__(), (0, 4), (2, 2), 3)
+
+
+def test_value_planes_copies_the_table_entries_native_and_numpy_alike(monkeypatch) -> None:
+    """planes(): out[c, y, x] == table[c, pixels[y, x, c]] exactly, for views too; the numpy path agrees."""
+    rng = np.random.default_rng(7)
+    table = rng.standard_normal((3, 256)).astype(np.float32)
+    for shape in [(224, 224, 3), (1, 1, 3), (0, 4, 3), (37, 5, 3)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        expected = np.stack([table[c][pixels[..., c]] for c in range(3)]) if shape[0] else np.empty((3, 0, 4), np.float32)
+        got = _native.planes(pixels, table)
+        assert got.dtype == np.float32 and got.shape == (3, shape[0], shape[1])
+        assert np.array_equal(got, expected)
+    view = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)[3:17, 5:25]  # a crop: not contiguous
+    expected = np.stack([table[c][view[..., c]] for c in range(3)])
+    assert np.array_equal(resample.value_planes(view, table), expected)
+    assert not np.array_equal(resample.value_planes(view, table[::-1].copy()), expected)  # channels swapped: caught
+    monkeypatch.setenv(resample.NATIVE_SWITCH, "0")
+    assert np.array_equal(resample.value_planes(view, table), expected)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "table", "error", "message"),
+    [
+        (GOOD.astype(np.int16), np.zeros((3, 256), np.float32), TypeError, "pixels must be uint8"),
+        ("rgb", np.zeros((3, 256), np.float32), TypeError, "pixels must be a uint8 array"),
+        (np.zeros((4, 5), np.uint8), np.zeros((3, 256), np.float32), ValueError, "shape (height, width, 3)"),
+        (np.zeros((4, 10, 3), np.uint8)[:, ::2], np.zeros((3, 256), np.float32), ValueError, "C-contiguous"),
+        (GOOD, np.zeros((3, 256), np.float64), TypeError, "table must be float32"),
+        (GOOD, np.zeros((3, 255), np.float32), ValueError, "shape (3, 256)"),
+        (GOOD, [[0.0] * 256] * 3, TypeError, "table must be a float32 array"),
+    ],
+)
+def test_value_planes_bad_arguments(pixels, table, error, message) -> None:
+    with pytest.raises(error) as raised:
+        _native.planes(pixels, table)
+    assert message in str(raised.value)

@@ -821,9 +821,85 @@ resize_arrow(PyObject *module, PyObject *args, PyObject *kwargs) {
     return execute(&job); /* the capsules (held by our caller's arguments) keep the pixels alive */
 }
 
+PyDoc_STRVAR(planes_doc,
+"planes(pixels, table) -> numpy.ndarray\n\n"
+"out[c, y, x] = table[c, pixels[y, x, c]]: a C-contiguous uint8 array (height, width, 3) through a\n"
+"C-contiguous float32 table (3, 256) into a new float32 array (3, height, width). The value table of\n"
+"fastprep (rescale and normalize of every uint8 value, computed by transformers' own numpy ops) applied\n"
+"without the GIL: a copy of table entries, so the floats are the table's, whatever the order.");
+
+static int
+is_float32_format(const char *format) {
+    if (format == NULL) {
+        return 0;
+    }
+    if (*format && strchr("@=<", *format)) { /* native or little-endian: what numpy.float32 is here */
+        format++;
+    }
+    return strcmp(format, "f") == 0;
+}
+
+static PyObject *
+planes(PyObject *module, PyObject *args) {
+    PyObject *pixels, *table;
+    if (!PyArg_ParseTuple(args, "OO:planes", &pixels, &table)) {
+        return NULL;
+    }
+    Py_buffer src, lut;
+    if (PyObject_GetBuffer(pixels, &src, PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "pixels must be a uint8 array (height, width, 3), not %.100s",
+                     Py_TYPE(pixels)->tp_name);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(table, &lut, PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&src);
+        PyErr_Format(PyExc_TypeError, "table must be a float32 array (3, 256), not %.100s", Py_TYPE(table)->tp_name);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!is_uint8_format(src.format) || src.itemsize != 1) {
+        PyErr_Format(PyExc_TypeError, "pixels must be uint8, got buffer format '%s'", src.format ? src.format : "B");
+    } else if (src.ndim != 3 || src.shape[2] != CHANNELS) {
+        PyErr_Format(PyExc_ValueError, "pixels must have shape (height, width, 3), got %d dimensions%s",
+                     src.ndim, src.ndim == 3 ? " with another channel count" : "");
+    } else if (!PyBuffer_IsContiguous(&src, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "pixels must be C-contiguous (use numpy.ascontiguousarray)");
+    } else if (!is_float32_format(lut.format) || lut.itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "table must be float32, got buffer format '%s'", lut.format ? lut.format : "B");
+    } else if (lut.ndim != 2 || lut.shape[0] != CHANNELS || lut.shape[1] != 256 || !PyBuffer_IsContiguous(&lut, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "table must be a C-contiguous array of shape (3, 256)");
+    } else {
+        const Py_ssize_t height = src.shape[0], width = src.shape[1], n = height * width;
+        result = PyObject_CallFunction(numpy_empty, "((nnn)s)", (Py_ssize_t)CHANNELS, height, width, "float32");
+        Py_buffer out;
+        if (result && PyObject_GetBuffer(result, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            Py_CLEAR(result);
+        }
+        if (result) {
+            const uint8_t *in = src.buf;
+            const float *t = lut.buf;
+            float *r = out.buf, *g = r + n, *b = g + n;
+            Py_BEGIN_ALLOW_THREADS;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                r[i] = t[in[3 * i]];
+                g[i] = t[256 + in[3 * i + 1]];
+                b[i] = t[512 + in[3 * i + 2]];
+            }
+            Py_END_ALLOW_THREADS;
+            PyBuffer_Release(&out);
+        }
+    }
+    PyBuffer_Release(&lut);
+    PyBuffer_Release(&src);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"resize", (PyCFunction)(void (*)(void))resize, METH_VARARGS | METH_KEYWORDS, resize_doc},
     {"resize_arrow", (PyCFunction)(void (*)(void))resize_arrow, METH_VARARGS | METH_KEYWORDS, resize_arrow_doc},
+    {"planes", (PyCFunction)planes, METH_VARARGS, planes_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmprep.models.resample import Window, resized_window
+from mmprep.models.resample import Window, resized_window, value_planes
 
 _PIL_FILTERS = {int(f) for f in Image.Resampling}
 # Resolved processor options that do not change a PIL-backend processor's pixels for a PIL input.
@@ -166,11 +166,7 @@ class ValueTable:
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB -> CHW float32, one lookup per value."""
-        planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # contiguous uint8 planes: indexing is ~3x faster
-        out = np.empty(planes.shape, dtype=np.float32)
-        for channel in range(3):
-            out[channel] = self.table[channel][planes[channel]]
-        return out
+        return value_planes(pixels, self.table)
 
 
 def _per_channel(value: Any, dtype: np.dtype) -> np.ndarray:

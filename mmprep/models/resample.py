@@ -65,6 +65,20 @@ def native_enabled(resample: int) -> bool:
     return verified
 
 
+def value_planes(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """`out[c] = table[c][pixels[..., c]]`: HWC uint8 through a (3, 256) float32 table into CHW float32.
+
+    In C without the GIL when the extension is built (a copy of table entries: the same floats);
+    else numpy's indexing, on contiguous planes (~3x faster than on the interleaved channels)."""
+    if _resample is not None and os.environ.get(NATIVE_SWITCH, "1").strip() != "0":
+        return _resample.planes(np.ascontiguousarray(pixels), table)
+    planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    out = np.empty(planes.shape, dtype=np.float32)
+    for channel in range(3):
+        out[channel] = table[channel][planes[channel]]
+    return out
+
+
 def native_built() -> bool:
     """True when the C extension was built and imports."""
     return _resample is not None
