@@ -691,6 +691,30 @@ is_uint8_format(const char *format) {
     return strcmp(format, "B") == 0;
 }
 
+/* The pixels argument of resize() and planes(): a C-contiguous uint8 (height, width, 3) buffer in `view`
+   (release it), or 0 with the error set. */
+static int
+get_pixels(PyObject *pixels, Py_buffer *view) {
+    if (PyObject_GetBuffer(pixels, view, PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "pixels must be a uint8 array (height, width, 3), not %.100s",
+                     Py_TYPE(pixels)->tp_name);
+        return 0;
+    }
+    if (!is_uint8_format(view->format) || view->itemsize != 1) {
+        PyErr_Format(PyExc_TypeError, "pixels must be uint8, got buffer format '%s'", view->format ? view->format : "B");
+    } else if (view->ndim != 3 || view->shape[2] != CHANNELS) {
+        PyErr_Format(PyExc_ValueError, "pixels must have shape (height, width, 3), got %d dimensions%s",
+                     view->ndim, view->ndim == 3 ? " with another channel count" : "");
+    } else if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "pixels must be C-contiguous (use numpy.ascontiguousarray)");
+    } else {
+        return 1;
+    }
+    PyBuffer_Release(view);
+    return 0;
+}
+
 PyDoc_STRVAR(resize_doc,
 "resize(pixels, size, resample, window=None) -> numpy.ndarray\n\n"
 "np.asarray(Image.fromarray(pixels).resize(size, resample, reducing_gap=None)).crop(window), bit for bit,\n"
@@ -707,21 +731,11 @@ resize(PyObject *module, PyObject *args, PyObject *kwargs) {
         return NULL;
     }
     Py_buffer view;
-    if (PyObject_GetBuffer(pixels, &view, PyBUF_RECORDS_RO) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "pixels must be a uint8 array (height, width, 3), not %.100s",
-                     Py_TYPE(pixels)->tp_name);
+    if (!get_pixels(pixels, &view)) {
         return NULL;
     }
     PyObject *result = NULL;
-    if (!is_uint8_format(view.format) || view.itemsize != 1) {
-        PyErr_Format(PyExc_TypeError, "pixels must be uint8, got buffer format '%s'", view.format ? view.format : "B");
-    } else if (view.ndim != 3 || view.shape[2] != CHANNELS) {
-        PyErr_Format(PyExc_ValueError, "pixels must have shape (height, width, 3), got %d dimensions%s",
-                     view.ndim, view.ndim == 3 ? " with another channel count" : "");
-    } else if (!PyBuffer_IsContiguous(&view, 'C')) {
-        PyErr_SetString(PyExc_ValueError, "pixels must be C-contiguous (use numpy.ascontiguousarray)");
-    } else if (view.shape[0] > MAX_SIDE || view.shape[1] > MAX_SIDE) {
+    if (view.shape[0] > MAX_SIDE || view.shape[1] > MAX_SIDE) {
         PyErr_Format(PyExc_ValueError, "image sides must be at most %d", MAX_SIDE);
     } else {
         Job job = {
@@ -846,10 +860,7 @@ planes(PyObject *module, PyObject *args) {
         return NULL;
     }
     Py_buffer src, lut;
-    if (PyObject_GetBuffer(pixels, &src, PyBUF_RECORDS_RO) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "pixels must be a uint8 array (height, width, 3), not %.100s",
-                     Py_TYPE(pixels)->tp_name);
+    if (!get_pixels(pixels, &src)) {
         return NULL;
     }
     if (PyObject_GetBuffer(table, &lut, PyBUF_RECORDS_RO) < 0) {
@@ -859,14 +870,7 @@ planes(PyObject *module, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    if (!is_uint8_format(src.format) || src.itemsize != 1) {
-        PyErr_Format(PyExc_TypeError, "pixels must be uint8, got buffer format '%s'", src.format ? src.format : "B");
-    } else if (src.ndim != 3 || src.shape[2] != CHANNELS) {
-        PyErr_Format(PyExc_ValueError, "pixels must have shape (height, width, 3), got %d dimensions%s",
-                     src.ndim, src.ndim == 3 ? " with another channel count" : "");
-    } else if (!PyBuffer_IsContiguous(&src, 'C')) {
-        PyErr_SetString(PyExc_ValueError, "pixels must be C-contiguous (use numpy.ascontiguousarray)");
-    } else if (!is_float32_format(lut.format) || lut.itemsize != 4) {
+    if (!is_float32_format(lut.format) || lut.itemsize != 4) {
         PyErr_Format(PyExc_TypeError, "table must be float32, got buffer format '%s'", lut.format ? lut.format : "B");
     } else if (lut.ndim != 2 || lut.shape[0] != CHANNELS || lut.shape[1] != 256 || !PyBuffer_IsContiguous(&lut, 'C')) {
         PyErr_SetString(PyExc_ValueError, "table must be a C-contiguous array of shape (3, 256)");
