@@ -39,19 +39,6 @@ class EncoderHandle:
         self._thread: threading.Thread | None = None
         self.load_seconds: float | None = None  # how long the weights took, once loaded
 
-    @classmethod
-    def ready(cls, encoder: Encoder) -> EncoderHandle:
-        """A handle on an encoder that is already loaded."""
-        handle = cls.__new__(cls)
-        handle.name, handle.family = encoder.name, encoder.family
-        handle.decode_options = dict(encoder.decode_options)
-        handle.fingerprint, handle.base_fingerprint = encoder.fingerprint, encoder.base_fingerprint
-        handle._preprocessor = encoder._preprocessor
-        handle._done = threading.Event()
-        handle._done.set()
-        handle._encoder, handle._error, handle._thread, handle.load_seconds = encoder, None, None, None
-        return handle
-
     def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """The model's image processor on one image (thread-safe; works while the weights load)."""
         return self._preprocessor(image)

@@ -36,7 +36,6 @@ MANIFEST_CHUNK = 2048  # records read, hashed, looked up and planned at a time
 INFLIGHT = "inflight"  # state of a key another row of this run is already loading
 
 
-
 @dataclass
 class RunCounters:
     """Live counts of one run, shared by all stages (ints updated under the GIL)."""

@@ -150,7 +150,6 @@ class EncodeRun(LoadingRun):
         `started`: time.monotonic() when the command started (default: now), for `first_batch_s`."""
         self._started = time.monotonic() if started is None else started
         self._first_batch_at: float | None = None
-        self._model_loaded_s: float | None = None
         self.model_error: ModelLoadError | None = None
         super().__init__(manifests, settings.load, reporter)
         self.settings = settings
@@ -380,7 +379,6 @@ class EncodeRun(LoadingRun):
                 self.halt()
                 return None
             if encoder is not None:
-                self._model_loaded_s = handle.load_seconds
                 return encoder
             if self.stop_signal is not None:
                 return None
@@ -505,6 +503,11 @@ class EncodeRun(LoadingRun):
 
     # -- end ------------------------------------------------------------------------------------
 
+    def _load_seconds(self) -> float | None:
+        """How long the weights of an EncoderHandle took to load during this run (None: loaded before, or not loaded)."""
+        seconds = self.encoder.load_seconds if isinstance(self.encoder, EncoderHandle) else None
+        return None if seconds is None else round(seconds, 3)
+
     def _finish(self) -> RunSummary:
         c = self.counters
         status, code = self.exit_status(c.new_failures > 0)
@@ -538,7 +541,7 @@ class EncodeRun(LoadingRun):
             error=self.run_error,
             other_decodes=self.other_decodes,
             first_batch_s=None if self._first_batch_at is None else round(self._first_batch_at - self._started, 3),
-            model_load_s=None if self._model_loaded_s is None else round(self._model_loaded_s, 3),
+            model_load_s=self._load_seconds(),
             rows_left=None if status != "interrupted" or c.total is None else max(c.total - c.done, 0),
         )
         try:
