@@ -4,9 +4,9 @@
   never the extension or Content-Type. Other known formats are named from a small magic table.
 - Size limits (`max_pixels`, `max_side`, Pillow's decompression-bomb guard) are checked from the
   header, before any pixel is decoded.
-- Orientation and colour follow the decode profile (`LoadSettings.decode_as`, README "Decode
-  profiles"), each a step-by-step copy of the loader it is named after, so the pixels are the ones
-  that loader gives:
+- Orientation and colour follow the decode profile (`LoadSettings.decode_as`,
+  docs/serving.md#decode-profiles), each a step-by-step copy of the loader it is named after, so the
+  pixels are the ones that loader gives:
   - `vllm` (default): vLLM's `ImageMediaIO.load_bytes` (vllm/multimodal/media/image.py): EXIF
     orientation applied (`normalize_image`: `ImageOps.exif_transpose`, a failure ignored), then an
     RGB image is kept as is, RGBA is pasted onto the background through its alpha (`rgba_to_rgb`),

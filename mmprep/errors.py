@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-# The commands' exit codes (README: "Exit codes"), in one place.
+# The commands' exit codes (docs/cli.md#exit-codes), in one place.
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
 EXIT_USAGE = 2  # a usage error, or a model that cannot load (also when its weights fail once the run has started)
 EXIT_RUN_FAILED = 70  # EX_SOFTWARE: the run gave up before its end (what was committed stays)
@@ -16,7 +16,7 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the cache; try again later
 
 
 class ErrorKind(str, Enum):
-    """The documented, stable set of per-row error kinds (README: "Error kinds")."""
+    """The documented, stable set of per-row error kinds (docs/operations.md#error-kinds)."""
 
     BAD_MANIFEST_LINE = "bad_manifest_line"  # invalid JSON, no URL, wrong types
     BAD_SCHEME = "bad_scheme"  # not https/http/data/allowed local file

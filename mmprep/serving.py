@@ -1,6 +1,6 @@
 """Hand cached entries to serving engines: the exact inputs that let them skip the vision encoder.
 
-One function per target format (README "Serving"):
+One function per target format (docs/serving.md#serving-targets):
   `to_vllm(entry)`       offline vLLM: multi_modal_data={"image": to_vllm(entry)}
   `to_vllm_part(entry)`  vLLM's OpenAI server / run-batch: the chat content part that replaces the
                          image's `image_url` part (base64 of torch.save bytes, as vLLM decodes them)

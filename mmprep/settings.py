@@ -12,7 +12,7 @@ MiB = 1024 * 1024
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 DEFAULT_CACHE_DIR = "mmprep-cache"
 DECODE_PROFILES: tuple[str, ...] = ("vllm", "hf", "pil")  # --decode-as: whose image loader the pixels mirror
-DEFAULT_DECODE_AS = "vllm"  # what vLLM's server computes from the same image (README: "Decode profiles")
+DEFAULT_DECODE_AS = "vllm"  # what vLLM's server computes from the same image (docs/serving.md#decode-profiles)
 RETRY_PERMANENT_AFTER = 7 * 86400.0  # --retry-permanent-after: a permanent failure is tried again after a week
 RAY_WORKER_RESTARTS = 3  # --worker-restarts: restarts of a dead Ray encoder actor (Ray Data's own default: forever)
 

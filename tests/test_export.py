@@ -186,11 +186,10 @@ def test_killed_export_leaves_no_file_that_reads_as_complete(cache: dict) -> Non
                            metadata_folder=str(out / "metadata")).count == 19  # fmt: skip
 
 
-def test_readme_retrieval_snippet_runs_on_an_export(cache: dict, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """The README's FAISS snippet, run as written on a real export: the first image's nearest neighbour
-    is itself (score 1), and the order is the brute-force cosine order."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Retrieval") :]
+def test_docs_retrieval_snippet_runs_on_an_export(cache: dict, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The FAISS snippet of docs/retrieval.md, run as written on a real export: the first image's nearest
+    neighbour is itself (score 1), and the order is the brute-force cosine order."""
+    section = (REPO / "docs" / "retrieval.md").read_text()
     snippet = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
     workdir = cache["root"] / "readme"
     workdir.mkdir()
@@ -199,12 +198,12 @@ def test_readme_retrieval_snippet_runs_on_an_export(cache: dict, monkeypatch: py
     assert result.exit_code == 0, result.output
     monkeypatch.chdir(workdir)
     scope: dict = {}
-    exec(compile(snippet, "README.md#retrieval", "exec"), scope)  # noqa: S102
+    exec(compile(snippet, "docs/retrieval.md", "exec"), scope)  # noqa: S102
     printed = capsys.readouterr().out
     urls, rows, scores, x = scope["urls"], scope["rows"], scope["scores"], scope["x"]
     assert len(urls) == 19 and rows.shape == (1, 5) and urls[rows[0][0]] in printed
     assert rows[0][0] == 0 and scores[0][0] == pytest.approx(1.0, abs=1e-5)
-    brute = np.argsort(-(x @ x[0]))[:5]  # the README's numpy alternative gives the same top-5
+    brute = np.argsort(-(x @ x[0]))[:5]  # the page's numpy alternative gives the same top-5
     assert list(brute) == list(rows[0])
 
 

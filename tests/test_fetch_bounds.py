@@ -1,4 +1,4 @@
-"""Untrusted bytes cannot make a fetch allocate past its documented bound (README "Limits and security").
+"""Untrusted bytes cannot make a fetch allocate past its documented bound (docs/operations.md#limits-and-security).
 
 Each hostile body comes from a real server on 127.0.0.1; each test measures the fetch's peak Python
 allocation (tracemalloc, server thread included) and asserts it stays under `fetch_memory_bound`,

@@ -39,7 +39,7 @@ _NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
 
 def fetch_memory_bound(max_bytes: int, *, header_flood: bool = False) -> int:
     """The most one row's fetch holds at once (gzip/deflate; br/zstd add their windows): the body,
-    grown in place (9/8: BytesIO's growth step), plus FETCH_OVERHEAD; README "Limits and security"."""
+    grown in place (9/8: BytesIO's growth step), plus FETCH_OVERHEAD; docs/operations.md#limits-and-security."""
     return max_bytes * 9 // 8 + FETCH_OVERHEAD + (HEADER_OVERHEAD if header_flood else 0)
 
 

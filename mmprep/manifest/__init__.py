@@ -1,6 +1,6 @@
 """Manifest reading: every supported format streamed into `Record`s (or `BadLine`s) in bounded memory.
 
-The format comes from the file extension (README: "Manifest format"): `.parquet`, `.csv`, `.tsv`,
+The format comes from the file extension (docs/manifests.md#manifest-format): `.parquet`, `.csv`, `.tsv`,
 `.txt` (one URL a line); anything else, and stdin, is JSONL. All but parquet may be gzipped.
 """
 

@@ -1,6 +1,6 @@
 """JSONL manifests (files, `.gz`, stdin): one JSON value a line, streamed into `Record`s.
 
-Accepted line forms (README: "Manifest format"):
+Accepted line forms (docs/manifests.md#manifest-format):
   {"url": "...", "id": "..."}            the plain form; `id` is the caller's own key
   {"image_url": "..."} / {"image_url": {"url": "..."}}
   {"custom_id": ..., "method": ..., "url": ..., "body": {...}}

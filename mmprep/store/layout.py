@@ -1,4 +1,4 @@
-"""Where things live inside a cache directory (README: "Cache layout")."""
+"""Where things live inside a cache directory (docs/cache.md#cache-layout)."""
 
 from __future__ import annotations
 

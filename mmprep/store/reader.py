@@ -47,7 +47,7 @@ _KEY_RE = re.compile(r"[0-9a-f]{64}")
 @dataclass(frozen=True)
 class CachedEmbedding:
     """One cached entry: the model's named tensors for one image URL ("embeddings" always, plus the
-    family's others, e.g. "image_grid_thw"; README "What is stored per family")."""
+    family's others, e.g. "image_grid_thw"; docs/cache.md#what-is-stored-per-family)."""
 
     key: str
     url: str

@@ -1,4 +1,4 @@
-"""What a cache directory holds, for `mmprep stats` (the `--json` shape is documented in README)."""
+"""What a cache directory holds, for `mmprep stats` (the `--json` shape is documented in docs/cli.md#mmprep-stats-dir---json)."""
 
 from __future__ import annotations
 
