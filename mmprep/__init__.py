@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 from mmprep.keys import cache_key
+from mmprep.version import __version__
 
 __all__ = ["EmbeddingCache", "CachedEmbedding", "__version__", "cache_key"]
 

@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from mmprep.export.progress import ExportCounters
 from mmprep.store.index import utc_iso
 
 RATE_WINDOW = 30.0  # seconds of history behind the rate and ETA of log lines
@@ -304,3 +305,21 @@ def interrupted_line(s: Any) -> str:
     """The last line of an interrupted run: what is safe, and that a rerun goes on from there."""
     left = "" if s.rows_left is None else f", about {plural(s.rows_left, 'row')} left"
     return f"interrupted: {s.encoded + s.content_dedup} committed{left}; rerun the same command to continue"
+
+
+class ExportReporter(Reporter):
+    """`Reporter` with an export's counts: done/total on the bar; written, skipped, bytes, rate below it."""
+
+    title_of = {"encoded": "exporting"}
+
+    def detail(self, c: ExportCounters) -> str:  # type: ignore[override]
+        return f"written {c.written} · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s"
+
+    def _log(self, c: ExportCounters) -> None:  # type: ignore[override]
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(
+            f"{stamp} mmprep export: {c.unit}={c.done}/{c.total} written={c.written} skipped={c.skipped} "
+            f"bytes={c.bytes} {c.unit}/s={c.rate():.0f} elapsed={c.elapsed():.0f}s",
+            file=self.stream,
+            flush=True,
+        )

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.cli.common import (
     CACHE_DIR_ENV, CacheDirArg, age_text, app, cache_dir_of, err, fail, human_bytes, model_label, parse_duration_option,
 )

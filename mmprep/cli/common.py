@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.errors import EXIT_LOCKED, EXIT_RUN_FAILED, EXIT_USAGE, CacheLockedError, CacheWriteError, MmprepError, UsageError
 from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings, ShardSpec
 

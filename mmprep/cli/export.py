@@ -43,7 +43,7 @@ def export(
 ) -> None:
     """Export one model's entries: npy / parquet vectors for retrieval, or a vLLM encoder-cache store."""
     from mmprep.export import export_cache
-    from mmprep.export.progress import ExportReporter
+    from mmprep.report import ExportReporter
 
     try:
         settings = _settings(cache_dir_of(cache_dir), out, fmt, model, dtype, rows_per_file, overwrite, key, vllm_model_id, prune_empty, progress)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmprep.report import Reporter
+from mmprep.export.progress import ProgressReporter
 from mmprep.settings import ExportSettings
 
 
-def export_cache(settings: ExportSettings, reporter: Reporter | None = None) -> Any:
+def export_cache(settings: ExportSettings, reporter: ProgressReporter | None = None) -> Any:
     """Run one export; returns its report (TabularReport or EcReport)."""
     if settings.format == "vllm-ec":
         from mmprep.export.vllm_ec import export_vllm_ec

@@ -9,15 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.export.source import ListedRow
-from mmprep.export.staging import part_path
-from mmprep.export.tabular import (
+from mmprep.export.parts import (
     META_COLUMNS,
     PartWriter,
     file_size,
     metadata_columns,
     part_name,
 )
+from mmprep.export.source import ListedRow
+from mmprep.export.staging import part_path
 from mmprep.faults import fault_point
 
 EMB_DIR, META_DIR = "img_emb", "metadata"

@@ -1,11 +1,12 @@
-"""Progress of an export: the run reporter's bar (terminal) or log lines (cron), with export counters."""
+"""Progress of an export: its live counters, and what shows them (`mmprep.report.ExportReporter` in the CLI).
+
+Exports take any `ProgressReporter`, so export/ never imports the terminal module report.py."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-from mmprep.report import Reporter
+from typing import Protocol
 
 
 @dataclass
@@ -28,19 +29,9 @@ class ExportCounters:
         return self.done / elapsed if elapsed > 0 else 0.0
 
 
-class ExportReporter(Reporter):
-    """`Reporter` with an export's counts: done/total on the bar; written, skipped, bytes, rate below it."""
+class ProgressReporter(Protocol):
+    """Shows an export's counters while it runs: started once, stopped once (also when the export fails)."""
 
-    title_of = {"encoded": "exporting"}
+    def start(self, counters: ExportCounters) -> None: ...
 
-    def detail(self, c: ExportCounters) -> str:  # type: ignore[override]
-        return f"written {c.written} · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s"
-
-    def _log(self, c: ExportCounters) -> None:  # type: ignore[override]
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(
-            f"{stamp} mmprep export: {c.unit}={c.done}/{c.total} written={c.written} skipped={c.skipped} "
-            f"bytes={c.bytes} {c.unit}/s={c.rate():.0f} elapsed={c.elapsed():.0f}s",
-            file=self.stream,
-            flush=True,
-        )
+    def stop(self, counters: ExportCounters) -> None: ...

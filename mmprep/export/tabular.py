@@ -1,36 +1,23 @@
-"""What the row-aligned formats (npy + parquet metadata, parquet with a vector column) share:
-the metadata columns, the dtype choice, and rolling over to a new file every `rows_per_file` rows."""
+"""The row-aligned exports (npy + parquet metadata, parquet with a vector column): the dtype choice,
+rolling over to a new file every `rows_per_file` rows, and `export_tabular`, which runs either format."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mmprep.errors import ExportFormatError
-from mmprep.export.progress import ExportCounters
+from mmprep.export import npy, parquet
+from mmprep.export.parts import PartWriter
+from mmprep.export.progress import ExportCounters, ProgressReporter
 from mmprep.export.source import CacheSource, ListedRow
 from mmprep.export.staging import StagedDir
 from mmprep.extras import require
-from mmprep.report import Reporter
 from mmprep.settings import ExportSettings
 
-META_COLUMNS = ("url", "id", "key", "content_sha256")
 OUT_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def metadata_columns(pa: Any, rows: Sequence[ListedRow]) -> dict[str, Any]:
-    """The metadata columns of `rows` as pyarrow string arrays (`id` is null where the manifest gave none)."""
-    return {
-        "url": pa.array([r.url for r in rows], pa.string()),
-        "id": pa.array([r.caller_id for r in rows], pa.string()),
-        "key": pa.array([r.key for r in rows], pa.string()),
-        "content_sha256": pa.array([r.content_sha256 for r in rows], pa.string()),
-    }
 
 
 def vector_layout(source: CacheSource, fmt: str, dtype: str | None) -> tuple[int, np.dtype]:
@@ -50,17 +37,6 @@ def vector_layout(source: CacheSource, fmt: str, dtype: str | None) -> tuple[int
     if chosen not in OUT_DTYPES:
         raise ExportFormatError(f"vectors are stored as {stored}; pass --dtype float16 or float32")
     return (dims[0] if dims else 0), np.dtype(OUT_DTYPES[chosen])
-
-
-class PartWriter(ABC):
-    """One output file (or aligned pair of files) being written."""
-
-    @abstractmethod
-    def write(self, rows: Sequence[ListedRow], matrix: np.ndarray) -> None: ...
-
-    @abstractmethod
-    def close(self) -> int:
-        """Finish the part; returns the bytes it wrote."""
 
 
 class RollingWriter:
@@ -99,15 +75,6 @@ class RollingWriter:
         self._part, self._in_part = None, 0
 
 
-def part_name(template: str, index: int, expected_files: int) -> str:
-    """`template` with the part number, zero-padded so that name order is row order (readers sort names)."""
-    return template.format(str(index).zfill(len(str(max(expected_files - 1, 0)))))
-
-
-def file_size(path: Path) -> int:
-    return path.stat().st_size
-
-
 @dataclass(frozen=True)
 class TabularReport:
     """What an npy / parquet export wrote."""
@@ -134,10 +101,8 @@ class TabularReport:
         )
 
 
-def export_tabular(settings: ExportSettings, reporter: Reporter | None = None) -> TabularReport:
+def export_tabular(settings: ExportSettings, reporter: ProgressReporter | None = None) -> TabularReport:
     """Write one pooled model's vectors and metadata as npy + parquet or as parquet, atomically."""
-    from mmprep.export import npy, parquet
-
     pq = require("pyarrow.parquet", "parquet", f"--format {settings.format}")
     part_class = {"npy": npy.NpyPart, "parquet": parquet.ParquetPart}[settings.format]
 

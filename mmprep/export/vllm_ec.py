@@ -31,12 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.errors import ExportFormatError, UsageError
-from mmprep.export.progress import ExportCounters
+from mmprep.export.progress import ExportCounters, ProgressReporter
 from mmprep.export.source import CacheSource, ExportRow, ListedRow
 from mmprep.faults import fault_point
-from mmprep.report import Reporter
 from mmprep.serving import EcLayout, ServingFormatError, vllm_ec_layout
 from mmprep.settings import ExportSettings
 from mmprep.store.lock import WriterLock
@@ -88,7 +87,7 @@ class EcReport:
         return line
 
 
-def export_vllm_ec(settings: ExportSettings, reporter: Reporter | None = None) -> EcReport:
+def export_vllm_ec(settings: ExportSettings, reporter: ProgressReporter | None = None) -> EcReport:
     """Bring the store up to date with the cache: write what is missing or changed, skip the rest."""
     store = settings.out.absolute()
     with CacheSource(settings.cache_dir, settings.model, settings.batch_rows) as source:

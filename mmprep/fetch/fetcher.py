@@ -18,7 +18,7 @@ import anyio
 import httpcore
 import httpx
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.errors import ErrorKind, RowError
 from mmprep.fetch.codings import ACCEPT_ENCODING, BodyDecoder, parse_codings
 from mmprep.fetch.local import read_file

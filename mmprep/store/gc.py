@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.errors import UsageError
 from mmprep.settings import parse_duration  # noqa: F401 (its old home)
 from mmprep.store.index import CacheIndex

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.errors import CacheVersionError, IndexUnreadableError
 from mmprep.faults import fault_point
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmprep import __version__
+from mmprep.version import __version__
 from mmprep.store.layout import (
     SHARD_FORMAT,
     SHARD_FORMAT_VERSION,
