@@ -3,7 +3,7 @@
 Each mmprep tree (this one, and --before's) runs `CheckRun` over the same URLs in a child process with
 cProfile enabled in every thread (`threading.setprofile`); the image server runs in another process, so
 its work is not counted. Functions' own time (tottime) is summed per stage — fetch/HTTP (httpx, httpcore,
-h11, asyncio, sockets, mmprep.fetch), decode (Pillow's decoders and mmprep.decode), preprocess (resize,
+h11, asyncio, sockets, mmprep.fetch), decode (Pillow's decoders and mmprep.imaging.decode), preprocess (resize,
 the image processor, numpy, mmprep.models), bookkeeping (the rest) — leaving out time spent waiting
 (lock acquires, epoll, sleeps, queue waits). cProfile's own overhead weighs on Python-level code more than
 on C calls, so the bookkeeping share is an upper bound.
@@ -38,7 +38,7 @@ def stage_of(filename: str, name: str) -> str | None:
         return "fetch/HTTP"
     if any(p in path for p in ("mmprep/models/", "/transformers/", "/numpy/")) or "numpy" in name or "resize" in name:
         return "preprocess"
-    if "ImagingDecoder" in name or "ImagingCore" in name or "mmprep/decode" in path or "/PIL/" in path:
+    if "ImagingDecoder" in name or "ImagingCore" in name or "mmprep/imaging/decode" in path or "/PIL/" in path:
         return "decode"
     return "bookkeeping"
 

@@ -45,7 +45,7 @@ def section_prep(work: Path, images: int = 64, rounds: int = 3) -> list[Row]:
     from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil, SiglipImageProcessorPil
 
     from mmprep.models import ImagePreprocessor
-    from mmprep.models import resample as native
+    from mmprep.imaging import resample as native
 
     pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in inputs.jpeg_pool((640, 480), images)]
     rows = []
@@ -86,7 +86,7 @@ def section_prep(work: Path, images: int = 64, rounds: int = 3) -> list[Row]:
 
 def _resize_alone(pictures: list[Any], rounds: int) -> Any:
     """CLIP's resize + center crop alone: Pillow's resize then a crop vs the native resampler's crop window."""
-    from mmprep.models import resample as native
+    from mmprep.imaging import resample as native
 
     times: dict[str, list[float]] = {"Pillow resize+crop": [], "native window": []}
     bicubic, size, window = 3, (298, 224), (37, 0, 261, 224)

@@ -110,7 +110,7 @@ def naive_rate(urls: list[str], prepare: Callable[[Any], Any]) -> float:
 
 def limit_rate(bodies: list[bytes], prepare: Callable[[Any], Any], **load: Any) -> float:
     """The machine's in-process ceiling: decode + preprocess of bytes already in memory, one thread per core."""
-    from mmprep.decode import decode_image
+    from mmprep.imaging.decode import decode_image
 
     settings = load_settings(**load)
 
@@ -190,7 +190,7 @@ def section_check(scale: Scale, work: Path, server: inputs.BenchServer, prepare:
 
 def section_encode(scale: Scale, work: Path, server: inputs.BenchServer, model_dir: Path, label: str,
                    device: str = "cpu", dtype: str = "auto", rows: int | None = None, target: str = "≥ 0.9x") -> list[Row]:  # fmt: skip
-    from mmprep.decode import decode_image
+    from mmprep.imaging.decode import decode_image
 
     rows = rows or scale.encode_rows
     encoder = load_encoder(model_dir, device, dtype, scale.batch_size)
@@ -212,7 +212,7 @@ def section_encode(scale: Scale, work: Path, server: inputs.BenchServer, model_d
 def section_fast(scale: Scale, work: Path, server: inputs.BenchServer, model_dir: Path) -> list[Row]:
     import torch
 
-    from mmprep.decode import decode_image
+    from mmprep.imaging.decode import decode_image
 
     encoder = load_encoder(model_dir, batch_size=scale.batch_size)
     target = encoder.input_size()
@@ -240,7 +240,7 @@ def section_fast(scale: Scale, work: Path, server: inputs.BenchServer, model_dir
 
 
 def section_cached(scale: Scale, work: Path) -> list[Row]:
-    from mmprep.decode import pixel_options
+    from mmprep.imaging.decode import pixel_options
     from mmprep.models import load_encoder as load
     from mmprep.settings import LoadSettings, ModelSettings
 

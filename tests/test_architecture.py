@@ -24,7 +24,7 @@ PACKAGE = REPO / "mmprep"
 # Layers, lowest first: a module may import its own layer and those below, never one above.
 LAYERS: list[set[str]] = [
     {"version", "errors", "keys", "settings", "extras", "faults"},  # foundation: nothing of mmprep above it
-    {"manifest", "fetch", "decode", "imaging"},  # the loading stages
+    {"manifest", "fetch", "imaging"},  # the loading stages
     {"models"},
     {"store"},
     {"pipeline", "engines", "export", "serving", "rewrite", "vllm_hash"},  # runs of the stages; readers of the store
@@ -51,8 +51,9 @@ def native(name: str) -> bool:
     return (folder / f"{leaf}.c").exists() or any(folder.glob(f"{leaf}.*.so"))
 
 
-def import_graph(found: Mapping[str, tuple[Path, bool]]) -> dict[str, set[str]]:
-    """Module -> the mmprep modules it imports anywhere in its source (see the module docstring)."""
+def import_graph(found: Mapping[str, tuple[Path, bool]], missing: list[str] | None = None) -> dict[str, set[str]]:
+    """Module -> the mmprep modules it imports anywhere in its source (see the module docstring); each
+    import of a module that does not exist is appended to `missing` as `importer: name`."""
     graph: dict[str, set[str]] = {name: set() for name in found}
     for name, (path, is_package) in found.items():
         package = name if is_package else name.rpartition(".")[0]
@@ -60,14 +61,21 @@ def import_graph(found: Mapping[str, tuple[Path, bool]]) -> dict[str, set[str]]:
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
+                named = targets
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(parent + ([base] if base else []))
+                named = [base]
                 for alias in node.names:
                     sub = f"{base}.{alias.name}"
                     targets.append(sub if sub in found or native(sub) else base)
+            else:
+                continue
+            for module in named:
+                if module.split(".")[0] == "mmprep" and module not in found and missing is not None:
+                    missing.append(f"{name}: {module}")
             for target in targets:
                 if target.split(".")[0] != "mmprep" or native(target):
                     continue
@@ -142,7 +150,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert upward_imports({"mmprep.errors": {"mmprep.cli.common"}}) == ["mmprep.errors -> mmprep.cli.common"]
 
 
-def test_the_graph_sees_lazy_type_checking_relative_and_native_imports(tmp_path: Path) -> None:
+def test_the_graph_sees_lazy_type_checking_relative_and_native_imports() -> None:
     graph = import_graph(modules())
     assert "mmprep.store.reader" in graph["mmprep"]  # PEP 562 __getattr__ in mmprep/__init__.py
     assert "mmprep.version" in graph["mmprep.fetch.fetcher"]
@@ -160,6 +168,14 @@ def test_no_import_cycle() -> None:
                    "removes it); the integrator makes this strict")  # fmt: skip
 def test_no_layer_imports_a_higher_one() -> None:
     assert upward_imports(import_graph(modules())) == []
+
+
+def test_every_import_names_a_module_that_exists() -> None:
+    """A relative import left behind by a move (`from .errors import ...` in a file moved one level down)
+    names a module that is not there."""
+    missing: list[str] = []
+    import_graph(modules(), missing)
+    assert missing == []
 
 
 def test_the_foundation_imports_only_the_foundation() -> None:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 from PIL import Image
 
-from mmprep.decode import decode_image
+from mmprep.imaging.decode import decode_image
 from mmprep.errors import ErrorKind, RowError
 from mmprep.settings import LoadSettings
 

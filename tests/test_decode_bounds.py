@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from mmprep.decode import PNG_TEXT_MEMORY, decode_image
+from mmprep.imaging.decode import PNG_TEXT_MEMORY, decode_image
 from mmprep.errors import ErrorKind, RowError
 from mmprep.settings import LoadSettings, MiB
 
@@ -69,7 +69,7 @@ def test_ordinary_png_text_still_decodes() -> None:
 _MEASURE = """
 import json, sys
 from pathlib import Path
-from mmprep.decode import decode_image
+from mmprep.imaging.decode import decode_image
 from mmprep.settings import LoadSettings
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from mmprep.decode import decode_flags, decode_image, pixel_options, to_rgb
+from mmprep.imaging.decode import decode_flags, decode_image, pixel_options, to_rgb
 from mmprep.errors import ErrorKind, RowError
 from mmprep.settings import LoadSettings
 

@@ -267,7 +267,7 @@ def test_stats_table_and_json(tmp_path, image_server, served):
 def test_pixel_changing_decode_options_get_their_own_fingerprint(tmp_path, image_server):
     """--fast-decode (like --exif-transpose and --alpha-background) changes the embeddings, so its
     entries live under a fingerprint of their own: one cache never mixes them with exact ones."""
-    from mmprep.decode import pixel_options
+    from mmprep.imaging.decode import pixel_options
     from mmprep.models import load_encoder
     from mmprep.settings import LoadSettings, ModelSettings
     from mmprep.store.reader import EmbeddingCache
@@ -302,7 +302,7 @@ def test_pixel_changing_decode_options_get_their_own_fingerprint(tmp_path, image
 def test_every_pixel_changing_option_changes_the_fingerprint():
     from dataclasses import replace
 
-    from mmprep.decode import pixel_options
+    from mmprep.imaging.decode import pixel_options
     from mmprep.models import load_encoder
     from mmprep.settings import LoadSettings, ModelSettings
 

@@ -19,8 +19,8 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 
 from mmprep.errors import RowError
 from mmprep.models import ImagePreprocessor, load_preprocessor
-from mmprep.models import resample
-from mmprep.models.fastprep import QwenPatchPath, ResizeCropPath, agrees, fast_path_for
+from mmprep.imaging import resample
+from mmprep.imaging.fastprep import QwenPatchPath, ResizeCropPath, agrees, fast_path_for
 from mmprep.settings import ModelSettings
 
 SIZES = [(640, 480), (480, 640), (224, 224), (225, 223), (1, 1), (2, 300), (300, 2), (33, 17), (1000, 10), (57, 999)]
@@ -91,7 +91,7 @@ def resampler(request, monkeypatch) -> str:
     """Each comparison runs with the native resampler and with MMPREP_NATIVE_RESAMPLE=0 (Pillow's own resize)."""
     if request.param == "native":
         if not resample.native_built():
-            pytest.skip("mmprep.models._resample is not built (`pip install -e .` with a C compiler builds it)")
+            pytest.skip("mmprep.imaging._resample is not built (`pip install -e .` with a C compiler builds it)")
         monkeypatch.delenv(resample.NATIVE_SWITCH, raising=False)
     else:
         monkeypatch.setenv(resample.NATIVE_SWITCH, "0")
@@ -138,7 +138,7 @@ def test_qwen_at_its_default_pixel_budget(resampler) -> None:
     assert fast(img)["image_grid_thw"].tolist() == [[1, 52, 92]]
 
 
-@pytest.mark.skipif(not resample.native_built(), reason="mmprep.models._resample is not built")
+@pytest.mark.skipif(not resample.native_built(), reason="mmprep.imaging._resample is not built")
 def test_resize_and_center_crop_compute_only_the_crop(monkeypatch) -> None:
     """CLIP's 640x480 -> 298x224 resize is computed for the 224x224 crop only; a crop larger than the image pads."""
     monkeypatch.delenv(resample.NATIVE_SWITCH, raising=False)

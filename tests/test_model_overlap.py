@@ -129,7 +129,7 @@ def test_rows_load_while_the_weights_load_and_stop_at_the_queue_bound(tmp_path, 
     assert summary.fingerprint == loaded.fingerprint
     cache = EmbeddingCache(out, model=summary.fingerprint)
     try:
-        from mmprep.decode import decode_image
+        from mmprep.imaging.decode import decode_image
 
         for i in (0, 17, ROWS - 1):
             image = decode_image(image_server.routes[f"/{i}.png"].body, LoadSettings())

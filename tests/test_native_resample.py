@@ -1,4 +1,4 @@
-"""The native resampler (mmprep.models._resample) gives Pillow's resize + crop bit for bit, or is not used."""
+"""The native resampler (mmprep.imaging._resample) gives Pillow's resize + crop bit for bit, or is not used."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmprep.models import resample
-from mmprep.models.resample import MIRRORED_FILTERS, agrees_with_pillow, native_enabled, resized_window
+from mmprep.imaging import resample
+from mmprep.imaging.resample import MIRRORED_FILTERS, agrees_with_pillow, native_enabled, resized_window
 
 pytestmark = pytest.mark.skipif(
     not resample.native_built(),
-    reason="mmprep.models._resample is not built (`pip install -e .` with a C compiler builds it; CI does)",
+    reason="mmprep.imaging._resample is not built (`pip install -e .` with a C compiler builds it; CI does)",
 )
 _native = resample._resample
 FILTERS = sorted(MIRRORED_FILTERS)

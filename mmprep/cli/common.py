@@ -191,7 +191,7 @@ def quiet_transformers() -> None:
 
 def model_label(m: dict) -> str:
     """The model's name, plus the pixel-changing decode flags its entries were made with."""
-    from mmprep.decode import decode_flags
+    from mmprep.imaging.decode import decode_flags
 
     flags = " ".join(decode_flags(m["decode"]))
     return f"{m['name']} ({flags})" if flags else m["name"]

@@ -196,7 +196,7 @@ def encode(
             log_every=progress_interval,
         )
         lock = take_writer_lock(out_dir, settings.wait_lock)  # before the model loads: a busy cache answers at once
-        from mmprep.decode import pixel_options
+        from mmprep.imaging.decode import pixel_options
         from mmprep.models import open_encoder
         from mmprep.pipeline import EncodeRun
         from mmprep.report import Reporter

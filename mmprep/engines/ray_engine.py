@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mmprep.decode import decode_image, pixel_options
+from mmprep.imaging.decode import decode_image, pixel_options
 from mmprep.errors import ErrorKind, RowError, UsageError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched, Fetcher

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mmprep.errors import ErrorKind, ModelLoadError, RowError
-from mmprep.models.fastprep import fast_path_for
+from mmprep.imaging.fastprep import fast_path_for
 
 logger = logging.getLogger("mmprep.models")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from mmprep.decode import decode_image
+from mmprep.imaging.decode import decode_image
 from mmprep.errors import UsageError
 from mmprep.fetch import Fetched
 from mmprep.manifest import Record

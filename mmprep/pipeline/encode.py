@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mmprep.decode import decode_flags, decode_image, pixel_options
+from mmprep.imaging.decode import decode_flags, decode_image, pixel_options
 from mmprep.errors import EXIT_USAGE, CacheWriteError, ErrorKind, ModelLoadError, RowError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched

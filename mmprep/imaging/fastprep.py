@@ -6,7 +6,7 @@ rescales in float64 (`uint8 -> float64 * rescale_factor -> float32`) and normali
 uint8 value of one channel to one float32 value, so those steps are computed once, for the 256 possible
 values of each channel, by the very same numpy operations in the very same dtypes (a lookup table), and an
 image is then one table lookup per pixel. Resizing is Pillow's resize of the same RGB image, computed
-only for the pixels the center crop keeps (`models.resample`: a C mirror of Pillow's resampler, checked
+only for the pixels the center crop keeps (`imaging.resample`: a C mirror of Pillow's resampler, checked
 against Pillow at run time, else Pillow itself); cropping and patchifying move the same values. The
 result is bit-identical to the transformers processor
 (tests/test_fastprep.py checks that over many sizes, aspect ratios and modes), which is why neither
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmprep.models.resample import Window, resized_window, value_planes
+from mmprep.imaging.resample import Window, resized_window, value_planes
 
 _PIL_FILTERS = {int(f) for f in Image.Resampling}
 # Resolved processor options that do not change a PIL-backend processor's pixels for a PIL input.

@@ -16,7 +16,7 @@
  * `acc[i] += (uint32)src[i] * k` over contiguous memory, which the compiler vectorizes. The rows
  * between the passes stream through a small ring (cache-resident, no page faults) instead of a
  * whole intermediate image.
- * mmprep/models/resample.py checks the result against Pillow itself before using it.
+ * mmprep/imaging/resample.py checks the result against Pillow itself before using it.
  */
 
 #define PY_SSIZE_T_CLEAN

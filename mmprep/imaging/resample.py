@@ -1,7 +1,7 @@
 """Resize then crop, as one step: Pillow's pixels, computed only for the window a processor keeps.
 
 `resized_window(image, size, resample, window)` is `np.asarray(image.resize(size, resample,
-reducing_gap=None))` cropped to `window`. When the C extension `mmprep.models._resample` is built it
+reducing_gap=None))` cropped to `window`. When the C extension `mmprep.imaging._resample` is built it
 computes that window directly: the same integer coefficients, passes and rounding as Pillow's
 Resample.c (13.0.0), vectorized, reading the image's pixels in place through Pillow's Arrow export,
 and skipping the rows and columns a center crop throws away. It is used for a filter only after it
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 try:
-    from mmprep.models import _resample
+    from mmprep.imaging import _resample
 except ImportError:  # built without a compiler (the extension is optional): Pillow does the work
     _resample = None
 

@@ -35,8 +35,8 @@ import io
 
 from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import ErrorKind, RowError
-from .settings import DECODE_PROFILES, LoadSettings, MiB
+from mmprep.errors import ErrorKind, RowError
+from mmprep.settings import DECODE_PROFILES, LoadSettings, MiB
 
 __all__ = ["DRAFT_MARGIN", "decode_flags", "decode_image", "exif_transpose_of", "pixel_options", "to_rgb"]
 
