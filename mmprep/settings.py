@@ -28,6 +28,22 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * DURATION_UNITS[m.group(2)]
 
 
+def duration_text(seconds: float) -> str:
+    """Seconds as the largest whole unit parse_duration reads back: 604800 -> '7d', 90 -> '90s' (for --help)."""
+    for unit in ("d", "h", "m"):
+        if seconds and seconds % DURATION_UNITS[unit] == 0:
+            return f"{seconds / DURATION_UNITS[unit]:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
+def size_text(n: int) -> str:
+    """Bytes as the largest whole binary unit the CLI reads back: 20 * MiB -> '20MiB' (for --help)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def default_decode_workers() -> int:
     return max(1, os.cpu_count() or 1)
 

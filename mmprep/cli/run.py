@@ -17,8 +17,8 @@ from mmprep.cli.common import (
 from mmprep.errors import CacheLockedError, MmprepError, ModelLoadError, UsageError
 from mmprep.manifest import check_readable
 from mmprep.settings import (
-    DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, LoadSettings, ManifestSettings, MiB, ModelSettings,
-    Settings,
+    DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, RETRY_PERMANENT_AFTER, LoadSettings, ManifestSettings,
+    ModelSettings, Settings, duration_text, size_text,
 )  # fmt: skip
 
 
@@ -79,14 +79,17 @@ RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch,
 
 
 def load_settings(
-    concurrency: int, per_host: int, timeout: float, max_bytes: str, max_redirects: int, retries: int,
-    allow_http: bool, allow_local_dir: list[Path] | None, allow_private_network: bool,
-    allow_host: list[str] | None, deny_host: list[str] | None, formats: str, alpha_background: str | None,
-    exif_transpose: bool | None, max_pixels: int, max_side: int | None, decode_workers: int | None,
-    shard: str | None = None, fast_decode: bool = False, url_col: str = ManifestSettings.url_col, id_col: str | None = None,
-    decode_as: str = _D.decode_as,
+    *, concurrency: int = _D.concurrency, per_host: int = _D.per_host, timeout: float = _D.timeout,
+    max_bytes: str = size_text(_D.max_bytes), max_redirects: int = _D.max_redirects, retries: int = _D.retries,
+    allow_http: bool = _D.allow_http, allow_local_dir: list[Path] | None = None,
+    allow_private_network: bool = _D.allow_private_network, allow_host: list[str] | None = None,
+    deny_host: list[str] | None = None, formats: str = ",".join(_D.formats), decode_as: str = _D.decode_as,
+    alpha_background: str | None = None, exif_transpose: bool | None = _D.exif_transpose,
+    fast_decode: bool = _D.fast_decode, max_pixels: int = _D.max_pixels, max_side: int | None = _D.max_side,
+    decode_workers: int | None = None, shard: str | None = None, url_col: str = _D.manifest.url_col,
+    id_col: str | None = _D.manifest.id_col,
 ) -> LoadSettings:  # fmt: skip
-    """The loading options of `encode` and `check` as one LoadSettings."""
+    """The loading options of `encode` and `check` (as the CLI gives them: text, lists) as one LoadSettings."""
     extra: dict[str, Any] = {"decode_workers": decode_workers} if decode_workers else {}
     return LoadSettings(
         concurrency=concurrency,
@@ -119,37 +122,37 @@ def encode(
     model: ModelOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", envvar=CACHE_DIR_ENV, metavar="DIR", help="Cache directory.", show_default=f"./{DEFAULT_CACHE_DIR}")] = None,
     revision: RevisionOpt = None,
-    device: Annotated[str, option("device", "auto, cpu, cuda or cuda:N.", "DEVICE")] = "auto",
-    dtype: Annotated[str, option("dtype", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16 or bfloat16.", "DTYPE")] = "auto",
-    batch_size: Annotated[int, option("batch-size", "Images per forward pass.", "N", min=1)] = 32,
+    device: Annotated[str, option("device", "auto, cpu, cuda or cuda:N.", "DEVICE")] = _S.model.device,
+    dtype: Annotated[str, option("dtype", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16 or bfloat16.", "DTYPE")] = _S.model.dtype,
+    batch_size: Annotated[int, option("batch-size", "Images per forward pass.", "N", min=1)] = _S.model.batch_size,
     concurrency: ConcurrencyOpt = _D.concurrency,
     per_host: PerHostOpt = _D.per_host,
     timeout: TimeoutOpt = _D.timeout,
-    max_bytes: MaxBytesOpt = "20MiB",
+    max_bytes: MaxBytesOpt = size_text(_D.max_bytes),
     max_redirects: MaxRedirectsOpt = _D.max_redirects,
     retries: RetriesOpt = _D.retries,
     allow_http: AllowHttpOpt = _D.allow_http,
     allow_local_dir: AllowLocalOpt = None,
-    allow_private_network: AllowPrivateOpt = False,
+    allow_private_network: AllowPrivateOpt = _D.allow_private_network,
     allow_host: AllowHostOpt = None,
     deny_host: DenyHostOpt = None,
     formats: FormatsOpt = ",".join(_D.formats),
     decode_as: DecodeAsOpt = _D.decode_as,
     alpha_background: AlphaOpt = None,
     exif_transpose: ExifOpt = None,
-    fast_decode: FastDecodeOpt = False,
+    fast_decode: FastDecodeOpt = _D.fast_decode,
     max_pixels: MaxPixelsOpt = _D.max_pixels,
-    max_side: MaxSideOpt = None,
+    max_side: MaxSideOpt = _D.max_side,
     decode_workers: DecodeWorkersOpt = None,
     shard: ShardOpt = None,
-    url_col: UrlColOpt = ManifestSettings.url_col,
-    id_col: IdColOpt = None,
-    shard_size: Annotated[str, option("shard-size", "Close a shard at this many tensor bytes (or after 30 s).", "SIZE")] = f"{_S.shard_bytes // MiB}MiB",
+    url_col: UrlColOpt = _D.manifest.url_col,
+    id_col: IdColOpt = _D.manifest.id_col,
+    shard_size: Annotated[str, option("shard-size", f"Close a shard at this many tensor bytes (or after {_S.flush_seconds:g} s).", "SIZE")] = size_text(_S.shard_bytes),
     refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.", "AGE", show_default="off")] = None,
-    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.", "SECONDS", min=0)] = 0.0,
-    retry_failed: Annotated[bool, option("retry-failed", "Only retry earlier failures this run might change (retryable, settings changed, expired); nothing new.")] = False,
-    retry_permanent_after: Annotated[str, option("retry-permanent-after", "Try a permanently failed row again once its failure is this old (7d, 12h; 0: now; never: keep skipping it).", "AGE")] = "7d",
-    progress: ProgressOpt = "auto",
+    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.", "SECONDS", min=0)] = _S.wait_lock,
+    retry_failed: Annotated[bool, option("retry-failed", "Only retry earlier failures this run might change (retryable, settings changed, expired); nothing new.")] = _S.retry_failed,
+    retry_permanent_after: Annotated[str, option("retry-permanent-after", "Try a permanently failed row again once its failure is this old (7d, 12h; 0: now; never: keep skipping it).", "AGE")] = duration_text(RETRY_PERMANENT_AFTER),
+    progress: ProgressOpt = _S.progress,
     progress_interval: ProgressIntervalOpt = _S.log_every,
     engine: Annotated[str, option("engine", "local (this process) or ray (a Ray Data pipeline; pip install 'mmprep[ray]').", "ENGINE")] = "local",
     ray_address: Annotated[Optional[str], option("ray-address", "Ray engine: cluster to join.", "ADDRESS", show_default="$RAY_ADDRESS, else a local Ray")] = None,
@@ -157,7 +160,7 @@ def encode(
     gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", "G", min=0)] = 0,
     worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", "N", min=0)] = RAY_WORKER_RESTARTS,
     vllm_model_id: Annotated[Optional[str], option("vllm-model-id", "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).", "NAME", show_default="off")] = None,
-    json_out: Annotated[bool, option("json", "Print the run summary as JSON on stdout.")] = False,
+    json_out: Annotated[bool, option("json", "Print the run summary as JSON on stdout.")] = _S.json,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped).
 
@@ -170,9 +173,12 @@ def encode(
     try:
         out_dir = cache_dir_of(out)
         load = load_settings(
-            concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
-            allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard, fast_decode, url_col, id_col, decode_as,
+            concurrency=concurrency, per_host=per_host, timeout=timeout, max_bytes=max_bytes,
+            max_redirects=max_redirects, retries=retries, allow_http=allow_http, allow_local_dir=allow_local_dir,
+            allow_private_network=allow_private_network, allow_host=allow_host, deny_host=deny_host,
+            formats=formats, decode_as=decode_as, alpha_background=alpha_background, exif_transpose=exif_transpose,
+            fast_decode=fast_decode, max_pixels=max_pixels, max_side=max_side, decode_workers=decode_workers,
+            shard=shard, url_col=url_col, id_col=id_col,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
         if engine not in ("local", "ray"):
@@ -262,35 +268,38 @@ def check(
     concurrency: ConcurrencyOpt = _D.concurrency,
     per_host: PerHostOpt = _D.per_host,
     timeout: TimeoutOpt = _D.timeout,
-    max_bytes: MaxBytesOpt = "20MiB",
+    max_bytes: MaxBytesOpt = size_text(_D.max_bytes),
     max_redirects: MaxRedirectsOpt = _D.max_redirects,
     retries: RetriesOpt = _D.retries,
     allow_http: AllowHttpOpt = _D.allow_http,
     allow_local_dir: AllowLocalOpt = None,
-    allow_private_network: AllowPrivateOpt = False,
+    allow_private_network: AllowPrivateOpt = _D.allow_private_network,
     allow_host: AllowHostOpt = None,
     deny_host: DenyHostOpt = None,
     formats: FormatsOpt = ",".join(_D.formats),
     decode_as: DecodeAsOpt = _D.decode_as,
     alpha_background: AlphaOpt = None,
     exif_transpose: ExifOpt = None,
-    fast_decode: FastDecodeOpt = False,
+    fast_decode: FastDecodeOpt = _D.fast_decode,
     max_pixels: MaxPixelsOpt = _D.max_pixels,
-    max_side: MaxSideOpt = None,
+    max_side: MaxSideOpt = _D.max_side,
     decode_workers: DecodeWorkersOpt = None,
     shard: ShardOpt = None,
-    url_col: UrlColOpt = ManifestSettings.url_col,
-    id_col: IdColOpt = None,
-    progress: ProgressOpt = "auto",
+    url_col: UrlColOpt = _D.manifest.url_col,
+    id_col: IdColOpt = _D.manifest.id_col,
+    progress: ProgressOpt = _S.progress,
     progress_interval: ProgressIntervalOpt = _S.log_every,
     json_out: Annotated[bool, option("json", "Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
     try:
         load = load_settings(
-            concurrency, per_host, timeout, max_bytes, max_redirects, retries, allow_http, allow_local_dir,
-            allow_private_network, allow_host, deny_host, formats, alpha_background, exif_transpose, max_pixels,
-            max_side, decode_workers, shard, fast_decode, url_col, id_col, decode_as,
+            concurrency=concurrency, per_host=per_host, timeout=timeout, max_bytes=max_bytes,
+            max_redirects=max_redirects, retries=retries, allow_http=allow_http, allow_local_dir=allow_local_dir,
+            allow_private_network=allow_private_network, allow_host=allow_host, deny_host=deny_host,
+            formats=formats, decode_as=decode_as, alpha_background=alpha_background, exif_transpose=exif_transpose,
+            fast_decode=fast_decode, max_pixels=max_pixels, max_side=max_side, decode_workers=decode_workers,
+            shard=shard, url_col=url_col, id_col=id_col,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
         if model and size:
