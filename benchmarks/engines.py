@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     manifest = make_images(args.work / "images", args.rows)
     models = {"builtin:tiny-clip": "builtin:tiny-clip", "CLIP ViT-B/32 shape": str(vit_b32_clip(args.work / "vit-b32"))}
-    print(f"| model | engine | rows | run img/s | wall s |\n| --- | --- | ---: | ---: | ---: |")
+    print("| model | engine | rows | run img/s | wall s |\n| --- | --- | ---: | ---: | ---: |")
     for label, model in models.items():
         for engine in ("local", "ray"):
             out = args.work / f"cache-{engine}-{label.split()[0].replace(':', '-')}"

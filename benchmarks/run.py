@@ -16,7 +16,6 @@ Figures of one row are measured in the same run, one after the other, so ratios 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -264,7 +263,7 @@ def section_cached(scale: Scale, work: Path) -> list[Row]:
         assert summary["cached"] == rows and summary["encoded"] == 0, summary
         results[rows] = (rows / summary["duration_s"], rss, rows / wall)
     small, large = scale.cached_rows
-    (rs, ms, ws), (rl, ml, wl) = results[small], results[large]
+    (rs, ms, _ws), (rl, ml, wl) = results[small], results[large]
     return [
         Row("4 cached rerun", f"{large:,} rows fully cached (subprocess mmprep encode)",
             f"{rl:,.0f} rows/s in the run ({wl:,.0f} incl. start-up); {small:,} rows: {rs:,.0f} rows/s",
@@ -316,7 +315,7 @@ def section_rewrite(scale: Scale, work: Path) -> list[Row]:
         summary, rss, wall = run_rewrite(where, *flags)
         assert summary["replaced"] == summary["images"] > 0, summary
         results[name] = (summary, rss, wall)
-    (e, e_rss, e_wall), (u, _, u_wall), (g, g_rss, _) = results["embeds"], results["uuid"], results["large"]
+    (e, e_rss, e_wall), (u, _, _u_wall), (g, g_rss, _) = results["embeds"], results["uuid"], results["large"]
     return [
         Row("7 rewrite", f"OpenAI batch file, {e['requests']:,} requests, {e['images']:,} images (tiny Qwen2-VL, "
             f"{e['bytes_out'] / e['requests'] / 1e3:.1f} kB written a request)",

@@ -312,10 +312,10 @@ class ExportReporter(Reporter):
 
     title_of = {"encoded": "exporting"}
 
-    def detail(self, c: ExportCounters) -> str:  # type: ignore[override]
+    def detail(self, c: ExportCounters) -> str:
         return f"written {c.written} · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s"
 
-    def _log(self, c: ExportCounters) -> None:  # type: ignore[override]
+    def _log(self, c: ExportCounters) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         print(
             f"{stamp} mmprep export: {c.unit}={c.done}/{c.total} written={c.written} skipped={c.skipped} "

@@ -209,7 +209,7 @@ class RequestRewriter:
         for i, part in enumerate(request.parts):
             part.clear()
             part[self._marker] = i
-        text, count = self._marker_re.subn(lambda m: fragments[int(m[1])], _dumps(request.obj))  # type: ignore[arg-type, return-value]
+        text, count = self._marker_re.subn(lambda m: fragments[int(m[1])], _dumps(request.obj))  # type: ignore[arg-type, return-value]  # re.Match[str] indexes to str
         if count != len(keys):  # cannot happen unless the request's own text holds the random marker
             raise RuntimeError(f"{request.path}:{request.line}: part marker found {count} times, expected {len(keys)}")
         s.replaced += len(keys)
@@ -251,7 +251,7 @@ class open_output:  # noqa: N801  (a context manager used like open())
     renamed into place on success (removed on failure); a name ending in `.gz` is gzip-compressed."""
 
     def __init__(self, target: str | None) -> None:
-        self.path = None if target in (None, "-") else Path(target)  # type: ignore[arg-type]
+        self.path = None if target in (None, "-") else Path(target)
         self._tmp: Path | None = None
         self._files: list[IO[bytes]] = []  # innermost last: closed in reverse
 
@@ -261,7 +261,7 @@ class open_output:  # noqa: N801  (a context manager used like open())
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._files.append(open(self._tmp, "wb"))
         if self.path.suffix == ".gz":
-            self._files.append(gzip.GzipFile(self.path.name[:-3], "wb", fileobj=self._files[0], mtime=0))  # type: ignore[arg-type]
+            self._files.append(gzip.GzipFile(self.path.name[:-3], "wb", fileobj=self._files[0], mtime=0))  # type: ignore[arg-type]  # _files[0] is the binary file opened above
         return self._files[-1]
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -354,7 +354,7 @@ def to_sglang(entries: CachedEmbedding | Sequence[CachedEmbedding]) -> dict[str,
     model data. SGLang takes one such item per request (`validate_mm_data`), so several images are
     concatenated: `feature` `[sum of n_tokens, hidden]`. `input_ids` must hold each image's placeholder
     tokens expanded to its row count."""
-    items = [entries] if hasattr(entries, "tensors") else list(entries)  # type: ignore[arg-type]
+    items = [entries] if hasattr(entries, "tensors") else list(entries)
     if not items:
         raise ServingFormatError("to_sglang needs at least one entry")
     if len({e.fingerprint for e in items}) > 1:
@@ -365,7 +365,7 @@ def to_sglang(entries: CachedEmbedding | Sequence[CachedEmbedding]) -> dict[str,
     item: dict[str, Any] = {"format": "precomputed_embedding", "feature": torch.cat([e.embeddings for e in items])}
     grids = [e.tensors.get("image_grid_thw") for e in items]
     if grids[0] is not None:
-        item["image_grid_thw"] = torch.cat([g.reshape(1, -1) for g in grids])  # type: ignore[union-attr]
+        item["image_grid_thw"] = torch.cat([g.reshape(1, -1) for g in grids])  # type: ignore[union-attr]  # grids[0] is not None: the family stores a grid for every entry
     return item
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 
 from conftest import image_bytes
-from mmprep import cache_key
 from mmprep.store import lookup
 from mmprep.store.index import CacheIndex, FailureRecord
 from mmprep.store.lookup import EARLIER, KeyLookup, KeySnapshot, prefix_halves

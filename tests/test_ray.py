@@ -3,7 +3,6 @@ behaviour as the local engine, and a worker killed mid-run costs neither rows no
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 from pathlib import Path

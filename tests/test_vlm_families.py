@@ -53,7 +53,7 @@ def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     manifest = root / "m.jsonl"
     manifest.write_text("".join(json.dumps({"url": p}) + "\n" for p in paths))
     out = root / "cache"
-    for key, directory in checkpoints.items():
+    for directory in checkpoints.values():
         result = CliRunner().invoke(
             app,
             ["encode", str(manifest), "--model", str(directory), "--out", str(out), "--allow-local-dir", str(images),

@@ -211,7 +211,7 @@ def merge(
 
 @app.command(no_args_is_help=True)
 def show(
-    targets: Annotated[list[str], typer.Argument(metavar="[DIR] URL_OR_KEY", help=f"The cache directory (default: ${CACHE_DIR_ENV}, else ./mmprep-cache), then the URL as given in the manifest or its 64-hex key.", show_default=False)] = None,  # type: ignore[assignment]
+    targets: Annotated[list[str], typer.Argument(metavar="[DIR] URL_OR_KEY", help=f"The cache directory (default: ${CACHE_DIR_ENV}, else ./mmprep-cache), then the URL as given in the manifest or its 64-hex key.", show_default=False)] = None,  # type: ignore[assignment]  # typer gives None when no argument is given
     caller_id: Annotated[Optional[str], typer.Option("--id", metavar="ID", help="Look the entry up by the manifest's id instead of its URL (scans the index).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model name or fingerprint.", show_default="every model")] = None,
     export: Annotated[Optional[Path], typer.Option("--export", metavar="FILE", help="Write the tensors to a .safetensors or .npy file.")] = None,

@@ -32,7 +32,7 @@ CACHE_DIR_ENV = "MMPREP_CACHE_DIR"  # the cache directory's one environment name
 
 def _argument_type(self: typer.core.TyperArgument, ctx: object) -> str | None:
     """An argument with a metavar shows just that (typer would add a Python type like <list[str]>)."""
-    return None if self.metavar else _typer_argument_type(self, ctx)  # type: ignore[arg-type]
+    return None if self.metavar else _typer_argument_type(self, ctx)  # type: ignore[arg-type]  # typer passes its click Context as ctx
 
 
 def _argument_usage(self: typer.core.TyperArgument) -> str:
@@ -53,9 +53,9 @@ def _option_metavar(self: typer.core.TyperOption, ctx: object) -> str | None:
 
 
 _typer_argument_type = typer.core.TyperArgument.display_type_rich
-typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign]
-typer.core.TyperArgument._usage_display_name = _argument_usage  # type: ignore[method-assign]
-typer.core.TyperOption.display_type_rich = _option_metavar  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign, assignment]  # typer has no hook for help text
+typer.core.TyperArgument._usage_display_name = _argument_usage  # type: ignore[method-assign]  # as above
+typer.core.TyperOption.display_type_rich = _option_metavar  # type: ignore[method-assign]  # as above
 
 
 def _print_version(value: bool) -> None:
@@ -79,7 +79,7 @@ def env_name(name: str) -> str:
 
 def option(name: str, help: str, metavar: str | None = None, **kw: object) -> object:
     """An option of `encode`/`check` with its MMPREP_<NAME> environment variable; `metavar` names its value in help."""
-    return typer.Option(f"--{name}", envvar=env_name(name), help=help, metavar=metavar, **kw)  # type: ignore[arg-type]
+    return typer.Option(f"--{name}", envvar=env_name(name), help=help, metavar=metavar, **kw)  # type: ignore[arg-type]  # **kw: typer.Option's own keywords, untyped here
 
 
 PROGRESS = ("auto", "bar", "log", "none")
@@ -126,7 +126,7 @@ def parse_rgb(text: str | None) -> tuple[int, int, int] | None:
         rgb = ()
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise UsageError(f"--alpha-background: expected R,G,B with values 0-255, got {text!r}")
-    return rgb  # type: ignore[return-value]
+    return rgb
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -201,7 +201,7 @@ def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024  # type: ignore[assignment]  # a float from here on: only printed
     return str(n)
 
 

@@ -29,7 +29,7 @@ _D = ExportSettings(Path(), Path(), "npy")  # defaults shown in --help come from
 @app.command()
 def export(
     cache_dir: CacheDirArg = None,
-    out: Annotated[Path, typer.Option("--out", metavar="OUT", help="Output directory (npy, parquet) or vLLM EC store (vllm-ec).")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option("--out", metavar="OUT", help="Output directory (npy, parquet) or vLLM EC store (vllm-ec).")] = ...,  # type: ignore[assignment]  # `...`: typer's mark of a required option
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help=f"{' | '.join(EXPORT_FORMATS)}.", callback=lambda v: check_choice(v, "--format", EXPORT_FORMATS))] = _D.format,
     model: Annotated[str | None, option("model", "Model name or fingerprint (needed when the cache holds several).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", help="float16 | float32 (default: the stored dtype; bfloat16 becomes float32).")] = None,

@@ -36,7 +36,7 @@ def rewrite(
         for path in requests:
             if manifest_format(path) != "jsonl":
                 raise UsageError(f"{path}: rewrite reads JSONL request files (one request a line), not {manifest_format(path)}")
-        if out not in (None, "-") and not Path(out).parent.is_dir():  # type: ignore[arg-type]
+        if out not in (None, "-") and not Path(out).parent.is_dir():
             raise UsageError(f"cannot write {out}: its directory does not exist")
         try:
             reader = EmbeddingCache(cache_dir, model=model, memory_bytes=0)  # rewrite keeps its own memo of parts

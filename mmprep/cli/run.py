@@ -149,7 +149,7 @@ def encode(
     id_col: IdColOpt = _D.manifest.id_col,
     shard_size: Annotated[str, option("shard-size", f"Close a shard at this many tensor bytes (or after {_S.flush_seconds:g} s).", "SIZE")] = size_text(_S.shard_bytes),
     refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.", "AGE", show_default="off")] = None,
-    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.", "SECONDS", min=0)] = _S.wait_lock,
+    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.", "SECONDS", min=0)] = _S.wait_lock or 0.0,
     retry_failed: Annotated[bool, option("retry-failed", "Only retry earlier failures this run might change (retryable, settings changed, expired); nothing new.")] = _S.retry_failed,
     retry_permanent_after: Annotated[str, option("retry-permanent-after", "Try a permanently failed row again once its failure is this old (7d, 12h; 0: now; never: keep skipping it).", "AGE")] = duration_text(RETRY_PERMANENT_AFTER),
     progress: ProgressOpt = _S.progress,

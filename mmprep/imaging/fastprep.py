@@ -285,7 +285,7 @@ class QwenPatchPath(FastPath):
         self._smart_resize = smart_resize  # transformers' own function: the same grid, the same errors
         self._resize = bool(options.get("do_resize"))
         self._resample = int(options["resample"]) if self._resize else 0
-        size = options.get("size")
+        size = options["size"]  # do_resize needs it: transformers' processor reads the same two fields
         self._min_pixels = int(size.shortest_edge) if self._resize else 0
         self._max_pixels = int(size.longest_edge) if self._resize else 0
         self._patch = int(options["patch_size"])

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 try:
-    from mmprep.imaging import _resample
+    from mmprep.imaging import _resample  # type: ignore[attr-defined]  # a C extension, built optionally: no stub
 except ImportError:  # built without a compiler (the extension is optional): Pillow does the work
     _resample = None
 

@@ -30,7 +30,7 @@ def open_text(path: str, newline: str = "\n") -> IO[str]:
     """
     if path == "-":
         raw: IO[bytes] = sys.stdin.buffer
-        buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+        buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]  # stdin's buffer is a raw stream in practice; typeshed wants RawIOBase
         source: IO[bytes] = gzip.GzipFile(fileobj=buffered) if buffered.peek(2)[:2] == GZIP_MAGIC else buffered
         return io.TextIOWrapper(source, encoding="utf-8", errors="surrogateescape", newline=newline)
     try:

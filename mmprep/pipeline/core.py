@@ -228,13 +228,13 @@ class LoadingRun:
         work = ChunkWork([], [])
         for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
             if key is None:
-                failure = bad_line_failure(item)  # type: ignore[arg-type]
+                failure = bad_line_failure(item)  # type: ignore[arg-type]  # no key: item is a BadLine
                 if self._owns(failure.key):
                     work.bad_lines.append(failure)
             elif self._owns(key):
                 plan = self.plan(key, state)
                 if plan is not None:
-                    work.loads.append((item, key, plan))  # type: ignore[arg-type]
+                    work.loads.append((item, key, plan))  # type: ignore[arg-type]  # a key: item is a Record
         return work
 
     def _owns(self, key: str) -> bool:

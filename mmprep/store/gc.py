@@ -215,7 +215,7 @@ def _compact(
 
     with safe_open(str(info.path), "pt") as f:
         meta = dict(f.metadata())
-        tensors = {t: f.get_tensor(t) for d in keep for t in d["tensors"]}  # type: ignore[attr-defined]
+        tensors = {t: f.get_tensor(t) for d in keep for t in d["tensors"]}  # type: ignore[attr-defined]  # safe_open's "pt" handle: untyped
     meta.update(
         entries=json.dumps(keep, separators=(",", ":")), compacted_from=info.name, mmprep_version=__version__
     )

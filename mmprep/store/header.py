@@ -78,7 +78,7 @@ def read_header(path: Path | str) -> SafetensorsHeader:
 
 def _tensor(name: str, entry: object) -> TensorInfo:
     try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
+        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]  # not a dict: TypeError below
     except (TypeError, KeyError, ValueError) as exc:
         raise HeaderError(f"tensor {name!r}: malformed entry") from exc
     if dtype not in DTYPES:

@@ -258,7 +258,7 @@ class CacheIndex:
         """`SELECT columns FROM source` as lists, fetched as one JSON array in a single step (floats as text: exact)."""
         sql = f"SELECT coalesce(json_group_array(json_array({columns})), '[]') FROM {source}"
         (blob,) = self.conn.execute(sql, params).fetchone()
-        return json.loads(blob)  # type: ignore[no-any-return]
+        return json.loads(blob)
 
     def key_with_content(self, fingerprint: str, content_sha256: str) -> str | None:
         """A key of this model whose image bytes have this sha256 (content dedup), if any."""

@@ -109,7 +109,7 @@ def _shard_header(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            return json.loads(f.read(size))  # type: ignore[no-any-return]
+            return json.loads(f.read(size))
     except (OSError, ValueError):
         return {}
 

@@ -186,7 +186,7 @@ def _repair(
                     report.entries_dropped += 1
                     repairs.append(f"dropped entry {p.key} (tensor missing from {p.shard})")
             elif p.kind in ("shape_mismatch", "dtype_mismatch"):
-                dtype, shape = infos[p.shard].tensors[p.key]  # type: ignore[index]
+                dtype, shape = infos[p.shard].tensors[p.key]  # type: ignore[index]  # a shape/dtype problem is only found in a shard whose header was read
                 db.execute(
                     "UPDATE entries SET dtype=?, shape=? WHERE shard=? AND key=?",
                     (dtype, json.dumps(shape), p.shard, p.key),

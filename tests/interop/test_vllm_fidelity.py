@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from PIL import Image
@@ -157,7 +156,7 @@ def test_the_vllm_decode_profile_reproduces_vllms_own_generation(run: VllmRun, n
 
 def test_mmprep_rewrite_of_a_batch_file_generates_what_the_images_do(run: VllmRun) -> None:
     """A real OpenAI batch file, rewritten by `mmprep rewrite` to image_embeds parts, through LLM.chat."""
-    for custom_id, names in BATCH.items():
+    for custom_id in BATCH:
         from_images, from_rewritten = run[f"batch-image:{custom_id}"], run[f"batch-embeds:{custom_id}"]
         assert mismatch(from_images, from_rewritten) is None, (custom_id, mismatch(from_images, from_rewritten))
         print(f"batch {custom_id}: logprobs within {max_logprob_gap(from_images, from_rewritten):.2g}")
