@@ -143,9 +143,9 @@ def test_embedding_files_as_dynamo_reads_them(world: dict[str, Path], tmp_path: 
     tensors = load_file(str(save_pt(q, tmp_path / "q.safetensors")))
     assert set(tensors) == {"mm_embeddings", "image_grid_thw"}  # several keys: the worker takes mm_embeddings
     assert torch.equal(tensors["mm_embeddings"], q.embeddings.unsqueeze(0)) and torch.equal(tensors["image_grid_thw"], q.image_grid_thw)
-    single = load_file(str(save_pt(lv, tmp_path / "lv.safetensors")))
+    single = load_file(str(save_pt(lv, tmp_path / "l.safetensors")))
     assert list(single) == ["mm_embeddings"] and single["mm_embeddings"].shape == (1, *lv.embeddings.shape)
-    plain = torch.load(save_pt(lv, tmp_path / "lv.pt"), weights_only=True)  # older Dynamo: a bare tensor
+    plain = torch.load(save_pt(lv, tmp_path / "l.pt"), weights_only=True)  # older Dynamo: a bare tensor
     assert isinstance(plain, torch.Tensor) and torch.equal(plain, lv.embeddings.unsqueeze(0))
     as_dict = torch.load(save_pt(q, tmp_path / "q.pth"), weights_only=True)
     assert torch.equal(as_dict["mm_embeddings"][0], q.embeddings) and torch.equal(as_dict["image_grid_thw"], q.image_grid_thw)
