@@ -95,6 +95,8 @@ def verify(
         print(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
         raise typer.Exit(report.exit_code)
     out = Console(width=None if sys.stdout.isatty() else 200)
+    if report.index_note:
+        out.print(f"[yellow]{report.index_note}[/yellow]")
     if report.writer_active:
         out.print(f"[yellow]a writer is running ({report.writer_active}): orphan and temp-file checks skipped[/yellow]")
     for p in report.problems:
@@ -173,6 +175,9 @@ def gc(
         err.print(f"gc (dry run): would drop {entries}; {shards.replace(' deleted', ' would be deleted')}, "
                   f"{human_bytes(report.bytes_freed)} would be freed")  # fmt: skip
     else:
+        if report.temp_files_removed or report.orphans_adopted:
+            err.print(f"gc: cleaned up after an interrupted run: {plural(len(report.temp_files_removed), 'temporary file')} "
+                      f"deleted, {plural(len(report.orphans_adopted), 'orphan shard')} indexed")  # fmt: skip
         err.print(f"gc: {entries} dropped, {shards}, {human_bytes(report.bytes_freed)} freed")
     for name in report.skipped:
         err.print(f"[yellow]skipped[/yellow] {name} (missing or unreadable: run mmprep verify)")

@@ -11,6 +11,8 @@ from typing import Any
 _EXPORTS = {
     "CacheIndex": "mmprep.store.index",
     "FailureRecord": "mmprep.store.index",
+    "ReadOnlyIndex": "mmprep.store.index",
+    "open_readonly": "mmprep.store.index",
     "CacheLayout": "mmprep.store.layout",
     "ShardEntry": "mmprep.store.shards",
     "ShardWriter": "mmprep.store.shards",

@@ -7,8 +7,9 @@ Order of operations, so that readers never break and a crash never loses a live 
    only then is the old file deleted; a shard with no live entry loses its row, then its file.
 A reader that already mapped the old file keeps reading it (POSIX keeps an unlinked file's data
 while it is open); a reader that looks the entry up afterwards gets the new shard. A crash between
-writing the new shard and the commit leaves an orphan whose entries are all indexed elsewhere:
-`adopt_orphans` indexes it with no live entry and the next gc deletes it.
+writing the new shard and the commit (or between the commit and the old file's deletion) leaves an orphan
+whose entries are all indexed elsewhere, and one inside the write leaves a temporary file: the next gc
+deletes the temporary files and indexes the orphans (`adopt_orphans`) with no live entry, then deletes them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pathlib import Path
 
 from mmprep.version import __version__
 from mmprep.errors import UsageError
+from mmprep.faults import fault_point
 from mmprep.settings import parse_duration  # noqa: F401 (its old home)
 from mmprep.store.index import CacheIndex
 from mmprep.store.layout import SHARD_SUFFIX, CacheLayout
 from mmprep.store.lock import WriterLock
 from mmprep.store.reader import resolve_model
-from mmprep.store.rebuild import ShardInfo, ShardUnreadable, read_shard
+from mmprep.store.rebuild import ShardInfo, ShardUnreadable, adopt_orphans, read_shard, shard_files
 from mmprep.store.shards import fsync_dir, write_atomic
 
 @dataclass
@@ -42,6 +44,10 @@ class GcReport:
     bytes_freed: int = 0  # estimated in a dry run
     models_removed: list[str] = field(default_factory=list)  # fingerprints with nothing left
     skipped: list[str] = field(default_factory=list)  # shards not compacted (missing/unreadable: run verify)
+    # left by an interrupted gc or encode (not in a dry run): temporary files deleted, orphan shards indexed
+    # (an interrupted gc's orphans hold no live entry: they are deleted with the dead shards)
+    temp_files_removed: list[str] = field(default_factory=list)
+    orphans_adopted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ def collect_garbage(
         try:
             db = index.conn
             fingerprint = resolve_model(db, model)["fingerprint"] if model is not None else None
+            if not dry_run:  # what a killed gc (or encode) left: its temporary files, its orphan shards
+                report.temp_files_removed = [str(t) for t in shard_files(layout)[1]]
+                report.orphans_adopted = adopt_orphans(index, layout)  # deletes the temporary files too
             doomed = _select(index, fingerprint, older_than, keep_last_runs)
             report.entries_dropped = len(doomed)
             if not dry_run:
@@ -223,6 +232,7 @@ def _compact(
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
     new = f"{layout.shard_dir(info.fingerprint).name}/{run_id}-gc{stamp}{SHARD_SUFFIX}"
     write_atomic(layout.shard_path(new), blob)
+    fault_point("gc_after_rename")
     with index.conn as db:
         db.execute(
             "INSERT INTO shards VALUES (?,?,?,?,?,?,?)",
@@ -230,6 +240,7 @@ def _compact(
         )
         db.execute("UPDATE entries SET shard=? WHERE shard=?", (new, info.name))
         db.execute("DELETE FROM shards WHERE name=?", (info.name,))
+    fault_point("gc_after_commit")
     info.path.unlink()
     fsync_dir(info.path.parent)
     return new, len(blob)

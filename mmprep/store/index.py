@@ -8,19 +8,26 @@ An entry row is committed only after its shard is durable on disk.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import quote
 
 from mmprep.version import __version__
-from mmprep.errors import CacheVersionError, IndexUnreadableError
+from mmprep.errors import CacheVersionError, IndexUnreadableError, UsageError
 from mmprep.faults import fault_point
 
 if TYPE_CHECKING:  # shards need torch; the index (and `mmprep stats`, `gc`, ...) does not
     from mmprep.store.shards import WrittenShard
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: failures.depends_on (the settings a failure depended on)
 LOOKUP_BATCH = 2048  # keys per lookup query (SQLite allows 32766 parameters)
@@ -134,22 +141,139 @@ def utc_iso(ts: float | None) -> str | None:
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the index with the settings every connection needs (WAL, busy timeout)."""
+    """Open the index with the settings every connection needs (WAL, busy timeout); read-only: `open_readonly`."""
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
-    else:
-        conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        return open_readonly(path).conn
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
     try:
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.row_factory = sqlite3.Row
-        _check_schema_version(conn, path)  # first: refuse a corrupt or newer index before changing anything
-        if not readonly:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+        _configure(conn, path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.row_factory = sqlite3.Row
+    _check_schema_version(conn, path)  # first: refuse a corrupt or newer index before changing anything
+
+
+# How a read-only connection reads the index (docs/cache.md, "Read-only caches"):
+LIVE = "wal"  # in place, with its -wal and -shm: sees every commit whole and never blocks a writer
+IMMUTABLE = "immutable"  # the index file alone (SQLite's immutable=1): no -wal/-shm could be opened, none holds commits
+SNAPSHOT = "snapshot"  # a private copy of the index and its -wal, taken at open: the -wal holds commits it cannot open in place
+
+_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_PERM, _SQLITE_IOERR = 8, 14, 3, 10
+_SHM_IOERRS = frozenset({4618, 4874, 5130, 5386})  # SQLITE_IOERR_SHMOPEN, _SHMSIZE, _SHMLOCK, _SHMMAP
+
+
+@dataclass
+class ReadOnlyIndex:
+    """A read-only connection to a cache's index, opened the way its file system allows (`open_readonly`).
+
+    `mode` is LIVE, IMMUTABLE or SNAPSHOT. A LIVE connection follows the writer; the other two see the index
+    as it was when opened, so a long-lived reader checks `changed()` and reopens.
+    """
+
+    path: Path
+    conn: sqlite3.Connection
+    mode: str
+    stamp: tuple[Any, ...]
+
+    def changed(self) -> bool:
+        """Whether this connection no longer reads the index as it is: a new index was renamed over the old one
+        (`mmprep index rebuild`), or, for a connection that is not LIVE, any of its files changed."""
+        return _stamp(self.path, self.mode) != self.stamp
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_readonly(path: Path | str) -> ReadOnlyIndex:
+    """Open a cache's index read-only, also on a read-only mount or in a directory this user cannot write.
+
+    In place first (LIVE). When SQLite cannot open the WAL there (no -shm it may use and none it may create),
+    the index file is read alone as immutable when no -wal holds commits (exact: the file is the whole index),
+    else a private copy of the index and its -wal is read (SNAPSHOT). Neither fallback sees later commits.
+    """
+    path = Path(path)
+    uri = "file:" + quote(str(path.absolute()))
+    stamp = _stamp(path, LIVE)
+    try:
+        return ReadOnlyIndex(path, _open_uri(f"{uri}?mode=ro", path), LIVE, stamp)
+    except sqlite3.OperationalError as exc:
+        if not _cannot_open_in_place(exc):
+            raise
+        in_place = exc
+    wal = Path(f"{path}-wal")
+    stamp = _stamp(path, IMMUTABLE)
+    try:
+        if _holds_frames(wal):
+            try:
+                return ReadOnlyIndex(path, _snapshot(path, wal), SNAPSHOT, stamp)
+            except OSError as exc:  # the -wal is not readable, or no room for the copy: the index file alone
+                log.warning("reading %s without its -wal (%s): commits not yet checkpointed are not seen", path, exc)
+        return ReadOnlyIndex(path, _open_uri(f"{uri}?mode=ro&immutable=1", path), IMMUTABLE, stamp)
+    except sqlite3.OperationalError as exc:
+        raise UsageError(f"cannot read the index {path}: {in_place}; read as immutable: {exc}") from None
+
+
+def _open_uri(uri: str, path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+    try:
+        _configure(conn, path)  # the first read: SQLite opens the -wal and -shm here
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _cannot_open_in_place(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused a read-only open for want of write access (to the -shm, the -wal, the directory)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is None:
+        return any(m in str(exc) for m in ("unable to open", "readonly database", "disk I/O error"))
+    return code & 0xFF in (_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_PERM) or code in _SHM_IOERRS
+
+
+def _holds_frames(wal: Path) -> bool:
+    """Whether a -wal file may hold commits (more than its 32-byte header)."""
+    try:
+        return wal.stat().st_size > 32
+    except OSError:
+        return False
+
+
+def _snapshot(path: Path, wal: Path) -> sqlite3.Connection:
+    """Copy the index and its -wal to a private directory, let SQLite apply the -wal there, and read the copy
+    as immutable; the directory is removed at once (the open connection keeps the file until it closes)."""
+    with tempfile.TemporaryDirectory(prefix="mmprep-index-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        shutil.copyfile(wal, f"{copy}-wal")
+        writable = sqlite3.connect(copy)
+        try:
+            writable.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every commit of the -wal into the copy
+        finally:
+            writable.close()
+        return _open_uri("file:" + quote(str(copy)) + "?mode=ro&immutable=1", path)
+
+
+def _stamp(path: Path, mode: str) -> tuple[Any, ...]:
+    """What `ReadOnlyIndex.changed` compares: the index's (device, inode); not LIVE, also each file's size and mtime."""
+    files = (path,) if mode == LIVE else (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+    stamp: list[Any] = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            stamp.append(None)
+            continue
+        stamp.append((st.st_dev, st.st_ino) if mode == LIVE else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 def _check_schema_version(conn: sqlite3.Connection, path: Path) -> None:
@@ -189,6 +313,17 @@ def _migrate(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+NEVER_CREATED = (
+    "was never created: it holds no table (the run that made it stopped before its first commit, e.g. on a full "
+    "disk), so the cache holds no entry"
+)
+
+
+def index_created(conn: sqlite3.Connection) -> bool:
+    """Whether the index has its tables; an empty file (a run stopped before its first commit) has none."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='entries'").fetchone() is not None
 
 
 def failure_columns(conn: sqlite3.Connection) -> str:

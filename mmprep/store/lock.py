@@ -8,6 +8,7 @@ systems; keep cache directories on local disks.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mmprep.errors import CacheLockedError, UsageError
+from mmprep.store.layout import CacheLayout
 
 LOCK_NAME = ".lock"
 _POLL_S = 0.05
@@ -43,8 +45,16 @@ class WriterLock:
             raise RuntimeError("WriterLock is not re-entrant")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            read_only = read_only_part(self.root)
+            if read_only is not None:
+                raise OSError(errno.EACCES, f"{read_only} is not writable")
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a file in the way, no permission, a read-only file system, ...
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise UsageError(
+                    f"cache directory {self.root} is read-only ({exc.strerror or exc}): this command writes it; "
+                    "stats, show, verify (without --repair), export and rewrite read it as it is"
+                ) from exc
             raise UsageError(f"cannot use {self.root} as a cache directory: {exc.strerror or exc}") from exc
         deadline = None if self.wait is None else time.monotonic() + self.wait
         try:
@@ -89,6 +99,17 @@ class WriterLock:
         self.release()
 
 
+def read_only_part(root: Path) -> Path | None:
+    """The first part of a cache directory this process may not write (the directory, its index files, shards/),
+    or None; a read-only mount makes them all read-only."""
+    layout = CacheLayout(root)
+    index = layout.index
+    for path in (root, index, index.with_name(f"{index.name}-wal"), index.with_name(f"{index.name}-shm"), layout.shards):
+        if path.exists() and not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            return path
+    return None
+
+
 def lock_holder(root: Path | str) -> str | None:
     """Who holds the writer lock right now ("pid 12 on host since …"), or None when nobody does.
 
@@ -99,6 +120,8 @@ def lock_holder(root: Path | str) -> str | None:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a lock file this user may not read: whether a writer runs is unknown
+        return f"unknown (cannot read {path}: {exc.strerror or exc})"
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -30,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from mmprep.errors import UsageError
 from mmprep.keys import cache_key
 from mmprep.store.header import HeaderError, read_header
-from mmprep.store.index import connect, utc_iso
+from mmprep.store.index import LIVE, ReadOnlyIndex, connect, index_created, open_readonly, utc_iso
 from mmprep.store.layout import EMBEDDINGS, CacheLayout, entry_tensor_name
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: show/stats answer without it
@@ -107,7 +106,7 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
             "SELECT fingerprint, name, family, info, EXISTS (SELECT 1 FROM entries e "
             "WHERE e.fingerprint = models.fingerprint) AS used FROM models ORDER BY created"
         )
-    )
+    ) if index_created(conn) else []
     if model is None:
         matches = [r for r in rows if r["used"]] or rows
     else:
@@ -123,15 +122,6 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
     else:
         what = f"{model!r} matches {len(matches)} models; give more of the fingerprint"
     raise ValueError(f"{what} (models: {listing})")
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a file: it changes when another file is renamed over it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _decode_note(info: str) -> str:
@@ -254,28 +244,45 @@ class EmbeddingCache:
     # -- internals -----------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        """This thread's read-only connection, reopened when `mmprep index rebuild` has renamed a new
-        index over the old one (a connection to the old file would serve it for good)."""
+        """This thread's read-only connection, reopened when it no longer reads the index as it is: a new index
+        renamed over the old one (`mmprep index rebuild`), or, on a read-only cache read without its WAL, any
+        change to the index files (such a connection does not see later commits)."""
         if self._closed:
             raise ValueError("this EmbeddingCache is closed")
-        identity = _file_identity(self.layout.index)
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.identity != identity:
+        index: ReadOnlyIndex | None = getattr(self._local, "index", None)
+        if index is not None and index.changed():
+            self._drop(index)
+            index = None
+        if index is None:
+            index = self._local.index = open_readonly(self.layout.index)
             with self._lock:
-                self._conns.remove(conn)
-                self._memory.clear()  # the new index may have dropped or replaced any entry
-                self._memory_bytes = 0
-            conn.close()
-            conn = None
-        if conn is None:
-            conn = self._local.conn = connect(self.layout.index, readonly=True)
-            self._local.identity = identity
-            with self._lock:
-                self._conns.append(conn)
-        return conn
+                self._conns.append(index.conn)
+        return index.conn
+
+    def _drop(self, index: ReadOnlyIndex) -> None:
+        """Forget this thread's connection (and the memory layer: the index it reads now may differ in any entry)."""
+        self._local.index = None
+        with self._lock:
+            if index.conn in self._conns:
+                self._conns.remove(index.conn)
+            self._memory.clear()
+            self._memory_bytes = 0
+        index.close()
 
     def _lookup(self, keys: list[str]) -> dict[str, _Row]:
-        conn = self._conn()
+        for attempt in range(2):
+            conn = self._conn()
+            try:
+                return self._query(conn, keys)
+            except sqlite3.DatabaseError:
+                index = self._local.index
+                if attempt or index is None or index.mode == LIVE:
+                    raise
+                # read without its WAL while a writer elsewhere checkpointed into the file: read it again, freshly
+                self._drop(index)
+        raise AssertionError("unreachable")
+
+    def _query(self, conn: sqlite3.Connection, keys: list[str]) -> dict[str, _Row]:
         rows: dict[str, _Row] = {}
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
@@ -294,7 +301,7 @@ class EmbeddingCache:
                 handle = self._handle(row.shard)
                 tensors = {entry_tensor_name(key, name): handle.get_tensor(name) for name in row.tensors}
                 return CachedEmbedding(key, row.url, row.shard, self.fingerprint, tensors, self.family)
-            except (OSError, SafetensorError) as exc:
+            except (OSError, SafetensorError, RuntimeError) as exc:  # RuntimeError: gc unlinked it inside safe_open
                 with self._lock:
                     self._handles.pop(row.shard, None)
                 again = self._lookup([key]).get(key) if attempt == 0 else None
@@ -349,6 +356,9 @@ def show_entry(
         key = url_or_key if _KEY_RE.fullmatch(url_or_key) else cache_key(url_or_key)
     conn = connect(layout.index, readonly=True)
     try:
+        if not index_created(conn):  # nothing cached, nothing failed
+            return {"query": url_or_key if caller_id is None else {"id": caller_id}, "key": key, "keys": [],
+                    "cached": False, "entries": [], "failures": [], "id_matches": 0}  # fmt: skip
         where, args = ("key=?", [key]) if caller_id is None else ("caller_id=?", [caller_id])
         if model is not None:
             where, args = f"{where} AND fingerprint=?", [*args, resolve_model(conn, model)["fingerprint"]]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmprep.version import __version__
+from mmprep.faults import fault_point
 from mmprep.store.layout import (
     SHARD_FORMAT,
     SHARD_FORMAT_VERSION,
@@ -162,6 +163,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("before_shard_rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk keeps no half-written shard

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mmprep.errors import UsageError
-from mmprep.store.index import CacheIndex, utc_iso
+from mmprep.store.index import CacheIndex, index_created, utc_iso
 from mmprep.store.layout import CacheLayout, entry_tensor_name
 
 RECENT_RUNS = 10
@@ -27,6 +27,8 @@ def cache_stats(root: Path) -> dict[str, Any]:
     index = CacheIndex(layout.index, readonly=True)
     try:
         db = index.conn
+        if not index_created(db):  # an index a run never got to write: an empty cache
+            return _summary(root, [], {}, Counter(), [], None, None)
         models = [_model_stats(db, layout, m) for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created")]
         failures = {r[0]: r[1] for r in db.execute("SELECT kind, count(*) FROM failures GROUP BY kind ORDER BY 2 DESC")}
         hosts: Counter[str] = Counter(_host(r[0]) for r in db.execute("SELECT url FROM failures"))
@@ -34,11 +36,18 @@ def cache_stats(root: Path) -> dict[str, Any]:
             "SELECT run_id, model, started, finished, status, exit_code, summary FROM runs ORDER BY started DESC LIMIT ?",
             (RECENT_RUNS,),
         )]  # fmt: skip
-        now = time.time()
         last_completed = db.execute("SELECT max(finished) FROM runs WHERE status='completed'").fetchone()[0]
         last_clean = db.execute("SELECT max(finished) FROM runs WHERE status='completed' AND exit_code=0").fetchone()[0]
     finally:
         index.close()
+    return _summary(root, models, failures, hosts, runs, last_completed, last_clean)
+
+
+def _summary(
+    root: Path, models: list[dict[str, Any]], failures: dict[str, int], hosts: Counter[str], runs: list[dict[str, Any]],
+    last_completed: float | None, last_clean: float | None,
+) -> dict[str, Any]:
+    now = time.time()
     return {
         "cache_dir": str(root),
         "bytes_on_disk": _tree_bytes(root),

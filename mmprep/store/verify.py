@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmprep.errors import UsageError
-from mmprep.store.index import CacheIndex
+from mmprep.store.index import NEVER_CREATED, CacheIndex, index_created
 from mmprep.store.layout import CacheLayout
 from mmprep.store.lock import WriterLock, lock_holder
 from mmprep.store.rebuild import ShardInfo, ShardUnreadable, adopt_orphans, file_sha256, read_shard, shard_files
@@ -54,6 +54,7 @@ class VerifyReport:
     entries_dropped: int = 0  # repair: index rows dropped; the next run that lists their URLs encodes them again
     quarantined: list[str] = field(default_factory=list)  # repair: damaged shards moved to quarantine/
     writer_active: str | None = None  # holder of the writer lock: orphan/temp checks were skipped
+    index_note: str | None = None  # the index itself, when it is not an ordinary one (never created)
 
     @property
     def ok(self) -> bool:
@@ -106,10 +107,14 @@ def _check(index: CacheIndex, layout: CacheLayout, report: VerifyReport) -> tupl
     """Fill report.problems; return the readable shards' headers and the shards of other format versions."""
     db = index.conn
     db.execute("BEGIN")  # one consistent snapshot of shards and entries
-    recorded = {r[0]: r[1] for r in db.execute("SELECT name, sha256 FROM shards")}
+    recorded: dict[str, str] = {}
     entries: dict[str, list[sqlite3.Row]] = {}
-    for r in db.execute("SELECT shard, key, tensors, dtype, shape FROM entries"):
-        entries.setdefault(r["shard"], []).append(r)
+    if index_created(db):
+        recorded = {r[0]: r[1] for r in db.execute("SELECT name, sha256 FROM shards")}
+        for r in db.execute("SELECT shard, key, tensors, dtype, shape FROM entries"):
+            entries.setdefault(r["shard"], []).append(r)
+    else:  # (only without --repair: opened writable, it gets its tables)
+        report.index_note = f"{layout.index.name} {NEVER_CREATED}"
     db.execute("ROLLBACK")
     report.entries_checked = sum(len(v) for v in entries.values())
     names, tmps = shard_files(layout)
