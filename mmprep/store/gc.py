@@ -3,13 +3,16 @@
 Order of operations, so that readers never break and a crash never loses a live entry:
 1. entry rows are deleted from the index (one transaction);
 2. a shard whose live bytes fell under `live_threshold` is rewritten with only its live tensors
-   under a NEW name (written atomically), its index rows are repointed in one transaction, and
-   only then is the old file deleted; a shard with no live entry loses its row, then its file.
+   under a NEW name (written atomically) and its index rows are repointed in one transaction; then
+   the old file is deleted, then its (now entry-less) row; a shard with no live entry loses its
+   file, then its row.
 A reader that already mapped the old file keeps reading it (POSIX keeps an unlinked file's data
-while it is open); a reader that looks the entry up afterwards gets the new shard. A crash between
-writing the new shard and the commit (or between the commit and the old file's deletion) leaves an orphan
-whose entries are all indexed elsewhere, and one inside the write leaves a temporary file: the next gc
-deletes the temporary files and indexes the orphans (`adopt_orphans`) with no live entry, then deletes them.
+while it is open); a reader that looks the entry up afterwards gets the new shard. A file is never
+deleted while still listed with live entries, and never left unlisted with entries gc dropped. A
+crash inside the write leaves a temporary file; between the write and the commit, an orphan whose
+entries are all indexed elsewhere; after the commit, a listed shard (or a row whose file is gone)
+with no entry. The next gc deletes the temporary files, indexes the orphans (`adopt_orphans`: no
+entry of theirs is live) and deletes every shard without live entries: no `verify --repair` needed.
 """
 
 from __future__ import annotations
@@ -188,10 +191,10 @@ def _sweep_shards(
         if live[name] <= 0:
             report.shards_deleted.append(name)
             report.bytes_freed += nbytes
-            if not report.dry_run:
+            if not report.dry_run:  # the file first: killed in between, its row (no entry) is deleted next time
+                layout.shard_path(name).unlink(missing_ok=True)
                 with db:
                     db.execute("DELETE FROM shards WHERE name=?", (name,))
-                layout.shard_path(name).unlink(missing_ok=True)
             continue
         if live[name] >= stored_entries:
             continue
@@ -239,8 +242,11 @@ def _compact(
             (new, info.fingerprint, len(keep), len(blob), hashlib.sha256(blob).hexdigest(), run_id, time.time()),
         )
         db.execute("UPDATE entries SET shard=? WHERE shard=?", (new, info.name))
-        db.execute("DELETE FROM shards WHERE name=?", (info.name,))
     fault_point("gc_after_commit")
-    info.path.unlink()
+    # The old file goes before its row: an orphan of it would hold the entries this gc dropped (and adopting it
+    # would bring them back); a row without entries is what the next gc deletes anyway.
+    info.path.unlink(missing_ok=True)
     fsync_dir(info.path.parent)
+    with index.conn as db:
+        db.execute("DELETE FROM shards WHERE name=?", (info.name,))
     return new, len(blob)
