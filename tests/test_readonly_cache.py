@@ -218,3 +218,55 @@ def test_a_reader_on_a_read_only_index_sees_a_new_commit_after_reopening(tmp_pat
         again.close()
     finally:
         subprocess.run(["umount", str(view)], check=True)
+
+
+# `mmprep` with every file it writes capped at argv[1] bytes: a full disk, as the kernel refuses a larger write.
+LIMITED_FILE_SIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from mmprep.cli import main
+sys.argv[0] = "mmprep"
+main()
+"""
+
+
+def test_an_index_a_full_disk_never_let_exist_is_called_that(golden: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A disk full before the index's first commit leaves an empty index.sqlite: verify says it was never created
+    (not "unreadable, rebuild it"), stats and show answer for an empty cache, and shards beside it are orphans."""
+    root, urls = golden
+    cache = tmp_path / "cache"
+    full = subprocess.run(
+        [sys.executable, "-c", LIMITED_FILE_SIZE, "100", "encode", str(root / "m.jsonl"), "--model", "builtin:tiny-clip",
+         "--out", str(cache), "--allow-local-dir", str(root / "img"), "--progress", "none"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert full.returncode == 70, full.stderr
+    assert (cache / "index.sqlite").stat().st_size == 0
+
+    def mmprep(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mmprep", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    verify = mmprep("verify", str(cache))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "index.sqlite was never created" in verify.stdout and "0 shards, 0 entries checked: clean" in verify.stdout
+    assert "unreadable" not in verify.stdout + verify.stderr and "rebuild" not in verify.stdout + verify.stderr
+    stats = mmprep("stats", "--json", str(cache))
+    assert stats.returncode == 0 and json.loads(stats.stdout)["entries"] == 0, stats.stderr
+    show = mmprep("show", str(cache), urls[0])
+    assert show.returncode == 1 and json.loads(show.stdout)["cached"] is False, show.stderr
+    with pytest.raises(ValueError, match="holds no model"):
+        EmbeddingCache(cache)
+
+    shard = next((root / "cache" / "shards").rglob("*.safetensors"))  # a shard whose commit never happened
+    (cache / "shards" / shard.parent.name).mkdir(parents=True)
+    shutil.copy(shard, cache / "shards" / shard.parent.name / shard.name)
+    found = mmprep("verify", "--json", str(cache))
+    assert found.returncode == 1
+    report = json.loads(found.stdout)
+    assert "never created" in report["index_note"] and [p["kind"] for p in report["problems"]] == ["orphan_shard"]
+    assert mmprep("verify", "--repair", str(cache)).returncode == 1  # adopts it
+    assert mmprep("verify", str(cache)).returncode == 0
+    with EmbeddingCache(cache) as reader:
+        assert sum(e is not None for e in reader.get_many(urls)) == 1
