@@ -13,16 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import image_bytes
+
 from mmprep import EmbeddingCache
 from mmprep.store.index import IMMUTABLE, LIVE, SNAPSHOT
 
