@@ -29,7 +29,14 @@ from safetensors import SafetensorError, safe_open
 from mmprep.errors import UsageError
 from mmprep.keys import cache_key
 from mmprep.store.header import HeaderError, read_header
-from mmprep.store.index import LIVE, ReadOnlyIndex, connect, index_created, open_readonly, utc_iso
+from mmprep.store.index import (
+    LIVE,
+    ReadOnlyIndex,
+    connect,
+    index_created,
+    open_readonly,
+    utc_iso,
+)
 from mmprep.store.layout import EMBEDDINGS, CacheLayout, entry_tensor_name
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: show/stats answer without it
