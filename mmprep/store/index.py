@@ -161,7 +161,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     _check_schema_version(conn, path)  # first: refuse a corrupt or newer index before changing anything
 
 
-# How a read-only connection reads the index (docs/cache.md, "Read-only caches"):
+# How a read-only connection reads the index (docs/cache.md#read-only-caches):
 LIVE = "wal"  # in place, with its -wal and -shm: sees every commit whole and never blocks a writer
 IMMUTABLE = "immutable"  # the index file alone (SQLite's immutable=1): no -wal/-shm could be opened, none holds commits
 SNAPSHOT = "snapshot"  # a private copy of the index and its -wal, taken at open: the -wal holds commits it cannot open in place
