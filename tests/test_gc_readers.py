@@ -50,7 +50,9 @@ def add_shard(layout, fp, run, urls, created):
         index.close()
 '''
 
-GC = COMMON + r'''
+GC = (
+    COMMON
+    + r"""
 import json, sys, time
 from pathlib import Path
 from mmprep.store.gc import collect_garbage
@@ -67,9 +69,12 @@ try:
 finally:
     done.touch()
 print(moved)
-'''
+"""
+)
 
-READER = COMMON + r'''
+READER = (
+    COMMON
+    + r"""
 import json, sys
 from pathlib import Path
 from mmprep import EmbeddingCache
@@ -93,7 +98,8 @@ while not done.exists():
         else:
             counts["wrong"] += 1
 print(json.dumps(counts))
-'''
+"""
+)
 
 
 def _tensor(url: str) -> torch.Tensor:

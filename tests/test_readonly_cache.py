@@ -109,7 +109,9 @@ def _commit_only_to_the_wal(cache: Path) -> None:
 
 def _files(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -244,7 +246,9 @@ def test_an_index_a_full_disk_never_let_exist_is_called_that(golden: tuple[Path,
     assert (cache / "index.sqlite").stat().st_size == 0
 
     def mmprep(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "mmprep", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "mmprep", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
 
     verify = mmprep("verify", str(cache))
     assert verify.returncode == 0, verify.stdout + verify.stderr
