@@ -277,7 +277,7 @@ def vllm_ec_layout(family: str, model_info: dict[str, Any]) -> EcLayout:
             f"model {model_info.get('name')} ({family}) has no vLLM encoder-cache layout (families with one: "
             f"{', '.join(EC_LAYOUTS)}); pooled vectors are for retrieval (--format npy or parquet)"
         )
-    from mmprep.models.base import load_config, load_image_processor, reason_of, resolve_source
+    from mmprep.models.source import load_config, load_image_processor, reason_of, resolve_source
 
     try:
         source = resolve_source(str(model_info["name"]), model_info.get("revision"))

@@ -21,7 +21,7 @@ from _model_helpers import save_clip
 from conftest import ImageServer, image_bytes
 from mmprep.errors import ModelLoadError
 from mmprep.models import EncoderHandle, load_encoder
-from mmprep.models.base import load_config, load_image_processor, resolve_source
+from mmprep.models.source import load_config, load_image_processor, resolve_source
 from mmprep.models.pooled import PooledEncoder
 from mmprep.pipeline import EncodeRun
 from mmprep.settings import LoadSettings, ModelSettings, Settings

@@ -234,7 +234,7 @@ def test_image_token_count_follows_the_image_size(family: str, checkpoints: dict
     the vllm-ec export checks) equals the processor's, for every test image."""
     import importlib
 
-    from mmprep.models.base import load_config, load_image_processor, resolve_source
+    from mmprep.models.source import load_config, load_image_processor, resolve_source
 
     module = importlib.import_module(f"mmprep.models.{family.removesuffix('_no_pan_and_scan')}")
     source = resolve_source(str(checkpoints[family]))

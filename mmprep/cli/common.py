@@ -182,7 +182,7 @@ CacheDirArg = Annotated[Optional[Path], typer.Argument(help=CACHE_DIR_HELP, meta
 
 
 
-def quiet_transformers() -> None:
+def hide_transformers_progress_bars() -> None:
     """Our own progress output replaces transformers' per-load progress bars."""
     from transformers.utils import logging as hf_logging
 

@@ -12,7 +12,7 @@ import typer
 
 from mmprep.cli.common import (
     _D, _S, CACHE_DIR_ENV, PROGRESS, app, cache_dir_of, check_choice, env_name, err, fail, human_bytes, option,
-    parse_duration_option, parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, quiet_transformers,
+    parse_duration_option, parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, hide_transformers_progress_bars,
 )
 from mmprep.errors import CacheLockedError, MmprepError, ModelLoadError, UsageError
 from mmprep.manifest import check_readable
@@ -207,7 +207,7 @@ def encode(
         from mmprep.pipeline import EncodeRun
         from mmprep.report import Reporter
 
-        quiet_transformers()
+        hide_transformers_progress_bars()
         reporter = Reporter(settings.progress, settings.log_every)
         if engine == "ray":  # the model loads on the Ray workers, not here
             from mmprep.engines.ray_engine import run_ray
@@ -308,7 +308,7 @@ def check(
         if model:
             from mmprep.models import load_preprocessor
 
-            quiet_transformers()
+            hide_transformers_progress_bars()
             prepare = load_preprocessor(ModelSettings(name=model, revision=revision))
             load = dataclasses.replace(load, draft_size=prepare.input_size())
         elif size:

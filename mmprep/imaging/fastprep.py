@@ -12,7 +12,7 @@ result is bit-identical to the transformers processor
 (tests/test_fastprep.py checks that over many sizes, aspect ratios and modes), which is why neither
 this path nor a version of it is part of the fingerprint: the stored tensors are the same whichever
 path made them, so entries written before it existed stay valid and the two paths share a cache. A
-change here that could move a single value must instead add a fact to `models.base.fingerprint`.
+change here that could move a single value must instead add a fact to `models.fingerprint.fingerprint`.
 
 Covered: any `PilBackend` processor that keeps the backend's own resize / center-crop / rescale / normalize
 steps (CLIP, SigLIP and the like), and `Qwen2VLImageProcessorPil` (Qwen2-VL, Qwen2.5-VL: smart resize and

@@ -10,17 +10,11 @@ from typing import Any
 
 from mmprep.errors import ModelLoadError
 from mmprep.models import gemma3, glm4v, internvl, llava, llava_next, pooled, qwen2_vl, qwen3_5, qwen3_vl
-from mmprep.models.base import (
-    OUTPUT_FORMAT_VERSION,
-    Encoder,
-    reason_of,
-    load_config,
-    ImagePreprocessor,
-    load_image_processor,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
-)
+from mmprep.models.base import Encoder
+from mmprep.models.device import resolve_device, resolve_dtype
+from mmprep.models.fingerprint import OUTPUT_FORMAT_VERSION
+from mmprep.models.preprocess import ImagePreprocessor
+from mmprep.models.source import load_config, load_image_processor, reason_of, resolve_source
 from mmprep.models.builtin import BUILTIN_MODELS, NOTE, builtin_model_dir
 from mmprep.models.handle import EncoderHandle
 from mmprep.settings import ModelSettings

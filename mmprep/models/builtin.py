@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import quiet_transformers
+from mmprep.models.compat import transformers_errors_only
 
 SEED = 0
 MARKER = "mmprep-builtin.json"  # written into each builtin model directory
@@ -39,7 +39,7 @@ def builtin_model_dir(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        with quiet_transformers():  # e.g. "falling back to the PIL backend" while constructing the processor
+        with transformers_errors_only():  # e.g. "falling back to the PIL backend" while constructing the processor
             build(staging)
         (staging / MARKER).write_text(json.dumps({"name": f"builtin:{name}", "note": NOTE, "seed": SEED}) + "\n")
         try:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import ImageOptions, output_of, owned, processor_image_defaults
+from mmprep.models.base import output_of, owned
+from mmprep.models.preprocess import ImageOptions, processor_image_defaults
 from mmprep.models.vision_parts import VisionPartsEncoder
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)

@@ -10,16 +10,10 @@ from typing import Any, ClassVar
 import torch
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import (
-    Encoder,
-    ImageOptions,
-    ModelSource,
-    dtype_kwargs,
-    output_of,
-    owned,
-    processor_image_defaults,
-    quiet_transformers,
-)
+from mmprep.models.base import Encoder, output_of, owned
+from mmprep.models.compat import dtype_kwargs, transformers_errors_only
+from mmprep.models.preprocess import ImageOptions, processor_image_defaults
+from mmprep.models.source import ModelSource
 
 # Checkpoints name the tower "visual.*" (hub format) or "model.visual.*"; the tower alone wants neither.
 _TOWER_KEYS = {r"^(?:model\.)?visual\.": ""}
@@ -99,7 +93,7 @@ def load_vision_tower(source: ModelSource, config: Any, tower: tuple[str, str], 
     """Load just the vision tower's weights from the full checkpoint; any missing tower weight is an error."""
     module_name, class_name = tower
     tower_class = getattr(importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), class_name)
-    with quiet_transformers():  # the language model's weights are "unexpected" here, by design
+    with transformers_errors_only():  # the language model's weights are "unexpected" here, by design
         visual, info = tower_class.from_pretrained(
             source.location,
             config=config.vision_config,

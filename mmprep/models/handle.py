@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import Encoder, ImagePreprocessor, ModelSource, reason_of, weights_identity
+from mmprep.models.base import Encoder
+from mmprep.models.fingerprint import weights_identity
+from mmprep.models.preprocess import ImagePreprocessor
+from mmprep.models.source import ModelSource, reason_of
 
 
 class EncoderHandle:

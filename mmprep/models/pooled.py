@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import Encoder, ModelSource, dtype_kwargs, output_of, owned
+from mmprep.models.base import Encoder, output_of, owned
+from mmprep.models.compat import dtype_kwargs
+from mmprep.models.source import ModelSource
 
 ARCHITECTURES = ("CLIPModel", "SiglipModel", "Siglip2Model")
 

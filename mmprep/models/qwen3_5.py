@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import ModelSource
 from mmprep.models.grid import GridTowerEncoder
+from mmprep.models.source import ModelSource
 
 
 class Qwen3_5Encoder(GridTowerEncoder):

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mmprep.models.base import dtype_name
+from mmprep.models.device import dtype_name
 from mmprep.models.grid import GridTowerEncoder
 
 

@@ -18,7 +18,9 @@ from typing import Any, ClassVar
 import torch
 
 from mmprep.errors import ModelLoadError
-from mmprep.models.base import Encoder, ModelSource, dtype_kwargs, quiet_transformers
+from mmprep.models.base import Encoder
+from mmprep.models.compat import dtype_kwargs, transformers_errors_only
+from mmprep.models.source import ModelSource
 
 # Checkpoints name the parts "vision_tower.*" (hub format) or with a "model." prefix (transformers v5).
 _TOWER_KEYS = {r"^(?:model\.)?vision_tower\.": ""}
@@ -47,7 +49,7 @@ def load_vision_model(
         return model
     from transformers import AutoModel
 
-    with quiet_transformers():  # the language model's weights are "unexpected" here, by design
+    with transformers_errors_only():  # the language model's weights are "unexpected" here, by design
         tower, info = AutoModel.from_pretrained(
             source.location, config=config.vision_config, key_mapping=_TOWER_KEYS, output_loading_info=True,
             **source.pretrained_kwargs(), **dtype_kwargs(dtype),
