@@ -13,6 +13,7 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
 EXIT_USAGE = 2  # a usage error, or a model that cannot load (also when its weights fail once the run has started)
 EXIT_RUN_FAILED = 70  # EX_SOFTWARE: the run gave up before its end (what was committed stays)
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the cache; try again later
+EXIT_EMPTY = 66  # EX_NOINPUT: the manifests hold no row (an empty or truncated file); --allow-empty makes it 0
 
 
 class ErrorKind(str, Enum):
@@ -92,6 +93,10 @@ class ModelLoadError(UsageError):
 
 class CacheWriteError(MmprepError):
     """The cache directory cannot be written (disk full, I/O error) before the run could start (exit code 70)."""
+
+
+class EmptyManifestError(MmprepError):
+    """The manifests hold no row at all, so a nightly run would be green while doing nothing (exit code 66)."""
 
 
 class CacheLockedError(MmprepError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import sys
@@ -21,7 +22,6 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -32,6 +32,7 @@ from mmprep.store.index import utc_iso
 RATE_WINDOW = 30.0  # seconds of history behind the rate and ETA of log lines
 FIRST_ERRORS = 5  # error records printed at the end of a run
 SUMMARY_WIDTH = 200  # columns of the summary when it goes to a log, not a terminal
+LOG_WIDTH = 100  # columns of tables (stats) when they go to a log or a pipe
 ESTIMATE_BLOCK = 1 << 20  # bytes read at a time while counting a manifest's lines
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -118,13 +119,13 @@ class Reporter:
                 MofNCompleteColumn(),
                 TaskProgressColumn(),
                 TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
+                TextColumn("eta {task.fields[eta]}"),
                 console=self.console,
                 refresh_per_second=4,
             )
-            self._task = self._progress.add_task(self.title, total=None, detail="")
+            self._task = self._progress.add_task(self.title, total=None, detail="", eta="-")
             self._progress.start()
+        self._samples.append((time.monotonic(), counters.done))  # the rate, and so the ETA, counts from the start
         self._thread = threading.Thread(
             target=self._tick, args=(counters, list(manifests)), name="mmprep-progress", daemon=True
         )
@@ -172,7 +173,15 @@ class Reporter:
 
     def _update_bar(self, c: Any) -> None:
         assert self._progress is not None
-        self._progress.update(self._task, completed=c.done, total=c.total, detail=self.detail(c))
+        eta = self._eta(c.done, c.total)
+        self._progress.update(
+            self._task, completed=c.done, total=c.total, detail=self.detail(c), eta="-" if eta is None else clock(eta)
+        )
+
+    def _eta(self, done: int, total: int | None) -> float | None:
+        """Seconds left at the rate of the last RATE_WINDOW seconds (from the start at first); None when unknown."""
+        rate = self._rate(done)
+        return max(total - done, 0) / rate if total is not None and rate else None
 
     def _rate(self, done: int) -> float | None:
         """Rows per second over the last RATE_WINDOW seconds (None until two samples exist)."""
@@ -185,7 +194,7 @@ class Reporter:
 
     def _log(self, c: Any) -> None:
         done, total = c.done, c.total
-        rate = self._rate(done)
+        eta = self._eta(done, total)
         line = f"{utc_iso(time.time())} mmprep: done={done}/{'?' if total is None else total}"
         if total:
             line += f" ({min(done / total, 1.0):.0%})"
@@ -196,9 +205,28 @@ class Reporter:
             f" cached={c.cached + c.refreshed} duplicates={c.duplicates} failed={c.failed}"
             f" skipped={c.skipped_failed + c.skipped_other} img/s={c.images_per_s():.1f} elapsed={c.elapsed():.0f}s"
         )
-        if total is not None and rate:
-            line += f" eta={max(total - done, 0) / rate:.0f}s"
+        if eta is not None:
+            line += f" eta={eta:.0f}s"
         print(line, file=self.stream, flush=True)
+
+
+def print_unpadded(console: Console, renderable: RenderableType, width: int = LOG_WIDTH) -> None:
+    """`renderable` as rich draws it on a terminal; elsewhere (cron logs, pipes) drawn `width` columns wide,
+    without colours and without the blanks rich pads each line with, so logs hold no trailing padding."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    drawn = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    with drawn.capture() as capture:
+        drawn.print(renderable)
+    console.file.write("".join(line.rstrip() + "\n" for line in capture.get().splitlines()))
+    console.file.flush()
+
+
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss, like the bar's elapsed time."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def first_errors(path: str, limit: int = FIRST_ERRORS) -> list[dict[str, Any]]:
@@ -293,8 +321,7 @@ def print_run_summary(summary: Any, console: Console) -> None:
         table.add_row("model load", f"{s.model_load_s:.1f}s, while rows were read, fetched and preprocessed")
     table.add_row("cache", escape(s.cache_dir))
     table.add_row("exit", exit_reason(s))
-    wide = console if console.is_terminal else Console(file=console.file, width=SUMMARY_WIDTH)  # logs: whole lines
-    wide.print(table)
+    print_unpadded(console, table, SUMMARY_WIDTH)  # logs: whole lines, no padding
     if s.failed:
         print_errors(s.errors_file, s.failed, console)
     if s.status == "interrupted":
@@ -313,12 +340,14 @@ class ExportReporter(Reporter):
     title_of = {"encoded": "exporting"}
 
     def detail(self, c: ExportCounters) -> str:
-        return f"written {c.written} · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s"
+        replaced = f" · replaced {c.replaced}" if c.replaced else ""
+        return f"written {c.written}{replaced} · skipped {c.skipped} · {c.bytes / 2**20:.1f} MiB · {c.rate():.0f} {c.unit}/s"
 
     def _log(self, c: ExportCounters) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        replaced = f"replaced={c.replaced} " if c.replaced else ""
         print(
-            f"{stamp} mmprep export: {c.unit}={c.done}/{c.total} written={c.written} skipped={c.skipped} "
+            f"{stamp} mmprep export: {c.unit}={c.done}/{c.total} written={c.written} {replaced}skipped={c.skipped} "
             f"bytes={c.bytes} {c.unit}/s={c.rate():.0f} elapsed={c.elapsed():.0f}s",
             file=self.stream,
             flush=True,

@@ -136,6 +136,8 @@ class Settings:
 
 
 EXPORT_FORMATS = ("npy", "parquet", "vllm-ec")
+# The builtin smoke-test models (`models/builtin.py` builds them), named here so that --help lists them without torch.
+BUILTIN_MODELS = ("tiny-clip", "tiny-qwen2-vl", "tiny-qwen3-vl")
 EC_KEYS = ("url", "vllm")  # vllm-ec directory names: the entry key (sha256 of the URL), or vLLM's own hash
 
 

@@ -5,7 +5,8 @@ Exit codes: 0 all rows encoded or cached · 1 some rows failed · 2 usage/config
 130 interrupted (SIGINT) · 143 terminated (SIGTERM).
 
 One module per command group: `common` (the app, shared options and parsers), `run` (encode, check),
-`cache` (stats, verify, index, gc, merge, show, version), `export` (export), `rewrite` (rewrite).
+`cache` (stats, verify, index, gc, merge, show, version), `export` (export), `rewrite` (rewrite),
+`models` (models path).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mmprep.cli import run  # noqa: F401, I001  (importing registers the command
 from mmprep.cli import cache  # noqa: F401, I001
 from mmprep.cli import export  # noqa: F401, I001
 from mmprep.cli import rewrite  # noqa: F401, I001
+from mmprep.cli import models  # noqa: F401, I001
 from mmprep.cli.common import app
 
 __all__ = ["app", "main"]

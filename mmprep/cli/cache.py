@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmprep.version import __version__
@@ -17,7 +18,7 @@ from mmprep.cli.common import (
     CACHE_DIR_ENV, CacheDirArg, age_text, app, cache_dir_of, err, fail, human_bytes, model_label, parse_duration_option,
 )
 from mmprep.errors import MmprepError, UsageError
-from mmprep.report import plural
+from mmprep.report import plural, print_unpadded
 
 
 @app.command()
@@ -35,43 +36,35 @@ def stats(
     if json_out:
         print(json.dumps(data, indent=2))
         return
-    out = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole lines
-    out.print(f"[bold]{data['cache_dir']}[/bold]: {plural(data['entries'], 'entry', 'entries')}, {human_bytes(data['bytes_on_disk'])} on disk")
-    models = Table(title="models")
-    for col in ("model", "family", "fingerprint", "dtype", "entries", "shards", "bytes", "live", "shapes", "also stored"):
-        models.add_column(col)
-    for m in data["models"]:
+    out = Console(soft_wrap=True)  # a terminal wraps at its width; logs and pipes get LOG_WIDTH, unpadded
+    out.print(f"[bold]{escape(str(data['cache_dir']))}[/bold]: {plural(data['entries'], 'entry', 'entries')}, {human_bytes(data['bytes_on_disk'])} on disk")
+    if data["models"]:
+        out.print("[bold]models[/bold]")
+    for m in data["models"]:  # one model on two lines: name, family, fingerprint; then its counts
         shapes = ", ".join(f"{s['dtype']}{s['shape']}×{s['entries']}" for s in m["shapes"])
-        live = "-" if m["live_fraction"] is None else f"{m['live_fraction']:.0%}"
+        live = "" if m["live_fraction"] is None else f" · {m['live_fraction']:.0%} live"
         extra = ", ".join(
             f"{n} {t.get('dtype')}[{', '.join(map(str, t.get('shape') or []))}]" for n, t in m["tensors"].items() if n != "embeddings"
         )
-        models.add_row(
-            model_label(m), m["family"], m["fingerprint"][:16], str(m["dtype"]), str(m["entries"]),
-            str(m["shards"]), human_bytes(m["shard_bytes"]), live, shapes, extra or "-",
+        out.print(f"  {escape(model_label(m))}  {m['family']}  {m['fingerprint'][:16]}", highlight=False)
+        out.print(
+            f"    {plural(m['entries'], 'entry', 'entries')} in {plural(m['shards'], 'shard')}, {human_bytes(m['shard_bytes'])}"
+            f"{live} · {shapes}" + (f" · also stored: {extra}" if extra else ""), highlight=False,
         )  # fmt: skip
-    out.print(models)
-    for title, column, counts in (
-        ("failing rows by kind", "kind", data["failures_by_kind"]),
-        ("failing rows by host", "host", data["failures_by_host"]),
-    ):
+    for title, counts in (("failing rows by kind", data["failures_by_kind"]), ("failing rows by host", data["failures_by_host"])):
         if counts:
-            table = Table(title=title)
-            table.add_column(column)
-            table.add_column("rows", justify="right")
-            for name, n in counts.items():
-                table.add_row(name, str(n))
-            out.print(table)
-    runs = Table(title="recent runs")
-    for col in ("run", "started (UTC)", "status", "exit", "rows", "encoded", "cached", "failed", "hit rate", "img/s"):
-        runs.add_column(col)
-    for r in data["runs"]:
-        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
-        runs.add_row(
-            r["run_id"], (r["started"] or "-").replace("T", " ").rstrip("Z"), r["status"], str(r["exit_code"]),
-            str(r["rows"]), str(r["encoded"]), str(r["cached"]), str(r["failed"]), hit, str(r["images_per_s"]),
-        )  # fmt: skip
-    out.print(runs)
+            out.print(f"[bold]{title}[/bold]: " + ", ".join(f"{escape(str(name))} {n}" for name, n in counts.items()), highlight=False)
+    if data["runs"]:
+        runs = Table(title="recent runs", title_justify="left", box=None, pad_edge=False, header_style="bold")
+        for col in ("run (started, UTC)", "status", "exit", "rows", "encoded", "cached", "failed", "hit rate", "img/s"):
+            runs.add_column(col, justify="left" if col in ("run (started, UTC)", "status") else "right")
+        for r in data["runs"]:
+            hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
+            runs.add_row(
+                r["run_id"], r["status"], str(r["exit_code"]), str(r["rows"]), str(r["encoded"]), str(r["cached"]),
+                str(r["failed"]), hit, str(r["images_per_s"]),
+            )  # fmt: skip
+        print_unpadded(out, runs)
     age = data["last_completed_run_age_s"]
     out.print("last completed run: " + ("never" if age is None else f"{age_text(age)} ago"))
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from mmprep.version import __version__
-from mmprep.errors import EXIT_LOCKED, EXIT_RUN_FAILED, EXIT_USAGE, CacheLockedError, CacheWriteError, MmprepError, UsageError
+from mmprep.errors import (
+    EXIT_EMPTY, EXIT_LOCKED, EXIT_RUN_FAILED, EXIT_USAGE, CacheLockedError, CacheWriteError, EmptyManifestError, MmprepError,
+    UsageError,
+)  # fmt: skip
 from mmprep.settings import DEFAULT_CACHE_DIR, LoadSettings, ModelSettings, Settings, ShardSpec
 
 app = typer.Typer(
@@ -22,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: brackets ("mmprep[ray]") and defaults print as written
+    context_settings={"help_option_names": ["-h", "--help"]},  # every command and group inherits -h
 )
 err = Console(stderr=True, soft_wrap=True)  # messages are never wrapped: logs and greps see whole lines
 _D = LoadSettings()  # defaults shown in --help come from the one place they are defined
@@ -52,6 +56,47 @@ def _option_metavar(self: typer.core.TyperOption, ctx: object) -> str | None:
     return self.metavar or (self.name or "value").upper()
 
 
+# What a user types for the cache directory, by habit from other tools
+_OUT_ALIASES = frozenset({"--cache", "--cache-dir", "--output", "--output-dir", "--out-dir", "--dir", "-o"})
+
+
+def option_suggestions(typed: str, command: typer.core.TyperCommand) -> list[str]:
+    """Options of `command` a mistyped `typed` may have meant: a habit's alias (--cache for --out), the options
+    that contain the typed word (--private: --allow-private-network), then close spellings (as click's)."""
+    import difflib
+
+    names = [n for p in command.params if p.param_type_name == "option" for n in (*p.opts, *p.secondary_opts)]
+    longs = [n for n in names if n.startswith("--") and n != "--help"]
+    if typed in _OUT_ALIASES and "--out" in names:
+        return ["--out"]
+    found = []
+    word = typed.lstrip("-")
+    if len(word) >= 3:
+        found += [n for n in longs if word in n]
+    found += difflib.get_close_matches(typed, longs, n=3, cutoff=0.6)
+    return list(dict.fromkeys(found))[:3]
+
+
+def _parse_args(self: typer.core.TyperCommand, ctx: Any, args: list[str]) -> list[str]:
+    """Click's parse, with an unknown option's suggestions from `option_suggestions` (the error class is
+    click's, or the copy of click that typer >= 0.2x vendors: matched by name)."""
+    try:
+        return _typer_parse_args(self, ctx, args)
+    except Exception as exc:
+        if type(exc).__name__ != "NoSuchOption":
+            raise
+        hints = option_suggestions(exc.option_name, self)
+        if not hints and exc.option_name in _OUT_ALIASES and any(p.name == "cache_dir" for p in self.params):
+            hint = " (the cache directory is this command's DIR argument)"
+        elif len(hints) == 1:
+            hint = f" (did you mean {hints[0]}?)"
+        else:
+            hint = f" (possible options: {', '.join(hints)})" if hints else ""
+        raise type(exc)(exc.option_name, f"No such option: {exc.option_name}{hint}", ctx=ctx) from None
+
+
+_typer_parse_args = typer.core.TyperCommand.parse_args
+typer.core.TyperCommand.parse_args = _parse_args  # type: ignore[method-assign]
 _typer_argument_type = typer.core.TyperArgument.display_type_rich
 typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign, assignment]  # typer has no hook for help text
 typer.core.TyperArgument._usage_display_name = _argument_usage  # type: ignore[method-assign]  # as above
@@ -209,6 +254,6 @@ def human_bytes(n: int) -> str:
 
 def fail(exc: MmprepError) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # [brackets] in messages; one line for logs
-    codes = {CacheLockedError: EXIT_LOCKED, CacheWriteError: EXIT_RUN_FAILED}
+    codes = {CacheLockedError: EXIT_LOCKED, CacheWriteError: EXIT_RUN_FAILED, EmptyManifestError: EXIT_EMPTY}
     raise typer.Exit(codes.get(type(exc), EXIT_USAGE))
 

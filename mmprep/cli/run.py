@@ -14,11 +14,11 @@ from mmprep.cli.common import (
     _D, _S, CACHE_DIR_ENV, PROGRESS, app, cache_dir_of, check_choice, env_name, err, fail, human_bytes, option,
     parse_duration_option, parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, hide_transformers_progress_bars,
 )
-from mmprep.errors import CacheLockedError, MmprepError, ModelLoadError, UsageError
-from mmprep.manifest import check_readable
+from mmprep.errors import EXIT_EMPTY, CacheLockedError, EmptyManifestError, MmprepError, ModelLoadError, UsageError
+from mmprep.manifest import check_readable, rowless_manifests
 from mmprep.settings import (
-    DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, RETRY_PERMANENT_AFTER, LoadSettings, ManifestSettings,
-    ModelSettings, Settings, duration_text, size_text,
+    BUILTIN_MODELS, DECODE_PROFILES, DEFAULT_CACHE_DIR, RAY_WORKER_RESTARTS, RETRY_PERMANENT_AFTER, LoadSettings,
+    ManifestSettings, ModelSettings, Settings, duration_text, size_text,
 )  # fmt: skip
 
 
@@ -74,7 +74,8 @@ ProgressIntervalOpt = Annotated[float, option("progress-interval", "Seconds betw
 ManifestsArg = Annotated[list[str], typer.Argument(metavar="MANIFEST", help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.")]
 UrlColOpt = Annotated[str, option("url-col", "Parquet/CSV/TSV manifests: the column holding the image URL.", "COLUMN")]
 IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id.", "COLUMN", show_default="'id' when there is one")]
-ModelOpt = Annotated[Optional[str], option("model", "Hugging Face id, local directory, or builtin:tiny-clip / builtin:tiny-qwen2-vl.", "MODEL", show_default="the cache's only model")]
+ModelOpt = Annotated[Optional[str], option("model", f"Hugging Face id, local directory, or a builtin smoke-test model (random weights): {', '.join('builtin:' + n for n in BUILTIN_MODELS)}.", "MODEL", show_default="the cache's only model")]
+AllowEmptyOpt = Annotated[bool, option("allow-empty", "A manifest without rows (empty file, header alone) is fine: exit 0, not 66.")]
 RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).", "REV", show_default="main")]
 
 
@@ -159,14 +160,15 @@ def encode(
     workers: Annotated[Optional[int], option("workers", "Ray engine: encoder actors.", "N", min=1, show_default="GPUs / --gpus-per-worker, else 1")] = None,
     gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", "G", min=0)] = 0,
     worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", "N", min=0)] = RAY_WORKER_RESTARTS,
+    allow_empty: AllowEmptyOpt = False,
     vllm_model_id: Annotated[Optional[str], option("vllm-model-id", "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).", "NAME", show_default="off")] = None,
     json_out: Annotated[bool, option("json", "Print the run summary as JSON on stdout.")] = _S.json,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped).
 
     Exit codes: 0 done (rows that failed before and were skipped again do not count), 1 rows failed that had
-    not failed before, 2 usage error, 70 the cache could not be written, 75 another run holds the cache,
-    130/143 interrupted (rerun to continue).
+    not failed before, 2 usage error, 66 the manifests hold no row (see --allow-empty), 70 the cache could not
+    be written, 75 another run holds the cache, 130/143 interrupted (rerun to continue).
     """
     started = time.monotonic()
     lock = None
@@ -181,6 +183,8 @@ def encode(
             shard=shard, url_col=url_col, id_col=id_col,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
+        if not allow_empty:
+            require_rows(manifests, load.manifest)
         if engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, not {engine!r}")
         if engine == "ray" and vllm_model_id:
@@ -234,7 +238,26 @@ def encode(
             err.print(interrupted_line(summary), soft_wrap=True)
     else:
         print_run_summary(summary, err)
-    raise typer.Exit(summary.exit_code)
+    raise typer.Exit(empty_exit(summary, allow_empty) or summary.exit_code)
+
+
+def require_rows(manifests: list[str], settings: ManifestSettings) -> None:
+    """A manifest file without a single row stops the run before the cache lock and the model (exit 66)."""
+    empty = rowless_manifests(manifests, settings)
+    if empty:
+        raise EmptyManifestError(
+            f"no rows in manifest {', '.join(empty)} (an empty or truncated file?); nothing was done, exit 66 "
+            "(pass --allow-empty when an empty manifest is expected)"
+        )
+
+
+def empty_exit(summary: Any, allow_empty: bool) -> int:
+    """Exit 66 with one line for a completed run that read no row at all (stdin is only known at the end)."""
+    if allow_empty or summary.rows or summary.status != "completed":
+        return 0
+    err.print("[red]error:[/red] the manifests held no rows (nothing was done), exit 66 (pass --allow-empty when "
+              "an empty manifest is expected)", soft_wrap=True)  # fmt: skip
+    return EXIT_EMPTY
 
 
 def take_writer_lock(out: Path, wait: float | None) -> Any:
@@ -253,8 +276,6 @@ def with_model_hint(exc: MmprepError, model: str | None) -> MmprepError:
     """A model that failed to load and is a builtin's name without its prefix gets a suggestion."""
     if not isinstance(exc, ModelLoadError):
         return exc
-    from mmprep.models import BUILTIN_MODELS  # torch: only once a model was being loaded anyway
-
     return ModelLoadError(f"did you mean --model builtin:{model}? ({exc})") if model in BUILTIN_MODELS else exc
 
 
@@ -289,6 +310,7 @@ def check(
     id_col: IdColOpt = _D.manifest.id_col,
     progress: ProgressOpt = _S.progress,
     progress_interval: ProgressIntervalOpt = _S.log_every,
+    allow_empty: AllowEmptyOpt = False,
     json_out: Annotated[bool, option("json", "Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
@@ -302,6 +324,8 @@ def check(
             shard=shard, url_col=url_col, id_col=id_col,
         )  # fmt: skip
         check_readable(manifests, load.manifest)
+        if not allow_empty:
+            require_rows(manifests, load.manifest)
         if model and size:
             raise UsageError("--model and --size exclude each other")
         prepare: Any = None
@@ -325,7 +349,7 @@ def check(
         print(json.dumps(summary.as_json(), indent=2))
     else:
         print_check_summary(summary)
-    raise typer.Exit(summary.exit_code)
+    raise typer.Exit(empty_exit(summary, allow_empty) or summary.exit_code)
 
 
 def print_check_summary(s: Any) -> None:

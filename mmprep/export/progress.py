@@ -17,6 +17,7 @@ class ExportCounters:
     unit: str = "rows"
     done: int = 0
     written: int = 0
+    replaced: int = 0  # vllm-ec: entries rewritten in place (the summary counts them apart from `written`)
     skipped: int = 0
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)

@@ -155,7 +155,7 @@ def _export_batch(
             staged.append((identifiers[row.key], len(blob)))
     _publish(store, staged, report)
     counters.done = report.skipped + report.written + report.replaced + len(report.refused)
-    counters.written = report.written + report.replaced
+    counters.written, counters.replaced, counters.skipped = report.written, report.replaced, report.skipped
     counters.bytes = report.bytes
 
 

@@ -123,7 +123,7 @@ class UrlPolicy:
     def check_http(self, url: httpx.URL) -> HttpTarget:
         """Vet an already parsed http(s) URL: the `check_url` step that redirect hops go through too."""
         if url.scheme == "http" and not self.allow_http:
-            raise RowError(ErrorKind.BAD_SCHEME, "plain http:// is refused (see --allow-http)")
+            raise RowError(ErrorKind.BAD_SCHEME, "plain http:// is refused (see --allow-http)" + self._also_blocked(url))
         if url.scheme not in ("http", "https"):
             raise RowError(ErrorKind.BAD_SCHEME, f"unsupported scheme {url.scheme!r}: {_SUPPORTED}")
         host = url.raw_host.decode("ascii")
@@ -141,6 +141,19 @@ class UrlPolicy:
         else:
             self._check_name(normalize_name(host))
         return HttpTarget(url=url)
+
+    def _also_blocked(self, url: httpx.URL) -> str:
+        """For an http URL refused by scheme: what --allow-http alone would still meet, so that the first
+        error names every flag the URL needs (a loopback/private IP or name, known without DNS)."""
+        try:
+            https = url.copy_with(scheme="https")
+            self.check_http(https)
+        except RowError as exc:
+            if exc.kind is ErrorKind.BLOCKED_URL:
+                return f", and {exc.message}"
+        except ValueError:
+            pass
+        return ""
 
     def check_address(self, host: str, ip: IPAddress) -> None:
         """Refuse connecting to `ip` (for `host`) unless it is public or explicitly allowed."""

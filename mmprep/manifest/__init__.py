@@ -4,12 +4,12 @@ The format comes from the file extension (docs/manifests.md#manifest-format): `.
 `.txt` (one URL a line); anything else, and stdin, is JSONL. All but parquet may be gzipped.
 """
 
-from mmprep.manifest.formats import check_readable, manifest_format, read_manifest, read_manifests
+from mmprep.manifest.formats import check_readable, manifest_format, read_manifest, read_manifests, rowless_manifests
 from mmprep.manifest.jsonl import parse_line
 from mmprep.manifest.records import BadLine, Record
 from mmprep.manifest.source import MAX_LINE_CHARS
 
 __all__ = [
-    "MAX_LINE_CHARS", "BadLine", "Record", "check_readable", "manifest_format", "parse_line", "read_manifest",
+    "MAX_LINE_CHARS", "BadLine", "Record", "check_readable", "manifest_format", "parse_line", "read_manifest", "rowless_manifests",
     "read_manifests",
 ]  # fmt: skip

@@ -51,6 +51,24 @@ def read_manifest(path: str, settings: ManifestSettings = ManifestSettings()) ->
     return read_jsonl(path)
 
 
+def rowless_manifests(paths: Iterable[str], settings: ManifestSettings = ManifestSettings()) -> list[str]:
+    """The manifest files that yield no row at all, not even a bad one (an empty or truncated file, a
+    header alone); stdin is never read here, as it cannot be read twice. Reads each up to its first row."""
+    empty = []
+    for path in paths:
+        if path == "-":
+            continue
+        rows = read_manifest(path, settings)
+        try:
+            if next(iter(rows), None) is None:
+                empty.append(path)
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
+    return empty
+
+
 def check_readable(paths: Iterable[str], settings: ManifestSettings = ManifestSettings()) -> None:
     """Fail early (UsageError, exit 2) when a manifest cannot be opened or lacks the columns asked for."""
     kinds = []

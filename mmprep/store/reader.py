@@ -378,7 +378,7 @@ def show_entry(
             row["stored"] = _stored_tensors(layout, row["shard"], row["tensors"])
             row["by_name"] = {entry_tensor_name(row["key"], n): row["stored"].get(n) for n in row["tensors"]}
             entries.append(row)
-        failures = [_with_iso_times(dict(r)) for r in conn.execute(f"SELECT * FROM failures WHERE {where}", args)]
+        failures = [_failure_json(dict(r)) for r in conn.execute(f"SELECT * FROM failures WHERE {where}", args)]
         id_matches = 0
         if caller_id is None and not entries and not failures:  # a caller id given as the URL?
             id_matches = conn.execute(
@@ -394,6 +394,15 @@ def show_entry(
         "query": url_or_key if caller_id is None else {"id": caller_id}, "key": key, "keys": keys,
         "cached": bool(entries), "entries": entries, "failures": failures, "id_matches": id_matches,
     }  # fmt: skip
+
+
+def _failure_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A failures row as errors.jsonl writes a record: `retryable` a boolean, `depends_on` an object (not JSON text)."""
+    row = _with_iso_times(row)
+    row["retryable"] = bool(row["retryable"])
+    if row.get("depends_on") is not None:
+        row["depends_on"] = json.loads(row["depends_on"])
+    return row
 
 
 def _with_iso_times(row: dict[str, Any]) -> dict[str, Any]:
