@@ -158,8 +158,8 @@ def test_the_graph_sees_lazy_type_checking_relative_and_native_imports() -> None
     assert len(graph) > 80
 
 
-@pytest.mark.xfail(strict=False, reason="cycles other helpers of issue 21 are removing: models.base <-> models.builtin "
-                   "(helper ux), serving <-> store.reader (helper serving); the integrator makes this strict")  # fmt: skip
+@pytest.mark.xfail(strict=False, reason="a cycle another helper of issue 21 is removing: serving <-> store.reader "
+                   "(helper serving); the integrator makes this strict")  # fmt: skip
 def test_no_import_cycle() -> None:
     assert cycles(import_graph(modules())) == []
 
