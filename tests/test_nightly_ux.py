@@ -52,7 +52,7 @@ def mmprep(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPr
 
 @pytest.mark.parametrize(
     "name, body",
-    [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n"), ("header.csv", b"url,id\n"), ("empty.txt.gz", gzip.compress(b""))],
+    [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n"), ("header.csv", b"url,id\n"), ("empty.txt.gz", gzip.compress(b"", mtime=0))],
 )
 def test_a_manifest_without_rows_exits_66_before_the_model_or_the_cache(tmp_path, name, body):
     manifest = tmp_path / name
@@ -63,7 +63,7 @@ def test_a_manifest_without_rows_exits_66_before_the_model_or_the_cache(tmp_path
     assert result.exit_code == EXIT_EMPTY == 66, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no rows in manifest" in lines[0] and name in lines[0] and "--allow-empty" in lines[0], lines
-    assert "model" not in lines[0].replace("--allow-empty", "") or "cannot load" not in lines[0]
+    assert "cannot load" not in result.stderr
     assert not out.exists()  # no lock taken, no index created
     check = cli("check", str(manifest), "--progress", "none", "--errors", str(tmp_path / "e.jsonl"))
     assert check.exit_code == 66 and "no rows in manifest" in check.stderr
