@@ -52,17 +52,26 @@ def mmprep(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPr
 
 @pytest.mark.parametrize(
     "name, body",
-    [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n"), ("header.csv", b"url,id\n"), ("empty.txt.gz", gzip.compress(b"", mtime=0))],
+    [
+        ("empty.jsonl", b""),
+        ("blank.jsonl", b"\n\n  \n"),
+        ("header.csv", b"url,id\n"),
+        ("empty.txt.gz", gzip.compress(b"", mtime=0)),
+    ],
 )
 def test_a_manifest_without_rows_exits_66_before_the_model_or_the_cache(tmp_path, name, body):
     manifest = tmp_path / name
     manifest.write_bytes(body)
     out = tmp_path / "cache"
     # a model that cannot load: had it been loaded, the run would end with exit 2 and "cannot load model"
-    result = cli("encode", str(manifest), "--model", str(tmp_path / "no-such-model"), "--out", str(out), "--progress", "none")
+    result = cli(
+        "encode", str(manifest), "--model", str(tmp_path / "no-such-model"), "--out", str(out), "--progress", "none"
+    )
     assert result.exit_code == EXIT_EMPTY == 66, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no rows in manifest" in lines[0] and name in lines[0] and "--allow-empty" in lines[0], lines
+    assert len(lines) == 1 and "no rows in manifest" in lines[0] and name in lines[0] and "--allow-empty" in lines[0], (
+        lines
+    )
     assert "cannot load" not in result.stderr
     assert not out.exists()  # no lock taken, no index created
     check = cli("check", str(manifest), "--progress", "none", "--errors", str(tmp_path / "e.jsonl"))
@@ -88,7 +97,9 @@ def test_an_empty_stdin_is_found_empty_at_the_end(tmp_path):
 
 def test_a_manifest_with_only_a_bad_row_is_not_empty(tmp_path):
     manifest = tmp_path / "cut.jsonl"
-    manifest.write_text('{"url": "https://example.com/a.pn')  # truncated inside its only row: a bad row, not an empty file
+    manifest.write_text(
+        '{"url": "https://example.com/a.pn'
+    )  # truncated inside its only row: a bad row, not an empty file
     result = cli("check", str(manifest), "--progress", "none", "--errors", str(tmp_path / "e.jsonl"))
     assert result.exit_code == 1 and "bad_manifest_line" in result.stderr, result.output
 
@@ -133,7 +144,12 @@ def hub(status: int, error_code: str | None) -> Iterator[list[str]]:
 
 def hub_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
     """The hub at `endpoint`, an empty hub cache, and no HF_HUB_OFFLINE (as a user's shell would have it)."""
-    return {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    return {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+    }
 
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -198,7 +214,10 @@ def test_models_path_prints_a_builtins_complete_directory_on_one_line(mmprep_hom
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
         tokenize=False, add_generation_prompt=True,
     )  # fmt: skip
-    assert prompt == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt
+        == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tokenizer(prompt)["input_ids"]
     assert ids.count(config.image_token_id) == 1 and config.vision_start_token_id in ids
     assert max(ids) < config.text_config.vocab_size
@@ -237,7 +256,13 @@ def test_models_path_of_a_directory_and_of_a_hub_id_in_the_local_cache(tmp_path,
     (snapshot / "config.json").write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    done = mmprep("models", "path", "someone/tiny", env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    done = mmprep(
+        "models",
+        "path",
+        "someone/tiny",
+        env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+    )
     assert done.returncode == 0 and done.stdout == f"{snapshot}\n", done.stderr
     missing = mmprep("models", "path", "someone/other", env={"HF_HUB_CACHE": str(tmp_path / "hub")}, cwd=tmp_path)
     assert missing.returncode == 2 and missing.stdout == "" and "not in the local hub cache" in missing.stderr
@@ -273,7 +298,9 @@ def test_encode_help_lists_every_builtin():
 )
 def test_an_unknown_option_gets_a_useful_suggestion(args, hint):
     result = cli(*args)
-    assert result.exit_code == 2 and f"No such option: {args[1]}" in result.output and hint in result.output, result.output
+    assert result.exit_code == 2 and f"No such option: {args[1]}" in result.output and hint in result.output, (
+        result.output
+    )
 
 
 # -- the first error names every flag a loopback URL needs -------------------------------------------

@@ -85,18 +85,20 @@ def _parse_args(self: typer.core.TyperCommand, ctx: Any, args: list[str]) -> lis
     except Exception as exc:
         if type(exc).__name__ != "NoSuchOption":
             raise
-        hints = option_suggestions(exc.option_name, self)
-        if not hints and exc.option_name in _OUT_ALIASES and any(p.name == "cache_dir" for p in self.params):
+        typed: str = getattr(exc, "option_name", "")
+        hints = option_suggestions(typed, self)
+        if not hints and typed in _OUT_ALIASES and any(p.name == "cache_dir" for p in self.params):
             hint = " (the cache directory is this command's DIR argument)"
         elif len(hints) == 1:
             hint = f" (did you mean {hints[0]}?)"
         else:
             hint = f" (possible options: {', '.join(hints)})" if hints else ""
-        raise type(exc)(exc.option_name, f"No such option: {exc.option_name}{hint}", ctx=ctx) from None
+        no_such_option: Any = type(exc)
+        raise no_such_option(typed, f"No such option: {typed}{hint}", ctx=ctx) from None
 
 
 _typer_parse_args = typer.core.TyperCommand.parse_args
-typer.core.TyperCommand.parse_args = _parse_args  # type: ignore[method-assign]
+typer.core.TyperCommand.parse_args = _parse_args  # type: ignore[method-assign, assignment]  # typer has no hook for suggestions
 _typer_argument_type = typer.core.TyperArgument.display_type_rich
 typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign, assignment]  # typer has no hook for help text
 typer.core.TyperArgument._usage_display_name = _argument_usage  # type: ignore[method-assign]  # as above

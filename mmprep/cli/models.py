@@ -15,8 +15,12 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("path")
 def path(
-    name: Annotated[str, typer.Argument(help="builtin:<name>, a local directory, or a hub id.", metavar="NAME", show_default=False)],
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub commit, branch or tag.", metavar="REV")] = None,
+    name: Annotated[
+        str, typer.Argument(help="builtin:<name>, a local directory, or a hub id.", metavar="NAME", show_default=False)
+    ],
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Hub commit, branch or tag.", metavar="REV")
+    ] = None,
 ) -> None:
     """Print the directory a model resolves to, on one line.
 

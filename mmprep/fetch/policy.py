@@ -123,7 +123,9 @@ class UrlPolicy:
     def check_http(self, url: httpx.URL) -> HttpTarget:
         """Vet an already parsed http(s) URL: the `check_url` step that redirect hops go through too."""
         if url.scheme == "http" and not self.allow_http:
-            raise RowError(ErrorKind.BAD_SCHEME, "plain http:// is refused (see --allow-http)" + self._also_blocked(url))
+            raise RowError(
+                ErrorKind.BAD_SCHEME, "plain http:// is refused (see --allow-http)" + self._also_blocked(url)
+            )
         if url.scheme not in ("http", "https"):
             raise RowError(ErrorKind.BAD_SCHEME, f"unsupported scheme {url.scheme!r}: {_SUPPORTED}")
         host = url.raw_host.decode("ascii")

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mmprep.errors import ModelLoadError
 from mmprep.models.compat import transformers_errors_only
@@ -107,9 +108,12 @@ def save_tokenizer(directory: Path) -> dict[str, int]:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    if max(ids.values()) >= VOCAB_SIZE:
-        raise AssertionError(f"special token ids {ids} do not fit the vocabulary of {VOCAB_SIZE}")
+    ids: dict[str, int] = {}
+    for token in SPECIAL_TOKENS:
+        token_id = tok.token_to_id(token)
+        if token_id is None or token_id >= VOCAB_SIZE:
+            raise AssertionError(f"special token {token} has id {token_id}, outside the vocabulary of {VOCAB_SIZE}")
+        ids[token] = token_id
     return ids
 
 
@@ -121,12 +125,12 @@ def _vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
     )  # fmt: skip
 
 
-def _redraw(model: object, std: float) -> None:
+def _redraw(model: Any, std: float) -> None:
     """Re-draw linear and embedding weights with `std` (biases with std/3; norms stay at 1)."""
     import torch
 
     with torch.no_grad():
-        for name, param in model.named_parameters():  # type: ignore[attr-defined]
+        for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, std)
             elif name.endswith(".bias"):

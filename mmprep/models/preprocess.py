@@ -22,10 +22,11 @@ def processor_input_size(processor: Any) -> tuple[int, int] | None:
     if size is None or not getattr(processor, "do_resize", True):
         return None
     get = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
-    if get("height") and get("width"):
-        return int(get("width")), int(get("height"))
-    if get("shortest_edge") and not get("longest_edge"):
-        return int(get("shortest_edge")), int(get("shortest_edge"))
+    height, width, shortest, longest = get("height"), get("width"), get("shortest_edge"), get("longest_edge")
+    if height and width:
+        return int(width), int(height)
+    if shortest and not longest:
+        return int(shortest), int(shortest)
     return None  # longest_edge / pixel budgets (Qwen2-VL) / patch budgets (SigLIP 2 NaFlex)
 
 
@@ -47,8 +48,12 @@ def processor_image_defaults(config: Any) -> dict[str, Any]:
     defaults = dict(getattr(processor_class, "images_kwargs", None) or {})
     with warnings.catch_warnings():  # newer transformers keep `<Processor>Kwargs` as a deprecated alias
         warnings.simplefilter("ignore", FutureWarning)
-        kwargs_class = getattr(importlib.import_module(processor_class.__module__), f"{processor_class.__name__}Kwargs", None)
-    defaults.update((getattr(kwargs_class, "_defaults", None) or {}).get("images_kwargs", {}))  # applied after, as there
+        kwargs_class = getattr(
+            importlib.import_module(processor_class.__module__), f"{processor_class.__name__}Kwargs", None
+        )
+    defaults.update(
+        (getattr(kwargs_class, "_defaults", None) or {}).get("images_kwargs", {})
+    )  # applied after, as there
     defaults.pop("return_tensors", None)  # we ask for "pt" ourselves
     return defaults
 

@@ -84,8 +84,12 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
             os.killpg(shell.pid, signal.SIGTERM)  # a server left running by a failed block
         except ProcessLookupError:
             pass
-    log = (tmp_path / "vllm.log").read_text(errors="replace")[-4000:] if (tmp_path / "vllm.log").exists() else "(no log)"
-    assert shell.returncode == 0, f"{page.name}'s walkthrough exited {shell.returncode}\n{stderr[-3000:]}\nvllm.log:\n{log}"
+    log = (
+        (tmp_path / "vllm.log").read_text(errors="replace")[-4000:] if (tmp_path / "vllm.log").exists() else "(no log)"
+    )
+    assert shell.returncode == 0, (
+        f"{page.name}'s walkthrough exited {shell.returncode}\n{stderr[-3000:]}\nvllm.log:\n{log}"
+    )
     answers = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert [a["request"] for a in answers] == ["ask.jsonl", "ask.embeds.jsonl"], stdout
     original, cached = answers
