@@ -1,17 +1,16 @@
-"""Shared test fixtures: offline environment, a real local image server, Pillow-made images."""
+"""Shared test fixtures: offline environment, a real local image server (tests/_http.py), Pillow-made images."""
 
 from __future__ import annotations
 
 import io
 import os
-import threading
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
+
+from _http import LocalServer as ImageServer
+from _http import serve
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -45,79 +44,8 @@ def image_bytes(mode: str = "RGB", size: tuple[int, int] = (48, 40), fmt: str = 
     return buf.getvalue()
 
 
-@dataclass
-class Route:
-    body: bytes
-    content_type: str = "image/png"
-    status: int = 200
-    etag: str | None = None  # when set, If-None-Match with this value gets 304
-
-
-@dataclass
-class ImageServer:
-    """A real HTTP server on 127.0.0.1 that serves `routes` and counts requests per path."""
-
-    host: str
-    port: int
-    routes: dict[str, Route] = field(default_factory=dict)
-    hits: Counter[str] = field(default_factory=Counter)
-    not_modified: Counter[str] = field(default_factory=Counter)  # 304 answers per path
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
-
-    def add(
-        self, path: str, body: bytes, content_type: str = "image/png", status: int = 200, etag: str | None = None
-    ) -> str:
-        self.routes[path] = Route(body, content_type, status, etag)
-        return self.url(path)
-
-    @property
-    def total_hits(self) -> int:
-        with self.lock:
-            return sum(self.hits.values())
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the stdlib default of 5 stalls concurrent clients on SYN retries
-    daemon_threads = True
-
-
 @pytest.fixture()
 def image_server() -> Iterator[ImageServer]:
-    state = ImageServer("127.0.0.1", 0)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            path = self.path.split("?", 1)[0]
-            with state.lock:
-                state.hits[path] += 1
-            route = state.routes.get(path)
-            if route is None:
-                route = Route(b"<html><body>not found</body></html>", "text/html", 404)
-            if route.etag is not None and self.headers.get("If-None-Match") == route.etag:
-                with state.lock:
-                    state.not_modified[path] += 1
-                self.send_response(304)
-                self.send_header("ETag", route.etag)
-                self.end_headers()
-                return
-            self.send_response(route.status)
-            if route.etag is not None:
-                self.send_header("ETag", route.etag)
-            self.send_header("Content-Type", route.content_type)
-            self.send_header("Content-Length", str(len(route.body)))
-            self.end_headers()
-            self.wfile.write(route.body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = _Server(("127.0.0.1", 0), Handler)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    """A real HTTP server on 127.0.0.1 (tests/_http.py): `add(path, body, ...)` serves a file, `hits` counts requests."""
+    with serve() as server:
+        yield server

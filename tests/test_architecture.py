@@ -182,3 +182,22 @@ def test_the_foundation_imports_only_the_foundation() -> None:
     graph = import_graph(modules())
     for name in ("version", "errors", "keys", "settings", "extras", "faults"):
         assert {layer_of(target) for target in graph[f"mmprep.{name}"]} <= {0}, (name, graph[f"mmprep.{name}"])
+
+
+def test_tests_share_one_cli_helper_and_one_http_server_and_import_no_test_module() -> None:
+    """typer's CliRunner only in tests/_cli.py, http.server only in tests/_http.py, and no `import test_x`."""
+    tests = REPO / "tests"
+    found: list[str] = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                rel = path.relative_to(tests).as_posix()
+                if name == "typer.testing" and rel != "_cli.py":
+                    found.append(f"{rel}: {name} (use tests/_cli.py)")
+                if name == "http.server" and rel != "_http.py":
+                    found.append(f"{rel}: {name} (use tests/_http.py)")
+                if name.split(".")[-1].startswith("test_"):
+                    found.append(f"{rel}: imports the test module {name}")
+    assert found == []

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the benchmark sections end to end
 run = pytest.importorskip("benchmarks.run")
 
 

@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
+from _cli import cli
 from conftest import image_bytes
 from mmprep import EmbeddingCache, cache_key
-from mmprep.cli import app
 from mmprep.store.lock import WriterLock
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.fixture()

@@ -10,14 +10,15 @@ import sqlite3
 import subprocess
 import sys
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from conftest import _Server, image_bytes
+from _http import delayed, image, serve
+from conftest import image_bytes
 from mmprep.store.verify import verify_cache
 
+pytestmark = pytest.mark.slow  # each test runs mmprep in subprocesses, kills or signals them, and reruns
 REPO = Path(__file__).resolve().parent.parent
 N_ROWS = 24
 
@@ -25,28 +26,10 @@ N_ROWS = 24
 @pytest.fixture()
 def slow_server():
     """Serves /<i>.png after a short delay, so a run lasts long enough to be interrupted."""
-    bodies = {f"/{i}.png": image_bytes("RGB", (20 + i % 5, 24), "PNG", i) for i in range(N_ROWS)}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            time.sleep(0.15)
-            body = bodies.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    import threading
-
-    server = _Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield [f"http://127.0.0.1:{server.server_address[1]}/{i}.png" for i in range(N_ROWS)]
-    server.shutdown()
-    server.server_close()
+    with serve() as server:
+        for i in range(N_ROWS):
+            server.routes[f"/{i}.png"] = delayed(image(image_bytes("RGB", (20 + i % 5, 24), "PNG", i)), 0.15)
+        yield [server.url(f"/{i}.png") for i in range(N_ROWS)]
 
 
 def encode_cmd(manifest: Path, out: Path) -> list[str]:

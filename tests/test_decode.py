@@ -377,7 +377,7 @@ def test_decompression_bomb_header_is_refused_quickly() -> None:
     start = time.perf_counter()
     for settings in (DEFAULT, replace(DEFAULT, max_pixels=10**12)):
         assert decode_error(png_header_only(100_000, 100_000), settings).kind is ErrorKind.IMAGE_TOO_LARGE
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0  # from the header: decoding 10^10 pixels would take minutes
 
 
 def test_pillow_bomb_warning_zone_is_refused_even_over_max_pixels() -> None:

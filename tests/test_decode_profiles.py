@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from _cli import cli
 from mmprep.imaging.decode import decode_flags, decode_image, pixel_options, to_rgb
 from mmprep.errors import ErrorKind, RowError
 from mmprep.settings import LoadSettings
@@ -269,9 +270,6 @@ def test_vllm_profile_equals_vllms_own_loader(tmp_path: Path) -> None:
 
 
 def test_a_run_says_when_the_cache_holds_this_model_decoded_another_way(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from mmprep.cli import app
     from mmprep.keys import cache_key
     from mmprep.store.reader import EmbeddingCache
 
@@ -285,7 +283,7 @@ def test_a_run_says_when_the_cache_holds_this_model_decoded_another_way(tmp_path
     common = [str(manifest), "--model", "builtin:tiny-clip", "--out", str(cache), "--allow-local-dir", str(images)]
 
     def encode_run(*extra: str, env: dict[str, str] | None = None, progress: str = "none") -> tuple[int, dict, str]:
-        result = CliRunner().invoke(app, ["encode", *common, *extra, "--json", "--progress", progress], env=env)
+        result = cli("encode", *common, *extra, "--json", "--progress", progress, env=env)
         return result.exit_code, json.loads(result.stdout), result.stderr
 
     code, old, _ = encode_run("--decode-as", "pil")  # a cache written the way mmprep decoded before profiles
@@ -308,11 +306,11 @@ def test_a_run_says_when_the_cache_holds_this_model_decoded_another_way(tmp_path
         assert pil_entry is not None and vllm_entry is not None and pil_entry.key == cache_key(url)
         assert not np.allclose(pil_entry.embeddings.numpy(), vllm_entry.embeddings.numpy(), atol=1e-4)
 
-    stats = CliRunner().invoke(app, ["stats", str(cache)]).stdout
+    stats = cli("stats", str(cache)).stdout
     assert "builtin:tiny-clip (--decode-as vllm)" in stats and "(--decode-as hf --exif-transpose)" in stats
-    checked = CliRunner().invoke(app, ["check", str(manifest), "--allow-local-dir", str(images), "--size", "32x32",
-                                       "--decode-as", "hf", "--no-exif-transpose", "--json", "--progress", "none",
-                                       "--errors", str(tmp_path / "check-errors.jsonl")])  # fmt: skip
+    checked = cli("check", str(manifest), "--allow-local-dir", str(images), "--size", "32x32",
+                  "--decode-as", "hf", "--no-exif-transpose", "--json", "--progress", "none",
+                  "--errors", str(tmp_path / "check-errors.jsonl"))  # fmt: skip
     assert checked.exit_code == 0 and json.loads(checked.stdout)["ok"] == 2
-    bad = CliRunner().invoke(app, ["encode", *common, "--decode-as", "opencv"])
+    bad = cli("encode", *common, "--decode-as", "opencv")
     assert bad.exit_code == 2 and "must be one of vllm, hf, pil, not 'opencv'" in " ".join(bad.stderr.split())

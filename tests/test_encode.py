@@ -15,32 +15,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from typer.testing import CliRunner
 
+from _cli import NET, cli, encode_json, write_manifest
 from conftest import image_bytes
 from mmprep import cache_key
-from mmprep.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
-NET = ["--allow-http", "--allow-host", "127.0.0.1"]  # the test server lives on loopback
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None):
-    result = CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=False)
-    return result
-
-
-def encode_json(*args: str, **kw):
-    result = run_cli("encode", *args, "--json", "--progress", "none", **kw)
-    assert result.stdout.strip().startswith("{"), result.output
-    return result.exit_code, json.loads(result.stdout)
-
-
-def write_manifest(path: Path, rows: list[object]) -> str:
-    path.write_text("".join((r if isinstance(r, str) and r.startswith("{") else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
-
-
 def stored(cache: Path, url: str) -> dict[str, torch.Tensor]:
     """Read an entry back the way serving code would: index row → shard → tensors."""
     db = sqlite3.connect(cache / "index.sqlite")
@@ -226,13 +206,13 @@ def test_stdin_manifest_and_env_options(tmp_path, image_server, served):
 
 def test_usage_errors_exit_2(tmp_path, image_server, served):
     manifest = write_manifest(tmp_path / "m.jsonl", list(served.values())[:1])
-    missing = run_cli("encode", str(tmp_path / "nope.jsonl"), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"))
+    missing = cli("encode", str(tmp_path / "nope.jsonl"), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"))
     assert missing.exit_code == 2 and "manifest not found" in missing.output
-    no_model = run_cli("encode", manifest, "--out", str(tmp_path / "empty"), env={"MMPREP_MODEL": ""})
+    no_model = cli("encode", manifest, "--out", str(tmp_path / "empty"), env={"MMPREP_MODEL": ""})
     assert no_model.exit_code == 2 and "--model" in no_model.output
-    bad_model = run_cli("encode", manifest, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "c"))
+    bad_model = cli("encode", manifest, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "c"))
     assert bad_model.exit_code == 2
-    bad_flag = run_cli("encode", manifest, "--model", "builtin:tiny-clip", "--max-bytes", "lots")
+    bad_flag = cli("encode", manifest, "--model", "builtin:tiny-clip", "--max-bytes", "lots")
     assert bad_flag.exit_code == 2
     assert not (tmp_path / "c" / "index.sqlite").exists()  # nothing started
 
@@ -242,7 +222,7 @@ def test_stats_table_and_json(tmp_path, image_server, served):
     rows = list(served.values())[:3] + [image_server.url("/gone.png")]
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET)
-    result = run_cli("stats", str(cache), "--json")
+    result = cli("stats", str(cache), "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["entries"] == 3 and data["failures_by_kind"] == {"http_status": 1}
@@ -255,12 +235,12 @@ def test_stats_table_and_json(tmp_path, image_server, served):
     assert data["runs"][0]["hit_rate"] == 0.0 and 0 <= data["last_completed_run_age_s"] < 60
     assert data["last_clean_run_age_s"] is None  # the only run had a failing row
     encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET)  # rerun: all cached
-    rerun = json.loads(run_cli("stats", str(cache), "--json").stdout)["runs"][0]
+    rerun = json.loads(cli("stats", str(cache), "--json").stdout)["runs"][0]
     assert rerun["hit_rate"] == 0.75 and rerun["cached"] == 3  # 3 of 4 rows cached, the 404 skipped
-    table = run_cli("stats", str(cache))
+    table = cli("stats", str(cache))
     assert table.exit_code == 0
     assert "builtin:tiny-clip" in table.stdout and "http_status" in table.stdout and "last completed run" in table.stdout
-    missing = run_cli("stats", str(tmp_path / "nothing"))
+    missing = cli("stats", str(tmp_path / "nothing"))
     assert missing.exit_code == 2 and "not an mmprep cache" in missing.output
 
 
@@ -293,10 +273,10 @@ def test_pixel_changing_decode_options_get_their_own_fingerprint(tmp_path, image
         for url in urls:
             assert not torch.equal(a.get(url).embeddings, b.get(url).embeddings)  # the pixels really differ
 
-    models = {m["fingerprint"]: m for m in json.loads(run_cli("stats", str(cache), "--json").stdout)["models"]}
+    models = {m["fingerprint"]: m for m in json.loads(cli("stats", str(cache), "--json").stdout)["models"]}
     assert models[exact["fingerprint"]]["decode"] == {"decode_as": "vllm"}
     assert models[fast["fingerprint"]]["decode"] == {"decode_as": "vllm", "fast_decode": True}
-    assert "builtin:tiny-clip (--decode-as vllm --fast-decode)" in run_cli("stats", str(cache)).stdout
+    assert "builtin:tiny-clip (--decode-as vllm --fast-decode)" in cli("stats", str(cache)).stdout
 
 
 def test_every_pixel_changing_option_changes_the_fingerprint():
@@ -344,6 +324,7 @@ def test_lines_that_once_stopped_a_run_are_bad_lines_and_the_rows_around_them_ar
     assert code == 0 and again["cached"] == 3 and again["encoded"] == 0  # the same bad lines: no new failure
 
 
+@pytest.mark.slow  # three subprocess runs
 def test_quick_start_commands_work_as_written(tmp_path):
     """README quick start (1), run in a subprocess from the repository root like a user would."""
     env = {**os.environ, "MMPREP_CACHE_DIR": str(tmp_path / "cache")}
@@ -408,4 +389,4 @@ def test_shard_parts_cover_the_manifest_exactly_once(tmp_path, image_server):
     reordered = write_manifest(tmp_path / "r.jsonl", list(reversed(urls)))
     code, again = encode_json(reordered, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--shard", "2/3")
     assert (again["cached"], again["encoded"]) == (encoded[1], 0)
-    assert run_cli("encode", manifest, "--model", "builtin:tiny-clip", "--shard", "4/3").exit_code == 2
+    assert cli("encode", manifest, "--model", "builtin:tiny-clip", "--shard", "4/3").exit_code == 2

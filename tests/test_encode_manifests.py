@@ -12,7 +12,7 @@ import pytest
 
 from conftest import image_bytes
 from mmprep import cache_key
-from test_encode import NET, encode_json, run_cli
+from _cli import NET, cli, encode_json
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -95,7 +95,7 @@ def test_gzip_csv_and_txt_manifests_through_check(tmp_path, image_server):
     txt = tmp_path / "urls.txt"
     txt.write_text(f"{urls[1]}\r\n\n  {urls[2]}  \n")
     errors = tmp_path / "e.jsonl"
-    result = run_cli("check", str(csv_gz), str(txt), *NET, "--size", "16x16", "--url-col", "link",
+    result = cli("check", str(csv_gz), str(txt), *NET, "--size", "16x16", "--url-col", "link",
                      "--errors", str(errors), "--json", "--progress", "none")  # fmt: skip
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
@@ -109,7 +109,7 @@ def test_a_missing_column_exits_2_before_any_work_naming_the_columns(tmp_path, i
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"URL": [image_server.add("/x.png", image_bytes())], "TEXT": ["a cat"]}), path)
     extra = [*MODEL, "--out", str(tmp_path / "cache")] if command == "encode" else ["--size", "8x8"]
-    result = run_cli(command, str(path), *NET, *extra, "--progress", "none")
+    result = cli(command, str(path), *NET, *extra, "--progress", "none")
     assert result.exit_code == 2
     assert f"manifest {path} has no column 'url' (--url-col); its columns: 'URL', 'TEXT'" in " ".join(result.output.split())
     assert image_server.total_hits == 0 and not (tmp_path / "cache").exists()

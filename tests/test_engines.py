@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
+import pytest
 
-from mmprep.cli import app
+from _cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_inputs"
@@ -16,21 +16,22 @@ SAMPLES = REPO / "sample_inputs"
 
 def test_engine_ray_without_ray_installed_exits_2(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees where Ray is not installed
-    result = CliRunner().invoke(app, [
+    result = cli(
         "encode", str(SAMPLES / "manifest.jsonl"), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"),
         "--allow-local-dir", str(SAMPLES), "--engine", "ray", "--progress", "none",
-    ])  # fmt: skip
+    )  # fmt: skip
     assert result.exit_code == 2
     assert "pip install 'mmprep[ray]'" in result.output
     assert not (tmp_path / "c" / "index.sqlite").exists()
 
 
 def test_unknown_engine_exits_2(tmp_path):
-    result = CliRunner().invoke(app, ["encode", str(SAMPLES / "manifest.jsonl"), "--model", "builtin:tiny-clip",
-                                      "--out", str(tmp_path / "c"), "--engine", "spark"])  # fmt: skip
+    result = cli("encode", str(SAMPLES / "manifest.jsonl"), "--model", "builtin:tiny-clip",
+                 "--out", str(tmp_path / "c"), "--engine", "spark")  # fmt: skip
     assert result.exit_code == 2 and "local or ray" in result.output
 
 
+@pytest.mark.slow  # a subprocess run
 def test_local_encode_never_imports_ray(tmp_path, mmprep_home):
     code = (
         "import sys; from typer.testing import CliRunner; from mmprep.cli import app; "

@@ -16,20 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _model_helpers import save_clip
+from _cli import cli
 from conftest import image_bytes
 from embedding_reader import EmbeddingReader
-from typer.testing import CliRunner
 
 from mmprep import EmbeddingCache, cache_key
-from mmprep.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 META = ["url", "id", "key", "content_sha256"]
 N_FILES = 17  # local images; plus two data URLs
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

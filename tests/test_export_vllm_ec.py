@@ -13,22 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import cli
 from conftest import image_bytes
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from mmprep import EmbeddingCache, cache_key
-from mmprep.cli import app
 from mmprep.export.vllm_ec import ENTRY_FILE, STAGING, STORE_MANIFEST, TENSOR
 from mmprep.vllm_hash import vllm_image_identifier
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the --model string a vLLM server would be started with
 SIZES = [(56, 56), (84, 56), (112, 84), (56, 140), (70, 70), (98, 112)]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +140,7 @@ def test_identifier_is_recorded_for_rows_cached_before_without_refetching_twice(
     assert list(entry_files(store)) == [vllm_image_identifier(body, "late/model")]
 
 
+@pytest.mark.slow  # subprocess exports killed mid-way
 def test_killed_export_leaves_no_visible_partial_entry(cache: dict) -> None:
     """SIGKILL just before the third entry's rename (all six are staged, whole): vLLM sees two entries,
     both complete; the rerun removes the leftovers and writes the other four."""

@@ -8,11 +8,11 @@ import gzip
 import json
 import time
 
-from _fetch_helpers import Handler, image, redirect, serve
+from _http import Handler, image, redirect, serve
 from _image_corpus import png_header_only
 from conftest import image_bytes
 from mmprep import EmbeddingCache
-from test_encode import encode_json, write_manifest
+from _cli import encode_json, write_manifest
 
 
 def drip(h: Handler) -> None:

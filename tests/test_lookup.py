@@ -10,7 +10,7 @@ from conftest import image_bytes
 from mmprep.store import lookup
 from mmprep.store.index import CacheIndex, FailureRecord
 from mmprep.store.lookup import EARLIER, KeyLookup, KeySnapshot, prefix_halves
-from test_encode import NET, encode_json, write_manifest
+from _cli import NET, encode_json, write_manifest
 
 FP, OTHER = "f" * 64, "e" * 64
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from _cli import cli as mmprep_cli
 from conftest import image_bytes
 from mmprep import cache_key
-from mmprep.cli import app
 from mmprep.store.reader import EmbeddingCache
 from mmprep.store.verify import verify_cache
 
@@ -27,7 +26,7 @@ N_IMAGES = 10
 
 
 def cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    result = mmprep_cli(*args)
     return result.exit_code, result.stdout
 
 

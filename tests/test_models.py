@@ -320,7 +320,7 @@ def test_unloadable_names_fail_quickly(name: str, match: str) -> None:
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match=match):
         load(name)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # no hub retries with backoff (those take minutes)
 
 
 def test_corrupt_weights_fail_to_load(models: dict[str, Path], tmp_path: Path) -> None:
@@ -358,6 +358,7 @@ print(json.dumps({"local": local.fingerprint, "hub": hub.describe(), "pinned": p
 """
 
 
+@pytest.mark.slow  # a subprocess loads the model again
 def test_hub_model_is_pinned_to_its_commit_and_fingerprints_match_across_processes(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

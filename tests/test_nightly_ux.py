@@ -18,25 +18,20 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import StringIO
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+from _cli import cli
+from _http import Handler, serve
 from conftest import image_bytes
-from mmprep.cli import app
 from mmprep.errors import EXIT_EMPTY
 from mmprep.pipeline.core import RunCounters
 from mmprep.report import Reporter
 from mmprep.settings import BUILTIN_MODELS
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
 
 
 def mmprep(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -118,28 +113,13 @@ def hub(status: int, error_code: str | None) -> Iterator[list[str]]:
     """A real HTTP server standing in for the model hub: answers every request with `status`; yields the requests."""
     seen: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self) -> None:
-            seen.append(f"{self.command} {self.path}")
-            self.send_response(status)
-            if error_code:
-                self.send_header("X-Error-Code", error_code)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def answer(h: Handler) -> None:
+        seen.append(f"{h.command} {h.path}")
+        h.reply(status, b"", {"X-Error-Code": error_code} if error_code else {})
 
-        do_HEAD = do_GET = answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield seen, f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[misc]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve() as server:
+        server.fallback = answer
+        yield seen, server.url("")  # type: ignore[misc]
 
 
 def hub_env(tmp_path: Path, endpoint: str) -> dict[str, str]:

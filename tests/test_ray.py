@@ -15,8 +15,9 @@ ray = pytest.importorskip("ray")
 from conftest import image_bytes  # noqa: E402
 from mmprep.store.reader import EmbeddingCache  # noqa: E402
 from mmprep.store.verify import verify_cache  # noqa: E402
-from test_encode import NET, encode_json, write_manifest  # noqa: E402
+from _cli import NET, encode_json, entry_row, write_manifest  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a local Ray cluster, actors killed and restarted: minutes
 REPO = Path(__file__).resolve().parent.parent
 N_GOOD = 12
 
@@ -126,7 +127,6 @@ def test_ray_engine_files_pixel_changing_decode_options_under_the_local_fingerpr
 def test_ray_refresh_revalidates_like_the_local_engine(tmp_path, image_server):
     """--refresh-older-than on Ray: a 304 and an unchanged body keep their entries (marked checked),
     a changed body is re-encoded under the new ETag; the counts are the local engine's."""
-    from test_refresh import entry_row
 
     photo = image_server.add("/photo.png", image_bytes("RGB", (40, 40), "PNG", 1), etag='"v1"')
     plain = image_server.add("/plain.png", image_bytes("RGB", (40, 40), "PNG", 2))  # no validators

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 
 import torch
 
 from conftest import image_bytes
-from mmprep import EmbeddingCache, cache_key
-from test_encode import NET, encode_json, write_manifest
-
-
-def entry_row(cache, url):
-    db = sqlite3.connect(cache / "index.sqlite")
-    db.row_factory = sqlite3.Row
-    row = db.execute("SELECT * FROM entries WHERE key=?", (cache_key(url),)).fetchone()
-    db.close()
-    return dict(row)
+from mmprep import EmbeddingCache
+from _cli import NET, encode_json, entry_row, write_manifest
 
 
 def test_refresh_revalidates_with_etag_and_reencodes_only_changed_content(tmp_path, image_server):

@@ -23,12 +23,19 @@ def test_auto_mode_picks_bar_on_a_terminal_and_log_elsewhere():
     assert Reporter("auto", stream=io.StringIO()).mode == "log"
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    """Until `condition()` holds (the reporter's thread has written), however slowly the machine runs it."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_log_mode_prints_periodic_plain_lines():
     stream = io.StringIO()
     reporter = Reporter("log", every=0.05, stream=stream)
     counters = RunCounters(rows=10, encoded=7, committed=4, cached=2, failed=1, manifests_read=True)
     reporter.start(counters)
-    time.sleep(0.2)
+    wait_for(lambda: stream.getvalue().count("\n") >= 2)  # two periodic lines
     reporter.stop(counters)
     lines = [line for line in stream.getvalue().splitlines() if line]
     assert len(lines) >= 3  # periodic lines plus the final one
@@ -43,7 +50,7 @@ def test_log_total_is_the_manifest_line_count_until_the_manifest_is_read(tmp_pat
     reporter = Reporter("log", every=0.05, stream=stream)
     counters = RunCounters(rows=12, encoded=3)
     reporter.start(counters, [str(manifest)])
-    time.sleep(0.2)
+    wait_for(lambda: " done=3/40 (8%) " in stream.getvalue())
     reporter.stop(counters)
     assert counters.rows_expected == 40 and " done=3/40 (8%) " in stream.getvalue()
     gz = tmp_path / "m.jsonl.gz"

@@ -19,19 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from _model_helpers import pattern_image, save_llava
-from mmprep.cli import app
+from _cli import cli
 from mmprep.keys import cache_key
 from mmprep.serving import ServingFormatError, save_pt, to_sglang, to_vllm, to_vllm_part
 from mmprep.store.reader import EmbeddingCache
 
 N_IMAGES = 4
-
-
-def run(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input)
 
 
 def loads_b64(text: str) -> torch.Tensor:
@@ -53,7 +48,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     world = {"root": root, "images": images}
     for name, model in (("qwen", "builtin:tiny-qwen2-vl"), ("llava", str(llava_dir)), ("clip", "builtin:tiny-clip")):
         cache = root / f"cache-{name}"
-        result = run("encode", str(manifest), "--model", model, "--out", str(cache), "--allow-local-dir", str(images),
+        result = cli("encode", str(manifest), "--model", model, "--out", str(cache), "--allow-local-dir", str(images),
                      "--progress", "none", "--json")  # fmt: skip
         assert result.exit_code == 0, result.output
         world[name] = cache
@@ -183,7 +178,7 @@ def batch_file(world: dict[str, Path], path: Path) -> list[str]:
 
 
 def rewrite_json(*args: str, input: str | None = None) -> tuple[int, dict, str]:
-    result = run("rewrite", *args, "--json", input=input)
+    result = cli("rewrite", *args, "--json", input=input)
     summary_text = result.stderr[: result.stderr.rindex("}") + 1]
     return result.exit_code, json.loads(summary_text), result.stdout
 
@@ -243,7 +238,7 @@ def test_rewrite_exit_0_when_every_image_is_cached_gz_and_stdin(world: dict[str,
     assert [json.loads(line)["custom_id"] for line in lines] == [f"r{i}" for i in range(7)]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary file was renamed
     # stdin to stdout, cache from the environment
-    result = CliRunner().invoke(app, ["rewrite", "-"], input=json.dumps(rows[0]) + "\n", env={"MMPREP_CACHE_DIR": str(world["qwen"])})
+    result = cli("rewrite", "-", input=json.dumps(rows[0]) + "\n", env={"MMPREP_CACHE_DIR": str(world["qwen"])})
     assert result.exit_code == 0 and json.loads(result.stdout)["body"]["messages"][0]["content"][0]["type"] == "image_embeds"
 
 
@@ -274,17 +269,17 @@ def test_uuid_only_adds_the_entry_key_and_nothing_else(world: dict[str, Path], t
 def test_rewrite_usage_errors_and_bounded_lines(world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "b.jsonl"
     batch_file(world, src)
-    pooled = run("rewrite", str(src), "--cache", str(world["clip"]))
+    pooled = cli("rewrite", str(src), "--cache", str(world["clip"]))
     assert pooled.exit_code == 2 and "pooled model" in pooled.stderr and "--uuid-only" in pooled.stderr
-    missing = run("rewrite", str(tmp_path / "nope.jsonl"), "--cache", str(world["qwen"]))
+    missing = cli("rewrite", str(tmp_path / "nope.jsonl"), "--cache", str(world["qwen"]))
     assert missing.exit_code == 2 and "not found" in missing.stderr
-    no_cache = run("rewrite", str(src), "--cache", str(tmp_path / "empty"))
+    no_cache = cli("rewrite", str(src), "--cache", str(tmp_path / "empty"))
     assert no_cache.exit_code == 2 and "not an mmprep cache" in no_cache.stderr
-    wrong_model = run("rewrite", str(src), "--cache", str(world["qwen"]), "--model", "nothing")
+    wrong_model = cli("rewrite", str(src), "--cache", str(world["qwen"]), "--model", "nothing")
     assert wrong_model.exit_code == 2 and "no model matches 'nothing'" in wrong_model.stderr
-    bad_dir = run("rewrite", str(src), "--cache", str(world["qwen"]), "-o", str(tmp_path / "no" / "out.jsonl"))
+    bad_dir = cli("rewrite", str(src), "--cache", str(world["qwen"]), "-o", str(tmp_path / "no" / "out.jsonl"))
     assert bad_dir.exit_code == 2 and "does not exist" in bad_dir.stderr
-    assert run("rewrite", str(src), "--target", "sglang").exit_code == 2
+    assert cli("rewrite", str(src), "--target", "sglang").exit_code == 2
 
     import mmprep.rewrite
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from _fetch_helpers import Handler, LocalServer, serve
+from _http import Handler, LocalServer, serve
 from conftest import image_bytes
 
+pytestmark = pytest.mark.slow  # a subprocess run, signalled mid-fetch
 REPO = Path(__file__).resolve().parent.parent
 N_FAST, N_DRIP, CONCURRENCY = 4, 6, 4  # more drip rows than slots: the producer also waits for a slot
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from conftest import image_bytes
-from test_encode import run_cli, write_manifest
+from _cli import cli, write_manifest
 
 # Runs one mmprep command in this interpreter, then prints which heavy modules it imported.
 PROBE = """
@@ -40,7 +40,7 @@ def cache(tmp_path_factory):
         (root / f"{i}.jpg").write_bytes(image_bytes("RGB", (64, 48), "JPEG", i))
         paths.append(str(root / f"{i}.jpg"))
     manifest = write_manifest(root / "m.jsonl", paths)
-    result = run_cli("encode", manifest, *LOCAL(root), "--model", "builtin:tiny-clip", "--out", str(root / "c"),
+    result = cli("encode", manifest, *LOCAL(root), "--model", "builtin:tiny-clip", "--out", str(root / "c"),
                      "--json", "--progress", "none")  # fmt: skip
     assert result.exit_code == 0, result.output
     return root, manifest, paths
@@ -67,6 +67,7 @@ def test_model_free_commands_import_no_torch(cache, command) -> None:
     assert heavy_modules(*args, cwd=root) == []
 
 
+@pytest.mark.slow  # subprocess runs that import torch
 def test_the_probe_sees_torch_when_a_command_needs_it(cache) -> None:
     """The probe can fail: `show --export` reads tensors, `check --model` runs a processor; both import torch."""
     root, manifest, paths = cache

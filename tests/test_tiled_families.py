@@ -22,6 +22,7 @@ from _model_helpers import (
     tiny_tokenizer,
 )
 
+from _cli import cli
 from mmprep.errors import ModelLoadError
 from mmprep.models import Encoder, load_encoder, load_preprocessor
 from mmprep.serving import ServingFormatError, to_vllm
@@ -29,6 +30,7 @@ from mmprep.settings import ModelSettings
 from mmprep.store.reader import CachedEmbedding, EmbeddingCache
 
 # wide, very wide, tall, square, and a very small image: different crop / tile / grid counts per image
+pytestmark = pytest.mark.slow  # tiny Gemma 3, InternVL and LLaVA-NeXT models built and run against transformers
 SIZES = [(60, 40), (200, 90), (33, 120), (256, 256), (5, 3)]
 IMAGES = [pattern_image(size, seed) for seed, size in enumerate(SIZES)]
 ATOL = 1e-5
@@ -165,14 +167,6 @@ def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         with EmbeddingCache(out) as cache:
             result.entries[family] = [cache.get(str(path)) for path in paths]
     return result
-
-
-def cli(*args: str) -> Any:
-    from typer.testing import CliRunner
-
-    from mmprep.cli import app
-
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 # -- fidelity ---------------------------------------------------------------------------------------

@@ -16,18 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from _fetch_helpers import Handler, serve
+from _http import Handler, serve
+from _cli import cli
 from conftest import image_bytes
 from mmprep import cache_key
 from mmprep.cli import app
 
 TINY = ["--model", "builtin:tiny-clip", "--progress", "none"]
-
-
-def cli(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
 
 
 def encode(manifest: Path, out: Path, *args: str) -> tuple[int, dict]:

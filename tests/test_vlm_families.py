@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 import torch
 from _model_helpers import pattern_image, save_glm4v, save_qwen3_5, save_qwen3_vl
-from typer.testing import CliRunner
 
+from _cli import cli
 from mmprep import EmbeddingCache
-from mmprep.cli import app
 from mmprep.errors import ModelLoadError
 from mmprep.models import Encoder, load_encoder
 from mmprep.serving import to_vllm
 from mmprep.settings import ModelSettings
 
 # Several sizes and aspect ratios (different grids in one batch), down to a 10x10 image (the 4-token minimum).
+pytestmark = pytest.mark.slow  # tiny Qwen3-VL, Qwen3.5 and GLM-4.1V models built and run against transformers
 SIZES = [(200, 90), (33, 120), (96, 64), (10, 10)]
 ATOL = 1e-5  # cached tensors vs a direct forward
 LOGITS_ATOL = 1e-4  # logits from pixels vs from to_vllm(entry)
@@ -54,12 +54,8 @@ def cached(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     manifest.write_text("".join(json.dumps({"url": p}) + "\n" for p in paths))
     out = root / "cache"
     for directory in checkpoints.values():
-        result = CliRunner().invoke(
-            app,
-            ["encode", str(manifest), "--model", str(directory), "--out", str(out), "--allow-local-dir", str(images),
-             "--batch-size", str(len(SIZES)), "--progress", "none", "--json"],
-            catch_exceptions=False,
-        )  # fmt: skip
+        result = cli("encode", str(manifest), "--model", str(directory), "--out", str(out), "--allow-local-dir", str(images),
+                     "--batch-size", str(len(SIZES)), "--progress", "none", "--json")  # fmt: skip
         assert result.exit_code == 0, result.output
     return {"out": out, "paths": paths, "images": images}
 
@@ -241,8 +237,7 @@ def test_unsupported_architecture_names_every_supported_one(tmp_path: Path) -> N
 def test_stats_and_show_list_every_tensor(checkpoints: dict[str, Path], cached: dict[str, Any], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    runner = CliRunner()
-    result = runner.invoke(app, ["stats", str(cached["out"]), "--json"], catch_exceptions=False)
+    result = cli("stats", str(cached["out"]), "--json")
     models = {m["family"]: m for m in json.loads(result.output)["models"]}
     assert models["qwen3_vl"]["tensors"] == {
         "embeddings": {"shape": ["n_tokens", 64], "dtype": "float32"},
@@ -250,12 +245,12 @@ def test_stats_and_show_list_every_tensor(checkpoints: dict[str, Path], cached: 
         "deepstack": {"shape": [2, "n_tokens", 64], "dtype": "float32"},
     }
     assert list(models["glm4v"]["tensors"]) == ["embeddings", "image_grid_thw"]
-    table = runner.invoke(app, ["stats", str(cached["out"])], catch_exceptions=False).output
+    table = cli("stats", str(cached["out"])).output
     assert "deepstack" in table and "image_grid_thw" in table
 
     model = str(checkpoints["qwen3_vl"])  # the model's name: one fingerprint in this cache
     out = tmp_path / "e.safetensors"
-    result = runner.invoke(app, ["show", str(cached["out"]), cached["paths"][0], "--model", model, "--export", str(out)])
+    result = cli("show", str(cached["out"]), cached["paths"][0], "--model", model, "--export", str(out))
     assert result.exit_code == 0
     (row,) = json.loads(result.output)["entries"]
     assert row["by_name"]["deepstack"] == {"dtype": "F32", "shape": [2, 18, 64]}

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from _fetch_helpers import image, serve
+from _http import image, serve
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"

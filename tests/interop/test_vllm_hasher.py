@@ -90,16 +90,14 @@ def test_identifiers_equal_vllms_own(answer: dict) -> None:
 
 def test_encode_records_vllms_identifiers(answer: dict) -> None:
     """`mmprep encode --vllm-model-id` stores, per image, the identifier vLLM computes for its bytes."""
-    from typer.testing import CliRunner
-
-    from mmprep.cli import app
+    from _cli import cli
 
     root, model_id = answer["root"], CASES[0][0]
     manifest = root / "m.jsonl"
     manifest.write_text("".join(json.dumps(f) + "\n" for f in answer["files"]))
-    result = CliRunner().invoke(app, ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(root / "cache"),
-                                      "--allow-local-dir", str(root), "--formats", "JPEG,PNG,WEBP,GIF", "--progress", "none",
-                                      "--vllm-model-id", model_id], catch_exceptions=False)  # fmt: skip
+    result = cli("encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(root / "cache"),
+                 "--allow-local-dir", str(root), "--formats", "JPEG,PNG,WEBP,GIF", "--progress", "none",
+                 "--vllm-model-id", model_id)  # fmt: skip
     assert result.exit_code == 0, result.output
     with sqlite3.connect(root / "cache" / "index.sqlite") as db:
         recorded = dict(db.execute("SELECT content_sha256, identifier FROM vllm_identifiers WHERE model_id=?", (model_id,)))
