@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import time
 from pathlib import Path
@@ -117,6 +118,14 @@ def load_settings(
     )
 
 
+LOAD_OPTIONS = tuple(inspect.signature(load_settings).parameters)
+
+
+def loading_options(arguments: dict[str, Any]) -> LoadSettings:
+    """`load_settings` of the loading options among a command's arguments (`encode` and `check` take them all)."""
+    return load_settings(**{name: arguments[name] for name in LOAD_OPTIONS})
+
+
 @app.command()
 def encode(
     manifests: ManifestsArg,
@@ -174,14 +183,7 @@ def encode(
     lock = None
     try:
         out_dir = cache_dir_of(out)
-        load = load_settings(
-            concurrency=concurrency, per_host=per_host, timeout=timeout, max_bytes=max_bytes,
-            max_redirects=max_redirects, retries=retries, allow_http=allow_http, allow_local_dir=allow_local_dir,
-            allow_private_network=allow_private_network, allow_host=allow_host, deny_host=deny_host,
-            formats=formats, decode_as=decode_as, alpha_background=alpha_background, exif_transpose=exif_transpose,
-            fast_decode=fast_decode, max_pixels=max_pixels, max_side=max_side, decode_workers=decode_workers,
-            shard=shard, url_col=url_col, id_col=id_col,
-        )  # fmt: skip
+        load = loading_options(locals())
         check_readable(manifests, load.manifest)
         if not allow_empty:
             require_rows(manifests, load.manifest)
@@ -315,14 +317,7 @@ def check(
 ) -> None:
     """Loader-only preflight: fetch, decode and preprocess every row, encode nothing, write no cache."""
     try:
-        load = load_settings(
-            concurrency=concurrency, per_host=per_host, timeout=timeout, max_bytes=max_bytes,
-            max_redirects=max_redirects, retries=retries, allow_http=allow_http, allow_local_dir=allow_local_dir,
-            allow_private_network=allow_private_network, allow_host=allow_host, deny_host=deny_host,
-            formats=formats, decode_as=decode_as, alpha_background=alpha_background, exif_transpose=exif_transpose,
-            fast_decode=fast_decode, max_pixels=max_pixels, max_side=max_side, decode_workers=decode_workers,
-            shard=shard, url_col=url_col, id_col=id_col,
-        )  # fmt: skip
+        load = loading_options(locals())
         check_readable(manifests, load.manifest)
         if not allow_empty:
             require_rows(manifests, load.manifest)
