@@ -156,6 +156,7 @@ def test_non_empty_out_needs_overwrite_which_replaces_only_an_export(cache: dict
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".again")]  # no staging left behind
 
 
+@pytest.mark.slow  # subprocess exports killed mid-way
 def test_killed_export_leaves_no_file_that_reads_as_complete(cache: dict) -> None:
     """SIGKILL after two of four files are complete: OUT does not exist, nothing named *.npy or *.parquet
     exists anywhere, and the next export removes the dead one's staging directory and succeeds."""

@@ -120,6 +120,7 @@ def _add_shard(layout: CacheLayout, run: str, urls: list[str], created: float) -
     index.close()
 
 
+@pytest.mark.slow  # reader processes against a real gc
 def test_readers_in_other_processes_never_fail_while_gc_compacts(tmp_path: Path) -> None:
     layout = CacheLayout(tmp_path / "cache")
     _add_shard(layout, "run-start", LIVE, 2e9)
@@ -156,6 +157,7 @@ def test_readers_in_other_processes_never_fail_while_gc_compacts(tmp_path: Path)
     ("fault", "left"),
     [("before_shard_rename", "stray_tmp"), ("gc_after_rename", "orphan_shard"), ("gc_after_commit", None)],
 )
+@pytest.mark.slow  # a real gc killed in a subprocess
 def test_the_next_gc_cleans_up_after_a_killed_gc(fault: str, left: str | None, tmp_path: Path) -> None:
     """kill -9 of a real `mmprep gc` inside a compaction (its new shard half-written; written, not indexed; indexed,
     the old file not deleted): the next gc deletes what it left; no dropped entry comes back, nothing live is lost."""

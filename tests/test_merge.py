@@ -178,6 +178,7 @@ def test_merge_into_itself_or_from_a_non_cache_is_a_usage_error(halves, tmp_path
     assert cli("merge", str(tmp_path / "new"), str(tmp_path / "nothing-here"))[0] == 2
 
 
+@pytest.mark.slow  # subprocess merges killed mid-way
 @pytest.mark.parametrize("fault", ["merge_after_copy:3", "merge_in_commit:2", "merge_after_copy:7"])
 def test_kill_9_mid_merge_then_rerun_equals_a_clean_merge(fault, halves, tmp_path):
     clean = tmp_path / "clean"

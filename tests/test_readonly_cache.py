@@ -136,6 +136,7 @@ def read_only(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[
     yield "permissions", staged, staged, NO_DAC
 
 
+@pytest.mark.slow  # every command in a subprocess, six times
 @pytest.mark.parametrize("wal", ["none", "wal-and-shm", "wal-without-shm"])
 def test_every_reader_works_on_a_read_only_cache_and_every_writer_refuses_it(
     golden: tuple[Path, list[str]], read_only: tuple[str, Path, Path, list[str]], wal: str, tmp_path: Path
@@ -250,6 +251,7 @@ main()
 """
 
 
+@pytest.mark.slow  # subprocess runs on a full disk
 def test_an_index_a_full_disk_never_let_exist_is_called_that(golden: tuple[Path, list[str]], tmp_path: Path) -> None:
     """A disk full before the index's first commit leaves an empty index.sqlite: verify says it was never created
     (not "unreadable, rebuild it"), stats and show answer for an empty cache, and shards beside it are orphans."""
