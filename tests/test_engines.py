@@ -56,9 +56,42 @@ def test_the_ray_drivers_planned_keys_live_on_disk_and_say_which_are_new():
     keys += ["00" * 31 + "01", "00" * 31 + "02", "00" * 32]  # sharing every byte but the last
     planned = PlannedKeys()
     folder = planned._dir.name
-    assert all(planned.add(k) for k in keys)
-    assert not any(planned.add(k) for k in keys[::7])
-    assert planned.add("ff" * 32)
+    assert all(planned.claim(k) for k in keys)
+    assert not any(planned.claim(k) for k in keys[::7])
+    assert planned.claim("ff" * 32)
     assert os.path.isdir(folder)
     planned.close()
     assert not os.path.exists(folder)
+
+
+def test_the_ray_engine_composes_the_pipelines_parts_instead_of_subclassing_the_local_run():
+    """Both engines use the same planner and cache writer; the Ray run is no subclass of a run and
+    reaches for no private name of mmprep.pipeline (a change to the local run cannot silently change it)."""
+    import ast
+
+    from mmprep.engines import ray_engine
+    from mmprep.pipeline.core import LoadingRun
+    from mmprep.pipeline.encode import EncodeRun
+    from mmprep.pipeline.planner import EncodePlanner
+    from mmprep.pipeline.writer import CacheWriter
+
+    assert not issubclass(ray_engine.RayEncodeRun, LoadingRun) and not issubclass(EncodeRun, ray_engine.RayEncodeRun)
+    tree = ast.parse(Path(ray_engine.__file__).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmprep.pipeline")
+        for alias in node.names
+    }
+    assert {"EncodePlanner", "CacheWriter"} <= imported
+    assert not {name for name in imported if name.startswith("_")} and "EncodeRun" not in imported
+    private = {  # x._name where x is not self: another object's private attribute
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    }
+    assert private <= {"_asdict"}, private  # (a NamedTuple's public method)
+    run = EncodeRun.__init__.__code__.co_names
+    assert "EncodePlanner" in run and "CacheWriter" in run
+    assert EncodePlanner.__module__ != CacheWriter.__module__

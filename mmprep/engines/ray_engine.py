@@ -1,13 +1,13 @@
 """`mmprep encode --engine ray`: the same run as the local engine, spread over a Ray cluster.
 
-  driver      manifest → skip what is cached (EncodeRun's classify/plan: one index query per chunk)
+  driver      manifest → skip what is cached (the EncodePlanner, as in the local engine: one index query per chunk)
               → the rows to load, as JSONL files under the cache dir (every node sees it)
   CPU tasks   map_batches(load_rows): fetch (our Fetcher, one event loop per task; conditional for a
               --refresh-older-than re-validation) → decode → preprocess
   actor pool  map_batches(EncodeActor): one model per actor (one per GPU, or CPU actors), batched
               forward, shards written under the cache dir; returns shard *descriptions*, never tensors
-  driver      commits each described shard, records failures and re-validated entries: the only
-              SQLite writer, as in encode
+  driver      commits each described shard, records failures and re-validated entries (the CacheWriter,
+              as in the local engine): the only SQLite writer
 
 The cache dir must be on a file system every node shares. An encoder actor that dies is restarted by
 Ray and its batch retried, up to `worker_restarts` times; a shard it wrote but never reported is
@@ -36,18 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from mmprep.imaging.decode import decode_image, pixel_options
-from mmprep.errors import ErrorKind, RowError, UsageError
+from mmprep.errors import CacheWriteError, ErrorKind, RowError, UsageError
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched, Fetcher
 from mmprep.manifest import Record, read_manifests
 from mmprep.models import ImagePreprocessor, load_encoder, load_preprocessor
-from mmprep.pipeline.core import MANIFEST_CHUNK, _chunks, bad_line_failure, failure_of, keys_of
-from mmprep.pipeline.encode import EncodeRun, RunSummary, _Encoded, _Failed, _Prepared, cache_write_message
+from mmprep.pipeline.batches import Encoded, Failed, Prepared, encode_batch, entry_of
+from mmprep.pipeline.core import MANIFEST_CHUNK, RunCounters, chunked, exit_status, failure_of, new_run_id
+from mmprep.pipeline.planner import EncodePlanner
+from mmprep.pipeline.retry import FailurePolicy
+from mmprep.pipeline.writer import CacheWriter, RunSummary, cache_write_message, other_decode_message, summarize
 from mmprep.settings import RAY_WORKER_RESTARTS, LoadSettings, ModelSettings, Settings
-from mmprep.store.index import CacheIndex, FailureRecord, entry_rows
+from mmprep.store.index import FailureRecord, entry_rows
 from mmprep.store.layout import CacheLayout
 from mmprep.store.lock import WriterLock
-from mmprep.store.rebuild import adopt_orphans
 from mmprep.store.shards import ShardWriter
 
 LOAD_ROWS = 64  # rows per CPU task (fetched concurrently inside it)
@@ -59,7 +61,7 @@ FORWARDED_ENV = ("MMPREP_", "HF_", "TRANSFORMERS_")  # driver environment the wo
 
 @dataclasses.dataclass(frozen=True)
 class ModelFacts:
-    """What the driver needs of the model (EncodeRun reads .name and .fingerprint); the weights stay on the workers."""
+    """What the driver needs of the model; the weights stay on the workers."""
 
     name: str
     fingerprint: str
@@ -92,93 +94,112 @@ def run_ray(
                             remote_args, lock).run()  # fmt: skip
 
 
-class RayEncodeRun(EncodeRun):
-    """EncodeRun's planning, bookkeeping and summary; the loading and encoding run on Ray."""
+class RayEncodeRun:
+    """One encode run on Ray: the EncodePlanner plans the rows into files, Ray loads and encodes them, and
+    the CacheWriter commits what comes back (the same planner and writer as the local engine's)."""
 
     def __init__(
         self, manifests: list[str], settings: Settings, facts: ModelFacts, reporter: Any, workers: int,
         gpus_per_worker: float, worker_restarts: int, remote_args: dict[str, Any], lock: WriterLock | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(manifests, settings, facts, reporter, lock)  # type: ignore[arg-type]
+        self.manifests = manifests
+        self.settings = settings
         self.facts = facts
+        self.reporter = reporter
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
         self.worker_restarts = worker_restarts
         self.remote_args = remote_args
+        self.lock = lock
+        self.run_id = new_run_id()
+        self.counters = RunCounters()
+        self.stop_signal: int | None = None
+        self.run_error: str | None = None  # set when the run gives up before its end (exit 70)
+        self.other_decodes: list[dict[str, Any]] = []
+        self.layout = CacheLayout(settings.out)
         self.workdir = self.layout.root / f"{WORKDIR_PREFIX}{self.run_id}"
+        self.failures = FailurePolicy(settings.load, settings.retry_permanent_after)
+        # the driver is the only index writer; every row is planned before any is committed: nothing to release
+        self.writer = CacheWriter(self.layout, facts.fingerprint, facts.name, self.run_id, self.counters,
+                                  self.failures.depends)  # fmt: skip
+
+    def run(self) -> RunSummary:
+        """Run to completion (or until SIGINT/SIGTERM), commit what the workers report, return the summary."""
+        held = self.lock is not None and self.lock.held
+        with contextlib.nullcontext() if held else WriterLock(self.layout.root, wait=self.settings.wait_lock):
+            try:
+                return self._run_locked()
+            except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the run ends as failed)
+                raise CacheWriteError(cache_write_message(exc)) from exc
+
+    def on_signal(self, signum: int) -> None:
+        """Stop planning and committing; what is committed stays, a rerun picks up the rest."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            if self.reporter is not None:
+                self.reporter.note("stopping: finishing the in-flight rows and flushing…")
 
     def _run_locked(self) -> RunSummary:
-        self.layout.errors.mkdir(parents=True, exist_ok=True)
         for stale in self.layout.root.glob(WORKDIR_PREFIX + "*"):  # a crashed driver's (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        self._index = CacheIndex(self.layout.index)
-        self._open_lookup()
-        self._planned = PlannedKeys()
-        self._errors = open(self.layout.run_errors(self.run_id), "w", encoding="utf-8")
+        writer = self.writer.begin()  # adopts a crashed run's written-but-unindexed shards
+        planned = PlannedKeys()
+        planner = EncodePlanner(self.settings, self.layout, self.facts.fingerprint, self.run_id, self.counters, planned)
         handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop, keep what is committed
             handlers = {s: signal.signal(s, lambda signum, _frame: self.on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.reporter is not None:
             self.reporter.start(self.counters, self.manifests)
         try:
-            self.adopted = adopt_orphans(self._index, self.layout)
             f = self.facts
-            self._index.register_model(f.fingerprint, f.name, f.family, f.description)
-            self.find_other_decodes(self._index, str(f.description.get("base_fingerprint", f.fingerprint)))
-            self._index.start_run(self.run_id, f.fingerprint, f.name)
-            todo = self._plan_rows()
+            writer.register_model(f.family, f.description)
+            self.other_decodes = writer.other_decodes(str(f.description.get("base_fingerprint", f.fingerprint)))
+            if self.reporter is not None:
+                for other in self.other_decodes:
+                    self.reporter.note(other_decode_message(other, self.settings.load))
+            planner.open()
+            todo = self._plan_rows(planner)
             if todo and self.stop_signal is None:
                 self._run_pipeline(todo)
-            adopt_orphans(self._index, self.layout)  # shards of workers that died before reporting them
+            writer.adopt_orphans()  # shards of workers that died before reporting them
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             if self.reporter is not None:
                 self.reporter.stop(self.counters)
-            self._errors.close()
-            self._planned.close()
-            self._lookup.close()
-            self._index.close()
+            writer.close()
+            planner.close()
+            planned.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self._finish()
 
-    def claim(self, key: str) -> bool:
-        """The driver plans every row before any finishes, so its claims go to disk, not to a set in memory."""
-        return self._planned.add(key)
-
-    def _plan_rows(self) -> list[str]:
-        """Classify the manifests chunk by chunk; write the rows to load into JSONL files; return their paths."""
+    def _plan_rows(self, planner: EncodePlanner) -> list[str]:
+        """Plan the manifests chunk by chunk; write the rows to load into JSONL files; return their paths."""
         self.workdir.mkdir()
         paths: list[str] = []
         todo, in_file = None, 0
         try:
-            for chunk in _chunks(read_manifests(self.manifests, self.load.manifest), MANIFEST_CHUNK):
-                if self.stop_signal is not None:
-                    break
-                failures = []
-                keys = keys_of(chunk)
-                for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
-                    self.counters.rows += 1
-                    if key is None:
-                        failure = bad_line_failure(item)  # type: ignore[arg-type]
-                        if self._owns(failure.key):
-                            failures.append(failure)
-                        continue
-                    if not self._owns(key) or (plan := self.plan(key, state)) is None:
-                        continue
-                    if todo is None or in_file >= TODO_FILE_ROWS:
-                        if todo is not None:
-                            todo.close()
-                        paths.append(str(self.workdir / f"todo-{len(paths):05d}.jsonl"))
-                        todo, in_file = open(paths[-1], "w", encoding="utf-8"), 0
-                    line = {"key": key, **item._asdict()}  # type: ignore[union-attr]
-                    if plan.refresh:  # the cached entry's validators and content hash
-                        line["plan"] = [plan.etag, plan.last_modified, plan.content_sha256]
-                    todo.write(json.dumps(line) + "\n")
-                    in_file += 1
-                self._record(failures)
-            else:
-                self.counters.manifests_read = True
+            with contextlib.closing(chunked(read_manifests(self.manifests, self.settings.load.manifest), MANIFEST_CHUNK)) as chunks:
+                for chunk in chunks:
+                    if self.stop_signal is not None:
+                        break
+                    work = planner.plan_chunk(chunk)
+                    for failure in work.bad_lines:
+                        self.writer.failed(failure)
+                    for record, key, plan in work.loads:
+                        if todo is None or in_file >= TODO_FILE_ROWS:
+                            if todo is not None:
+                                todo.close()
+                            paths.append(str(self.workdir / f"todo-{len(paths):05d}.jsonl"))
+                            todo, in_file = open(paths[-1], "w", encoding="utf-8"), 0
+                        line = {"key": key, **record._asdict()}
+                        if plan.refresh:  # the cached entry's validators and content hash
+                            line["plan"] = [plan.etag, plan.last_modified, plan.content_sha256]
+                        todo.write(json.dumps(line) + "\n")
+                        in_file += 1
+                    self.writer.flush()
+                else:
+                    self.counters.manifests_read = True
         finally:
             if todo is not None:
                 todo.close()
@@ -197,7 +218,7 @@ class RayEncodeRun(EncodeRun):
             EncodeActor,
             fn_constructor_kwargs={
                 "model": s.model, "decode_options": pixel_options(s.load), "out": str(self.layout.root),
-                "fingerprint": self.fingerprint,
+                "fingerprint": self.facts.fingerprint,
                 "run_id": self.run_id, "shard_bytes": s.shard_bytes,
             },
             batch_size=ENCODE_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.workers),
@@ -214,39 +235,32 @@ class RayEncodeRun(EncodeRun):
     def _commit_results(self, dataset: Any) -> None:
         """Commit each shard the actors describe, record each failure and each refresh that kept its
         entry, as the results stream in."""
+        writer = self.writer
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            failures, checked = [], []
             for out in batch.to_pylist():
                 self.counters.bytes_fetched += out["bytes_fetched"]
                 if out["failure"] is not None:
-                    failures.append(FailureRecord(**json.loads(out["failure"])))
+                    writer.failed(FailureRecord(**json.loads(out["failure"])))
                 if out["checked"] is not None:
-                    checked.append(tuple(json.loads(out["checked"])))
+                    writer.checked(*json.loads(out["checked"]))
                 if out["shard"] is not None:
                     shard = json.loads(out["shard"])
                     rows = [tuple(r) for r in shard["rows"]]
-                    self._index.commit_rows(shard["name"], self.fingerprint, self.run_id, shard["nbytes"],
-                                            shard["sha256"], rows)  # fmt: skip
+                    writer.commit_rows(shard["name"], shard["nbytes"], shard["sha256"], rows)
                     self.counters.encoded += len(rows)  # the driver learns of encoded rows with their commit
-                    self.counters.committed += len(rows)
-            if checked:
-                self._index.mark_checked(self.fingerprint, checked)
-                self.counters.refreshed += len(checked)
-            self._record(failures)
+            writer.flush()
             if self.stop_signal is not None:
                 break  # what is committed stays; the rest is picked up by a rerun
 
-    def _record(self, failures: list[FailureRecord]) -> None:
-        """Failures go to errors/<run_id>.jsonl and the index, as in the local engine's writer."""
-        if not failures:
-            return
-        self._errors.writelines(json.dumps(f.as_json()) + "\n" for f in failures)
-        self._errors.flush()
-        self.counters.new_failures += self._index.record_failures(
-            self.fingerprint, self.run_id, failures, self.failures.depends
-        )
-        self.counters.failed += len(failures)
-        self.counters.failures_by_kind.update(f.kind for f in failures)
+    def _finish(self) -> RunSummary:
+        status, code = exit_status(self.run_error, self.stop_signal, self.counters.new_failures > 0)
+        f = self.facts
+        summary = summarize(
+            self.counters, run_id=self.run_id, model=f.name, fingerprint=f.fingerprint, status=status, exit_code=code,
+            layout=self.layout, error=self.run_error, other_decodes=self.other_decodes,
+        )  # fmt: skip
+        self.writer.finish(summary)
+        return summary
 
 
 class PlannedKeys:
@@ -261,9 +275,20 @@ class PlannedKeys:
             "CREATE TABLE planned (key BLOB PRIMARY KEY) WITHOUT ROWID; BEGIN;"  # one transaction: never committed
         )
 
-    def add(self, key: str) -> bool:
+        self.lock = threading.Lock()  # the Claims protocol's; one thread (the driver's) plans
+
+    def claim(self, key: str) -> bool:
         """Record `key`; False when it was planned before."""
         return self._db.execute("INSERT OR IGNORE INTO planned VALUES (?)", (bytes.fromhex(key),)).rowcount == 1
+
+    def held(self, keys: list[str | None]) -> list[bool]:
+        """Whether each key was planned already (one query)."""
+        wanted = [bytes.fromhex(key) for key in keys if key is not None]
+        if not wanted:
+            return [False] * len(keys)
+        marks = ",".join("?" * len(wanted))
+        found = {row[0].hex() for row in self._db.execute(f"SELECT key FROM planned WHERE key IN ({marks})", wanted)}
+        return [key is not None and key in found for key in keys]
 
     def close(self) -> None:
         self._db.close()
@@ -347,9 +372,6 @@ def _preprocessor(model: ModelSettings) -> ImagePreprocessor:
 class EncodeActor:
     """Holds one model; encodes the loaded rows and writes them as shards under the cache dir."""
 
-    _encode = EncodeRun._encode  # the local engine's batching: a failing batch is retried row by row
-    _entry_of = EncodeRun._entry_of
-
     def __init__(
         self, model: ModelSettings, decode_options: dict[str, object], out: str, fingerprint: str, run_id: str,
         shard_bytes: int,
@@ -370,7 +392,7 @@ class EncodeActor:
         import pyarrow as pa
 
         out: list[dict[str, Any]] = []
-        ready: list[tuple[_Prepared, int]] = []
+        ready: list[tuple[Prepared, int]] = []
         for row in batch.to_pylist():
             if row["failure"] is not None:
                 out.append(_result(failure=row["failure"], bytes_fetched=row["bytes_fetched"]))
@@ -382,17 +404,17 @@ class EncodeActor:
             record = Record(**json.loads(row["record"]))
             inputs = _unpickle(row["inputs"])
             inputs = {name: inputs[name] for name in self.encoder.input_names(inputs)}
-            prepared = _Prepared(record, row["key"], inputs, row["content_sha256"], row["etag"], row["last_modified"])
+            prepared = Prepared(record, row["key"], inputs, row["content_sha256"], row["etag"], row["last_modified"])
             ready.append((prepared, row["bytes_fetched"]))
         fetched_bytes = 0
         for start in range(0, len(ready), self.batch_size):
             part = ready[start : start + self.batch_size]
-            for (_row, nbytes), result in zip(part, self._encode(self.encoder, [p for p, _ in part])):
-                if isinstance(result, _Failed):
+            for (_row, nbytes), result in zip(part, encode_batch(self.encoder, [p for p, _ in part])):
+                if isinstance(result, Failed):
                     out.append(_result(failure=_failure_json(result.failure), bytes_fetched=nbytes))
                 else:
-                    assert isinstance(result, _Encoded)
-                    self.shards.add(self._entry_of(result))
+                    assert isinstance(result, Encoded)
+                    self.shards.add(entry_of(result))
                     fetched_bytes += nbytes
             if self.shards.pending_bytes >= self.shard_bytes:
                 out.append(self._flush(fetched_bytes))

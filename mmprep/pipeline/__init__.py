@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mmprep.pipeline.check import CheckRun, CheckSummary
     from mmprep.pipeline.core import RunCounters
-    from mmprep.pipeline.encode import EncodeRun, RunSummary
+    from mmprep.pipeline.encode import EncodeRun
+    from mmprep.pipeline.writer import RunSummary
 
 _HOMES = {
     "CheckRun": "check",
     "CheckSummary": "check",
     "RunCounters": "core",
     "EncodeRun": "encode",
-    "RunSummary": "encode",
+    "RunSummary": "writer",
 }
 __all__ = ["CheckRun", "CheckSummary", "EncodeRun", "RunCounters", "RunSummary"]
 

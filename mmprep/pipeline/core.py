@@ -6,8 +6,11 @@ that need no fetch (a cached rerun) never touch the event loop. (A separate read
 ahead measured slower: two threads of Python work on the GIL cost more than the overlap with SQLite
 won.) The event loop (main thread) then fetches the rows to load concurrently (at most `concurrency`
 in flight); a pool of decode threads turns bytes into model inputs and hands each row on (blocking
-when the next stage is behind: backpressure). Subclasses decide what a row's state is, whether to fetch it, and what to
-do with its bytes. Nothing is kept per finished row, so memory stays flat for any manifest length.
+when the next stage is behind: backpressure). Subclasses decide what to do with a row's bytes. Nothing is kept per finished row, so memory stays flat for any manifest length.
+
+What to do with each row (skip and count why, or load it with which Plan) is a `ChunkPlanner`'s call:
+this module's knows only --shard and this run's claims (`check`); encode's (planner.py) also asks the
+index. Both engines of `encode` use that one planner.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from mmprep.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_RUN_FAILED, EXIT_SIGINT, EXIT_SIGTERM, ErrorKind, RowError
+from mmprep.errors import (
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    EXIT_RUN_FAILED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ErrorKind,
+    RowError,
+)
 from mmprep.faults import fault_point
 from mmprep.fetch import Fetched, Fetcher
 from mmprep.keys import cache_key, stored_url
@@ -125,8 +136,91 @@ def bad_line_failure(bad: BadLine) -> FailureRecord:
     )  # fmt: skip
 
 
+class Claims(Protocol):
+    """The keys a run has claimed (is loading, or has planned): each key is loaded once per run."""
+
+    lock: Any  # held while a planner reads the claims and the index together (a context manager)
+
+    def claim(self, key: str) -> bool:
+        """Claim `key`; False when it was claimed already."""
+        ...
+
+    def held(self, keys: list[str | None]) -> list[bool]:
+        """Whether each key is claimed now (None: a bad line, never)."""
+        ...
+
+
+class InflightKeys:
+    """The keys a local run has claimed and not yet finished (a set in memory: it holds rows in flight only)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._keys: set[str] = set()
+
+    def claim(self, key: str) -> bool:
+        with self.lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release(self, keys: Iterable[str]) -> None:
+        """The rows of these keys are finished (committed, failed, or never started): no longer in flight."""
+        with self.lock:
+            self._keys.difference_update(keys)
+
+    def held(self, keys: list[str | None]) -> list[bool]:
+        """Call under `lock` when the answer must agree with another read (the index) made meanwhile."""
+        return [key is not None and key in self._keys for key in keys]
+
+
+class ChunkPlanner:
+    """Decides what a run does with each row of a manifest chunk; this one knows only --shard and the
+    run's claims (a row seen twice is a duplicate). Encode's planner also asks the index (planner.py)."""
+
+    def __init__(self, load: LoadSettings, counters: RunCounters, claims: Claims) -> None:
+        self.load = load
+        self.counters = counters
+        self.claims = claims
+
+    def plan_chunk(self, chunk: list[Record | BadLine]) -> ChunkWork:
+        """Key each row once, classify the chunk in one go, and plan every row this --shard part owns."""
+        keys = keys_of(chunk)
+        self.counters.rows += len(chunk)
+        work = ChunkWork([], [])
+        for item, key, state in zip(chunk, keys, self.classify(keys)):
+            if key is None:
+                failure = bad_line_failure(item)  # type: ignore[arg-type]  # no key: item is a BadLine
+                if self.owns(failure.key):
+                    work.bad_lines.append(failure)
+            elif self.owns(key):
+                plan = self.plan(key, state)
+                if plan is not None:
+                    work.loads.append((item, key, plan))  # type: ignore[arg-type]  # a key: item is a Record
+        return work
+
+    def classify(self, keys: list[str | None]) -> list[Any]:
+        """One state per key (None for a bad line); here only INFLIGHT (claimed already) or None."""
+        with self.claims.lock:
+            return [INFLIGHT if held else None for held in self.claims.held(keys)]
+
+    def plan(self, key: str, state: Any) -> Plan | None:
+        """Whether to load a row (a Plan) or not (None, after counting why)."""
+        if state is INFLIGHT or not self.claims.claim(key):
+            self.counters.duplicates += 1
+            return None
+        return PLAIN
+
+    def owns(self, key: str) -> bool:
+        """Whether this process's --shard part holds `key` (always, without --shard)."""
+        if self.load.shard is None or self.load.shard.owns(key):
+            return True
+        self.counters.other_shard += 1
+        return False
+
+
 class LoadingRun:
-    """Reads manifests and loads rows concurrently; subclasses supply the policy and the sink."""
+    """Reads manifests and loads rows concurrently; `planner` says which, subclasses supply the sink."""
 
     def __init__(self, manifests: list[str], load: LoadSettings, reporter: Any = None) -> None:
         self.manifests = manifests
@@ -136,25 +230,13 @@ class LoadingRun:
         self.counters = RunCounters()
         self.stop_signal: int | None = None
         self.run_error: str | None = None  # set when the run gives up before its end (exit 70)
-        self._inflight: set[str] = set()  # keys claimed by this run and not yet finished
-        self._inflight_lock = threading.Lock()
+        self.claims = InflightKeys()  # keys claimed by this run and not yet finished
+        self.planner = ChunkPlanner(load, self.counters, self.claims)  # encode puts its own in
+        self._count_lock = threading.Lock()  # counters updated from several decode threads
         self._loop: asyncio.AbstractEventLoop | None = None  # produce()'s, while it runs
         self._fetching: set[asyncio.Task[Any]] = set()  # row tasks awaiting their fetch (event loop only)
 
     # -- hooks -------------------------------------------------------------------------------------
-
-    def classify(self, chunk: list[Record | BadLine], keys: list[str | None] | None = None) -> list[Any]:
-        """One state per item (`keys[i]` is None for a bad line); the default knows only this run's in-flight keys."""
-        keys = keys_of(chunk) if keys is None else keys
-        with self._inflight_lock:
-            return [INFLIGHT if key is not None and key in self._inflight else None for key in keys]
-
-    def plan(self, key: str, state: Any) -> Plan | None:
-        """Whether to load a row (a Plan) or not (None, after counting why)."""
-        if state is INFLIGHT or not self.claim(key):
-            self.counters.duplicates += 1
-            return None
-        return PLAIN
 
     def handle(self, record: Record, key: str, fetched: Fetched, plan: Plan) -> None:
         """Decode thread: do the work for one row's bytes; raise RowError for a bad row."""
@@ -169,17 +251,9 @@ class LoadingRun:
 
     # -- shared machinery --------------------------------------------------------------------------
 
-    def claim(self, key: str) -> bool:
-        """Mark `key` as loading in this run; False when another row already claimed it."""
-        with self._inflight_lock:
-            if key in self._inflight:
-                return False
-            self._inflight.add(key)
-            return True
-
-    def release(self, keys: Any) -> None:
-        with self._inflight_lock:
-            self._inflight.difference_update(keys)
+    def release(self, keys: Iterable[str]) -> None:
+        """These rows are finished (or were never started): another row of the same key may load again."""
+        self.claims.release(keys)
 
     async def produce(self) -> None:
         """Run the loading half until the manifests are exhausted or a signal arrives."""
@@ -188,7 +262,7 @@ class LoadingRun:
         slots = asyncio.Semaphore(self.load.concurrency)
         tasks: set[asyncio.Task[None]] = set()
         records = read_manifests(self.manifests, self.load.manifest)
-        chunks = _chunks(records, MANIFEST_CHUNK)
+        chunks = chunked(records, MANIFEST_CHUNK)
         pool = ThreadPoolExecutor(max_workers=self.load.decode_workers, thread_name_prefix="mmprep-decode")
         try:
             async with Fetcher(self.load) as fetcher:
@@ -218,31 +292,12 @@ class LoadingRun:
             pool.shutdown(wait=True)
 
     def _next_chunk(self, chunks: Iterator[list[Record | BadLine]]) -> ChunkWork | None:
-        """Helper thread: read the next chunk, key it, classify it in one lookup, plan each row."""
+        """Helper thread: read the next chunk and plan it (the planner keys and classifies it in one lookup)."""
         chunk = next(chunks, None)
         if chunk is None:
             self.counters.manifests_read = True
             return None
-        keys = keys_of(chunk)
-        self.counters.rows += len(chunk)
-        work = ChunkWork([], [])
-        for item, key, state in zip(chunk, keys, self.classify(chunk, keys)):
-            if key is None:
-                failure = bad_line_failure(item)  # type: ignore[arg-type]  # no key: item is a BadLine
-                if self._owns(failure.key):
-                    work.bad_lines.append(failure)
-            elif self._owns(key):
-                plan = self.plan(key, state)
-                if plan is not None:
-                    work.loads.append((item, key, plan))  # type: ignore[arg-type]  # a key: item is a Record
-        return work
-
-    def _owns(self, key: str) -> bool:
-        """Whether this process's --shard part holds `key` (always, without --shard)."""
-        if self.load.shard is None or self.load.shard.owns(key):
-            return True
-        self.counters.other_shard += 1
-        return False
+        return self.planner.plan_chunk(chunk)
 
     async def _load_row(
         self, record: Record, key: str, plan: Plan, fetcher: Fetcher, pool: ThreadPoolExecutor,
@@ -278,7 +333,7 @@ class LoadingRun:
         """Decode thread: a local file or data URL read, then handled (the event loop only schedules it)."""
         fetched = fetcher.fetch_local(record.url)
         fault_point("after_fetch")
-        with self._inflight_lock:  # counted from several decode threads
+        with self._count_lock:  # counted from several decode threads
             self.counters.bytes_fetched += len(fetched.data)
         self.handle(record, key, fetched, plan)
 
@@ -328,13 +383,18 @@ class LoadingRun:
                     pass
 
     def exit_status(self, rows_failed: bool) -> tuple[str, int]:
-        if self.run_error is not None:
-            return "failed", EXIT_RUN_FAILED
-        if self.stop_signal == signal.SIGINT:
-            return "interrupted", EXIT_SIGINT
-        if self.stop_signal == signal.SIGTERM:
-            return "interrupted", EXIT_SIGTERM
-        return "completed", EXIT_ROWS_FAILED if rows_failed else EXIT_OK
+        return exit_status(self.run_error, self.stop_signal, rows_failed)
+
+
+def exit_status(run_error: str | None, stop_signal: int | None, rows_failed: bool) -> tuple[str, int]:
+    """A run's status and exit code: failed (70) before interrupted (130/143) before rows failed (1)."""
+    if run_error is not None:
+        return "failed", EXIT_RUN_FAILED
+    if stop_signal == signal.SIGINT:
+        return "interrupted", EXIT_SIGINT
+    if stop_signal == signal.SIGTERM:
+        return "interrupted", EXIT_SIGTERM
+    return "completed", EXIT_ROWS_FAILED if rows_failed else EXIT_OK
 
 
 def keys_of(chunk: list[Record | BadLine]) -> list[str | None]:
@@ -342,7 +402,7 @@ def keys_of(chunk: list[Record | BadLine]) -> list[str | None]:
     return [None if isinstance(item, BadLine) else cache_key(item.url) for item in chunk]
 
 
-def _chunks(items: Iterator[Record | BadLine], size: int) -> Iterator[list[Record | BadLine]]:
+def chunked(items: Iterator[Record | BadLine], size: int) -> Iterator[list[Record | BadLine]]:
     """`items` in lists of `size` (the last one shorter); closing this closes `items` (and its file)."""
     chunk: list[Record | BadLine] = []
     for item in items:
