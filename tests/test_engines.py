@@ -95,3 +95,37 @@ def test_the_ray_engine_composes_the_pipelines_parts_instead_of_subclassing_the_
     run = EncodeRun.__init__.__code__.co_names
     assert "EncodePlanner" in run and "CacheWriter" in run
     assert EncodePlanner.__module__ != CacheWriter.__module__
+
+
+def test_the_ray_engine_sizes_actors_and_loading_tasks_to_the_cluster_or_refuses():
+    """Actors that would hold every CPU (the loading tasks then never run: a run that never ends) are
+    given a share instead, and what cannot fit is refused with a line that says what fits."""
+    import pytest
+
+    from mmprep.engines.ray_engine import MIN_ACTOR_CPUS, Sizing, size_pipeline
+    from mmprep.errors import UsageError
+
+    assert size_pipeline({"CPU": 16}, None, 0) == Sizing(1, 1.0, 1.0)  # a CPU each while they fit
+    assert size_pipeline({"CPU": 16}, 4, 0) == Sizing(4, 1.0, 1.0)
+    two = size_pipeline({"CPU": 2}, 2, 0)  # the run that used to wait forever
+    assert two.workers == 2 and 2 * two.actor_cpus + two.load_cpus <= 2 and two.load_cpus > 0
+    assert size_pipeline({"CPU": 1}, None, 0) == Sizing(1, 0.5, 0.5)
+    for cpus in (1, 2, 3, 7, 64):  # shares never add up to more than the cluster has (Ray's 1e-4 precision)
+        for workers in range(1, 4 * cpus):
+            try:
+                size = size_pipeline({"CPU": cpus}, workers, 0)
+            except UsageError:
+                continue
+            assert workers * size.actor_cpus + size.load_cpus <= cpus and size.actor_cpus >= MIN_ACTOR_CPUS
+    assert size_pipeline({"CPU": 8, "GPU": 4}, None, 1).workers == 4  # one per GPU by default
+    assert size_pipeline({"CPU": 8, "GPU": 2}, None, 0.5).workers == 4
+
+    with pytest.raises(UsageError, match=r"--workers 8 encoder actors .* 2 CPUs .*use --workers 7 or fewer"):
+        size_pipeline({"CPU": 2}, 8, 0)
+    size_pipeline({"CPU": 2}, 7, 0)  # what the line offers fits
+    with pytest.raises(UsageError, match=r"--gpus-per-worker 1 needs GPUs, and the Ray cluster has 0"):
+        size_pipeline({"CPU": 8}, None, 1)
+    with pytest.raises(UsageError, match=r"--workers 3 with --gpus-per-worker 1 needs 3 GPUs.*has 2: use --workers 2"):
+        size_pipeline({"CPU": 8, "GPU": 2}, 3, 1)
+    with pytest.raises(UsageError, match=r"has 0 CPUs"):
+        size_pipeline({}, None, 0)

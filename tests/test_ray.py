@@ -1,18 +1,32 @@
 """`mmprep encode --engine ray` on a local 2-CPU Ray: the same cache, failures, exit codes and resume
-behaviour as the local engine, and a worker killed mid-run costs neither rows nor duplicates."""
+behaviour as the local engine, and a worker killed mid-run costs neither rows nor duplicates. The run is
+sized to the cluster (never waits forever), stops on SIGINT/SIGTERM, and `--json` stdout is one document."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
+from typer.testing import CliRunner  # noqa: E402
+
+from _fetch_helpers import LocalServer, image, serve  # noqa: E402
 from conftest import image_bytes  # noqa: E402
+from mmprep.cli import app  # noqa: E402
 from mmprep.store.reader import EmbeddingCache  # noqa: E402
 from mmprep.store.verify import verify_cache  # noqa: E402
 from _cli import NET, encode_json, entry_row, write_manifest  # noqa: E402
@@ -20,6 +34,7 @@ from _cli import NET, encode_json, entry_row, write_manifest  # noqa: E402
 pytestmark = pytest.mark.slow  # a local Ray cluster, actors killed and restarted: minutes
 REPO = Path(__file__).resolve().parent.parent
 N_GOOD = 12
+DEADLINE = 300  # seconds: far beyond any run here; a run still going then is one that would never end
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -179,3 +194,114 @@ def test_an_actor_that_always_dies_fails_the_run_after_the_restart_budget(tmp_pa
     code, again = encode(manifest, tmp_path / "cache", "--engine", "ray")
     assert code == 0 and again["encoded"] == 4 and again["error"] is None
     assert verify_cache(tmp_path / "cache", deep=True).ok
+
+
+@contextlib.contextmanager
+def deadline(seconds: float = DEADLINE) -> Iterator[None]:
+    """SIGTERM this process after `seconds`: a Ray run that would wait forever stops (exit 143, the test
+    fails on it) instead of hanging the test session."""
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def when_requested(server: LocalServer, path: str, then: Any) -> threading.Thread:
+    """Call `then()` once `server` has seen a request for `path` (or after DEADLINE)."""
+
+    def watch() -> None:
+        end = time.monotonic() + DEADLINE
+        while path not in server.paths() and time.monotonic() < end:
+            time.sleep(0.05)
+        then()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def stalling_server(n: int) -> Iterator[tuple[LocalServer, list[str], str, threading.Event]]:
+    """`n` images, and /stall: a response held back until the event is set (at most 10 minutes)."""
+    release = threading.Event()
+
+    def stall(h: Any) -> None:
+        release.wait(600)
+        h.reply(200, image_bytes("RGB", (30, 30), "PNG", 77), {"Content-Type": "image/png"})
+
+    with serve() as server:
+        for i in range(n):
+            server.routes[f"/{i}.png"] = image(image_bytes("RGB", (24 + i, 20), "PNG", i))
+        server.routes["/stall.png"] = stall
+        try:
+            yield server, [server.url(f"/{i}.png") for i in range(n)], server.url("/stall.png"), release
+        finally:
+            release.set()
+
+
+def test_as_many_cpu_actors_as_the_cluster_has_cpus_still_finish(tmp_path, image_server):
+    """Two 1-CPU actors on a 2-CPU Ray used to leave no CPU for the loading tasks: the run never ended.
+    The actors are now sized to leave the loading room; what cannot fit is refused at start."""
+    urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(6)]
+    manifest = Path(write_manifest(tmp_path / "m.jsonl", urls))
+    with deadline():
+        code, summary = encode(manifest, tmp_path / "cache", "--engine", "ray", "--workers", "2")
+    assert (code, summary["status"], summary["encoded"]) == (0, "completed", 6)
+    assert verify_cache(tmp_path / "cache", deep=True).ok
+
+    refuse = ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "other"), *NET,
+              "--engine", "ray", "--progress", "none"]  # fmt: skip
+    result = CliRunner().invoke(app, [*refuse, "--workers", "9"])
+    assert result.exit_code == 2
+    assert "--workers 9 encoder actors and the loading tasks do not fit in the Ray cluster's 2 CPUs" in result.output
+    assert "use --workers 7 or fewer" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*refuse, "--gpus-per-worker", "1"])
+    assert result.exit_code == 2 and "--gpus-per-worker 1 needs GPUs, and the Ray cluster has 0" in result.output
+    assert not (tmp_path / "other" / "index.sqlite").exists()
+
+
+def test_sigterm_stops_a_ray_run_that_waits_on_a_fetch_and_keeps_what_was_committed(tmp_path):
+    with stalling_server(4) as (server, urls, stalled, release):
+        cache = tmp_path / "cache"
+        assert encode(Path(write_manifest(tmp_path / "first.jsonl", urls)), cache, "--engine", "ray")[1]["encoded"] == 4
+        manifest = Path(write_manifest(tmp_path / "m.jsonl", [*urls, stalled]))
+        when_requested(server, "/stall.png", lambda: os.kill(os.getpid(), signal.SIGTERM))
+        with deadline():
+            code, summary = encode(manifest, cache, "--engine", "ray", "--timeout", "900")
+        assert not release.is_set()  # it returned while the fetch was still held back: the stop did not wait for it
+        assert (code, summary["exit_code"], summary["status"]) == (143, 143, "interrupted")
+        assert (summary["cached"], summary["encoded"], summary["failed"]) == (4, 0, 0)
+        assert len(cache_contents(cache)) == 4 and verify_cache(cache, deep=True).ok
+        assert not list(cache.glob(".ray-*"))
+
+
+def test_the_cli_on_its_own_ray_stops_on_sigint_and_prints_one_json_document(tmp_path, mmprep_home):
+    """`python -m mmprep encode --engine ray --json` with mmprep's own local Ray: SIGINT while a fetch is
+    held back ends it (130, what was committed kept); a rerun with an encoder actor killed mid-run (Ray
+    reports the dead worker) finishes. Each time stdout is exactly one JSON document: Ray writes to stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MMPREP_HOME": mmprep_home}
+    with stalling_server(4) as (server, urls, stalled, release):
+        manifest = write_manifest(tmp_path / "m.jsonl", [*urls, stalled])
+        args = [sys.executable, "-m", "mmprep", "encode", manifest, "--model", "builtin:tiny-clip", "--out",
+                str(tmp_path / "cache"), *NET, "--engine", "ray", "--timeout", "900", "--json", "--progress", "none"]
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        when_requested(server, "/stall.png", lambda: proc.send_signal(signal.SIGINT))
+        out, errors = proc.communicate(timeout=DEADLINE)
+        assert not release.is_set()
+        assert proc.returncode == 130, errors[-3000:]
+        summary = json.loads(out)  # the whole of stdout: one document, nothing before or after
+        assert (summary["status"], summary["exit_code"], summary["encoded"]) == ("interrupted", 130, 0)
+        assert "interrupted:" in errors and "Started a local Ray instance" in errors  # Ray's own lines: stderr
+        release.set()
+
+        fired = tmp_path / "fault-fired"
+        rerun = subprocess.run(
+            [*args, "--workers", "2", "--shard-size", "256"], cwd=tmp_path, capture_output=True, text=True,
+            timeout=DEADLINE, env={**env, "MMPREP_FAULT": "in_encode", "MMPREP_FAULT_ONCE": str(fired)},
+        )  # fmt: skip
+        assert fired.exists() and rerun.returncode == 0, rerun.stderr[-3000:]
+        again = json.loads(rerun.stdout)
+        assert (again["status"], again["encoded"], again["failed"]) == ("completed", 5, 0)
+    assert len(cache_contents(tmp_path / "cache")) == 5

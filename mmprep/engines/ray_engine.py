@@ -13,6 +13,13 @@ The cache dir must be on a file system every node shares. An encoder actor that 
 Ray and its batch retried, up to `worker_restarts` times; a shard it wrote but never reported is
 adopted (and deduplicated) at the end. Past that (a batch that kills every actor, say by running it
 out of memory) the run stops as "failed" (exit 70) instead of retrying forever; what it committed stays.
+
+The actors and the loading tasks are sized to the cluster's CPUs and GPUs (`size_pipeline`): actors
+that would hold every CPU would leave the loading tasks waiting forever; what cannot fit is refused at
+start. SIGINT/SIGTERM set a flag that the driver polls while it waits on Ray (the model loading, the
+results), so a run stops within a poll, commits nothing more and shuts down the Ray it started. Ray
+prints notices on sys.stdout from a thread of its own: stdout is redirected to stderr for as long as
+that Ray is up, so that `--json` stdout is the summary alone.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
+import queue
 import shutil
 import signal
 import sqlite3
@@ -32,6 +41,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +67,8 @@ ENCODE_ROWS = 256  # rows per actor call; the actor runs forwards of --batch-siz
 TODO_FILE_ROWS = 100_000  # rows per planned-work file
 WORKDIR_PREFIX = ".ray-"  # <cache>/.ray-<run_id>/: the planned rows of a run, removed at its end
 FORWARDED_ENV = ("MMPREP_", "HF_", "TRANSFORMERS_")  # driver environment the workers need too
+MIN_ACTOR_CPUS = 0.25  # the smallest CPU share an encoder actor is sized down to on a small cluster
+STOP_POLL = 0.2  # seconds between the driver's looks at the stop flag while it waits on Ray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,29 +81,139 @@ class ModelFacts:
     description: dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+    """How many encoder actors, and the CPUs each actor and each loading task asks Ray for."""
+
+    workers: int
+    actor_cpus: float
+    load_cpus: float
+
+
+def size_pipeline(resources: Mapping[str, float], workers: int | None, gpus_per_worker: float) -> Sizing:
+    """Fit the encoder actors and at least one loading task into the cluster's CPUs and GPUs (Ray's
+    logical resources); UsageError when they cannot fit, instead of a pipeline that waits forever for a
+    CPU its own actors hold. An actor asks for one CPU, a loading task for one, while they fit; on a
+    smaller cluster both ask for a share (an actor at least MIN_ACTOR_CPUS)."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    if gpus_per_worker:
+        fit = int(gpus / gpus_per_worker + 1e-9)
+        if fit < 1:
+            raise UsageError(f"--gpus-per-worker {gpus_per_worker:g} needs GPUs, and the Ray cluster has {gpus:g}; "
+                             "pass --gpus-per-worker 0 for CPU encoder actors")  # fmt: skip
+        if workers is not None and workers > fit:
+            raise UsageError(f"--workers {workers} with --gpus-per-worker {gpus_per_worker:g} needs "
+                             f"{workers * gpus_per_worker:g} GPUs, and the Ray cluster has {gpus:g}: "
+                             f"use --workers {fit} or fewer")  # fmt: skip
+        workers = fit if workers is None else workers
+    workers = 1 if workers is None else workers
+    load_cpus, actor_cpus = _cpu_shares(cpus, workers)
+    if actor_cpus < MIN_ACTOR_CPUS:
+        most = 0
+        while _cpu_shares(cpus, most + 1)[1] >= MIN_ACTOR_CPUS:
+            most += 1
+        if most == 0:
+            raise UsageError(f"the Ray cluster has {cpus:g} CPUs: too few for an encoder actor "
+                             f"({MIN_ACTOR_CPUS:g} CPU at least) and the loading tasks")  # fmt: skip
+        raise UsageError(f"--workers {workers} encoder actors and the loading tasks do not fit in the Ray cluster's "
+                         f"{cpus:g} CPUs (an actor needs {MIN_ACTOR_CPUS:g} CPU at least): use --workers {most} "
+                         "or fewer")  # fmt: skip
+    return Sizing(workers, actor_cpus, load_cpus)
+
+
+def _cpu_shares(cpus: float, workers: int) -> tuple[float, float]:
+    """(a loading task's CPUs, an actor's CPUs): one each while they fit, else equal shares; rounded down
+    to Ray's resource precision so that they never add up to more than the cluster has."""
+    load = min(1.0, cpus / (workers + 1))
+    actor = min(1.0, (cpus - load) / workers)
+    return math.floor(load * 1e4) / 1e4, math.floor(actor * 1e4) / 1e4
+
+
+class StopFlag:
+    """The first SIGINT or SIGTERM of a Ray run; set by the signal handlers, read by the driver's loops."""
+
+    def __init__(self, reporter: Any = None) -> None:
+        self.signum: int | None = None
+        self.reporter = reporter
+
+    def set(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.reporter is not None:
+                self.reporter.note("stopping: committing what the workers reported and shutting them down…")
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[Callable[[], None]]:
+        """SIGINT and SIGTERM set the flag while inside (main thread only); yields a function that puts
+        the handlers back in place (ray.init replaces the driver's SIGTERM handler)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield lambda: None
+            return
+        signums = (signal.SIGINT, signal.SIGTERM)
+
+        def install() -> None:
+            for signum in signums:
+                signal.signal(signum, lambda got, _frame: self.set(got))
+
+        before = {signum: signal.getsignal(signum) for signum in signums}
+        install()
+        try:
+            yield install
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
+
+    def wait(self, ref: Any) -> Any:
+        """ray.get(ref), unless a signal comes first (then None)."""
+        import ray
+
+        while self.signum is None:
+            ready, _ = ray.wait([ref], timeout=STOP_POLL)
+            if ready:
+                return ray.get(ready[0])
+        return None
+
+
 def run_ray(
     manifests: list[str], settings: Settings, *, address: str | None = None, workers: int | None = None,
     gpus_per_worker: float = 0, worker_restarts: int = RAY_WORKER_RESTARTS, reporter: Any = None,
     lock: WriterLock | None = None,
 ) -> RunSummary:  # fmt: skip
     """Run `mmprep encode` as a Ray Data pipeline on the cluster at `address` (None: RAY_ADDRESS or a local Ray);
-    `lock`: the cache's writer lock when the caller took it already."""
+    `lock`: the cache's writer lock when the caller took it already. A Ray this call starts (or joins) is
+    shut down before it returns: its workers stop, and Ray prints nothing after the summary."""
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise UsageError("--engine ray needs Ray Data: pip install 'mmprep[ray]'") from exc
-    with contextlib.redirect_stdout(sys.stderr):  # Ray prints notices on stdout; --json owns stdout
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        remote_args: dict[str, Any] = {"runtime_env": {"env_vars": _forwarded_env()}}
-        describe = ray.remote(_describe_model).options(num_gpus=gpus_per_worker, **remote_args)
-        facts = ray.get(describe.remote(settings.model, pixel_options(settings.load)))
-        if workers is None:
-            gpus = ray.cluster_resources().get("GPU", 0)
-            workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1
-        return RayEncodeRun(manifests, settings, facts, reporter, workers, gpus_per_worker, worker_restarts,
-                            remote_args, lock).run()  # fmt: skip
+    stop = StopFlag(reporter)
+    owned = not ray.is_initialized()
+    # Ray prints notices (its "(raylet)" lines among them) on sys.stdout from a thread of its own: --json owns stdout
+    with contextlib.redirect_stdout(sys.stderr), stop.catching() as reinstall:
+        try:
+            if owned:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                reinstall()
+            sizing = size_pipeline(ray.cluster_resources(), workers, gpus_per_worker)
+            remote_args: dict[str, Any] = {"runtime_env": {"env_vars": _forwarded_env()}}
+            describe = ray.remote(_describe_model).options(num_cpus=sizing.actor_cpus, num_gpus=gpus_per_worker,
+                                                           **remote_args)  # fmt: skip
+            facts = stop.wait(describe.remote(settings.model, pixel_options(settings.load)))
+            if facts is None:  # stopped while the model loaded: nothing was written
+                return _interrupted_before_start(settings, stop.signum)
+            return RayEncodeRun(manifests, settings, facts, reporter, sizing, gpus_per_worker, worker_restarts,
+                                remote_args, lock, stop).run()  # fmt: skip
+        finally:
+            if owned:
+                ray.shutdown()  # stops this run's tasks and actors, and Ray's notice thread (inside the redirect)
+
+
+def _interrupted_before_start(settings: Settings, signum: int | None) -> RunSummary:
+    """The summary of a run stopped before its model was known (nothing written to the cache)."""
+    status, code = exit_status(None, signum, False)
+    return summarize(RunCounters(), run_id=new_run_id(), model=settings.model.name, fingerprint="", status=status,
+                     exit_code=code, layout=CacheLayout(settings.out), error=None, other_decodes=[])  # fmt: skip
 
 
 class RayEncodeRun:
@@ -99,21 +221,23 @@ class RayEncodeRun:
     the CacheWriter commits what comes back (the same planner and writer as the local engine's)."""
 
     def __init__(
-        self, manifests: list[str], settings: Settings, facts: ModelFacts, reporter: Any, workers: int,
+        self, manifests: list[str], settings: Settings, facts: ModelFacts, reporter: Any, sizing: Sizing,
         gpus_per_worker: float, worker_restarts: int, remote_args: dict[str, Any], lock: WriterLock | None = None,
+        stop: StopFlag | None = None,
     ) -> None:  # fmt: skip
+        """`stop`: set by SIGINT/SIGTERM (run_ray catches them from before Ray starts)."""
         self.manifests = manifests
         self.settings = settings
         self.facts = facts
         self.reporter = reporter
-        self.workers = workers
+        self.sizing = sizing
         self.gpus_per_worker = gpus_per_worker
         self.worker_restarts = worker_restarts
         self.remote_args = remote_args
         self.lock = lock
         self.run_id = new_run_id()
         self.counters = RunCounters()
-        self.stop_signal: int | None = None
+        self.stop = stop or StopFlag(reporter)
         self.run_error: str | None = None  # set when the run gives up before its end (exit 70)
         self.other_decodes: list[dict[str, Any]] = []
         self.layout = CacheLayout(settings.out)
@@ -126,18 +250,18 @@ class RayEncodeRun:
     def run(self) -> RunSummary:
         """Run to completion (or until SIGINT/SIGTERM), commit what the workers report, return the summary."""
         held = self.lock is not None and self.lock.held
-        with contextlib.nullcontext() if held else WriterLock(self.layout.root, wait=self.settings.wait_lock):
+        locked = contextlib.nullcontext() if held else WriterLock(self.layout.root, wait=self.settings.wait_lock)
+        with locked, self.stop.catching():  # Ctrl-C / SIGTERM: stop, keep what is committed
             try:
                 return self._run_locked()
             except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the run ends as failed)
                 raise CacheWriteError(cache_write_message(exc)) from exc
 
-    def on_signal(self, signum: int) -> None:
-        """Stop planning and committing; what is committed stays, a rerun picks up the rest."""
-        if self.stop_signal is None:
-            self.stop_signal = signum
-            if self.reporter is not None:
-                self.reporter.note("stopping: finishing the in-flight rows and flushing…")
+    @property
+    def stop_signal(self) -> int | None:
+        """SIGINT or SIGTERM once the run was told to stop: it stops planning and committing within a
+        poll; what is committed stays, and a rerun picks up the rest."""
+        return self.stop.signum
 
     def _run_locked(self) -> RunSummary:
         for stale in self.layout.root.glob(WORKDIR_PREFIX + "*"):  # a crashed driver's (we hold the lock)
@@ -145,9 +269,6 @@ class RayEncodeRun:
         writer = self.writer.begin()  # adopts a crashed run's written-but-unindexed shards
         planned = PlannedKeys()
         planner = EncodePlanner(self.settings, self.layout, self.facts.fingerprint, self.run_id, self.counters, planned)
-        handlers: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop, keep what is committed
-            handlers = {s: signal.signal(s, lambda signum, _frame: self.on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.reporter is not None:
             self.reporter.start(self.counters, self.manifests)
         try:
@@ -161,17 +282,21 @@ class RayEncodeRun:
             todo = self._plan_rows(planner)
             if todo and self.stop_signal is None:
                 self._run_pipeline(todo)
-            writer.adopt_orphans()  # shards of workers that died before reporting them
+            if self.stop_signal is None:  # (after a stop, workers may still be writing: the next run adopts theirs)
+                writer.adopt_orphans()  # shards of workers that died before reporting them
         finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+            self._close(writer, planner, planned)
+        return self._finish()
+
+    def _close(self, writer: CacheWriter, planner: EncodePlanner, planned: PlannedKeys) -> None:
+        try:
             if self.reporter is not None:
                 self.reporter.stop(self.counters)
+        finally:
             writer.close()
             planner.close()
             planned.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return self._finish()
 
     def _plan_rows(self, planner: EncodePlanner) -> list[str]:
         """Plan the manifests chunk by chunk; write the rows to load into JSONL files; return their paths."""
@@ -211,9 +336,10 @@ class RayEncodeRun:
 
         ray.data.DataContext.get_current().enable_progress_bars = self.settings.progress == "bar"
         s = self.settings
-        dataset = ray.data.read_text(todo).map_batches(
+        size = self.sizing
+        dataset = ray.data.read_text(todo, num_cpus=size.load_cpus).map_batches(
             load_rows, fn_kwargs={"load": s.load, "model": s.model}, batch_size=LOAD_ROWS, batch_format="pyarrow",
-            num_cpus=1, **self.remote_args,
+            num_cpus=size.load_cpus, **self.remote_args,
         ).map_batches(
             EncodeActor,
             fn_constructor_kwargs={
@@ -221,8 +347,8 @@ class RayEncodeRun:
                 "fingerprint": self.facts.fingerprint,
                 "run_id": self.run_id, "shard_bytes": s.shard_bytes,
             },
-            batch_size=ENCODE_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.workers),
-            num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=self.worker_restarts,
+            batch_size=ENCODE_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size.workers),
+            num_cpus=size.actor_cpus, num_gpus=self.gpus_per_worker, max_restarts=self.worker_restarts,
             max_task_retries=self.worker_restarts, **self.remote_args,
         )  # fmt: skip
         try:
@@ -236,7 +362,7 @@ class RayEncodeRun:
         """Commit each shard the actors describe, record each failure and each refresh that kept its
         entry, as the results stream in."""
         writer = self.writer
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in self._results(dataset):
             for out in batch.to_pylist():
                 self.counters.bytes_fetched += out["bytes_fetched"]
                 if out["failure"] is not None:
@@ -251,6 +377,39 @@ class RayEncodeRun:
             writer.flush()
             if self.stop_signal is not None:
                 break  # what is committed stays; the rest is picked up by a rerun
+
+    def _results(self, dataset: Any) -> Iterator[Any]:
+        """The pipeline's result batches, read by a helper thread so that a signal stops the driver
+        within STOP_POLL seconds even while Ray has nothing to give; errors are raised here."""
+        results: queue.Queue[Any] = queue.Queue(maxsize=2)
+        done = object()
+
+        def read() -> None:
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    while True:
+                        if self.stop_signal is not None:
+                            return  # leaving the iterator shuts the pipeline down
+                        try:
+                            results.put(batch, timeout=STOP_POLL)
+                            break
+                        except queue.Full:
+                            pass
+                results.put(done)
+            except BaseException as exc:  # handed to the driver
+                results.put(exc)
+
+        threading.Thread(target=read, name="mmprep-ray-results", daemon=True).start()
+        while self.stop_signal is None:
+            try:
+                item = results.get(timeout=STOP_POLL)
+            except queue.Empty:
+                continue
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _finish(self) -> RunSummary:
         status, code = exit_status(self.run_error, self.stop_signal, self.counters.new_failures > 0)
