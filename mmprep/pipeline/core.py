@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -402,7 +402,7 @@ def keys_of(chunk: list[Record | BadLine]) -> list[str | None]:
     return [None if isinstance(item, BadLine) else cache_key(item.url) for item in chunk]
 
 
-def chunked(items: Iterator[Record | BadLine], size: int) -> Iterator[list[Record | BadLine]]:
+def chunked(items: Iterator[Record | BadLine], size: int) -> Generator[list[Record | BadLine], None, None]:
     """`items` in lists of `size` (the last one shorter); closing this closes `items` (and its file)."""
     chunk: list[Record | BadLine] = []
     for item in items:
