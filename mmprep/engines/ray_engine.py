@@ -266,12 +266,18 @@ class RayEncodeRun:
     def _run_locked(self) -> RunSummary:
         for stale in self.layout.root.glob(WORKDIR_PREFIX + "*"):  # a crashed driver's (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        writer = self.writer.begin()  # adopts a crashed run's written-but-unindexed shards
-        planned = PlannedKeys()
-        planner = EncodePlanner(self.settings, self.layout, self.facts.fingerprint, self.run_id, self.counters, planned)
-        if self.reporter is not None:
-            self.reporter.start(self.counters, self.manifests)
-        try:
+        with contextlib.ExitStack() as cleanup:  # closed in reverse order, whatever happens
+            planned = PlannedKeys()
+            cleanup.callback(planned.close)
+            writer = self.writer.begin()  # adopts a crashed run's written-but-unindexed shards
+            cleanup.callback(writer.close)
+            planner = EncodePlanner(self.settings, self.layout, self.facts.fingerprint, self.run_id, self.counters,
+                                    planned)  # fmt: skip
+            cleanup.callback(planner.close)
+            cleanup.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+            if self.reporter is not None:
+                self.reporter.start(self.counters, self.manifests)
+                cleanup.callback(self.reporter.stop, self.counters)
             f = self.facts
             writer.register_model(f.family, f.description)
             self.other_decodes = writer.other_decodes(str(f.description.get("base_fingerprint", f.fingerprint)))
@@ -284,19 +290,7 @@ class RayEncodeRun:
                 self._run_pipeline(todo)
             if self.stop_signal is None:  # (after a stop, workers may still be writing: the next run adopts theirs)
                 writer.adopt_orphans()  # shards of workers that died before reporting them
-        finally:
-            self._close(writer, planner, planned)
         return self._finish()
-
-    def _close(self, writer: CacheWriter, planner: EncodePlanner, planned: PlannedKeys) -> None:
-        try:
-            if self.reporter is not None:
-                self.reporter.stop(self.counters)
-        finally:
-            writer.close()
-            planner.close()
-            planned.close()
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _plan_rows(self, planner: EncodePlanner) -> list[str]:
         """Plan the manifests chunk by chunk; write the rows to load into JSONL files; return their paths."""
@@ -304,7 +298,8 @@ class RayEncodeRun:
         paths: list[str] = []
         todo, in_file = None, 0
         try:
-            with contextlib.closing(chunked(read_manifests(self.manifests, self.settings.load.manifest), MANIFEST_CHUNK)) as chunks:
+            records = read_manifests(self.manifests, self.settings.load.manifest)
+            with contextlib.closing(chunked(records, MANIFEST_CHUNK)) as chunks:
                 for chunk in chunks:
                     if self.stop_signal is not None:
                         break

@@ -6,7 +6,8 @@ that need no fetch (a cached rerun) never touch the event loop. (A separate read
 ahead measured slower: two threads of Python work on the GIL cost more than the overlap with SQLite
 won.) The event loop (main thread) then fetches the rows to load concurrently (at most `concurrency`
 in flight); a pool of decode threads turns bytes into model inputs and hands each row on (blocking
-when the next stage is behind: backpressure). Subclasses decide what to do with a row's bytes. Nothing is kept per finished row, so memory stays flat for any manifest length.
+when the next stage is behind: backpressure). Subclasses decide what to do with a row's bytes.
+Nothing is kept per finished row, so memory stays flat for any manifest length.
 
 What to do with each row (skip and count why, or load it with which Plan) is a `ChunkPlanner`'s call:
 this module's knows only --shard and this run's claims (`check`); encode's (planner.py) also asks the

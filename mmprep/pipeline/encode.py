@@ -90,7 +90,9 @@ class EncodeRun(LoadingRun):
         self.encoder = encoder  # .name, .family, .fingerprint and .preprocess work before the weights are loaded
         self.layout = CacheLayout(settings.out)
         self.fingerprint = encoder.fingerprint
-        self.planner: EncodePlanner = EncodePlanner(settings, self.layout, self.fingerprint, self.run_id, self.counters, self.claims)
+        self.planner: EncodePlanner = EncodePlanner(
+            settings, self.layout, self.fingerprint, self.run_id, self.counters, self.claims
+        )
         self.writer = CacheWriter(
             self.layout, self.fingerprint, encoder.name, self.run_id, self.counters, self.planner.failures.depends,
             release=self.release,

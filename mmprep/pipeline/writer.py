@@ -145,7 +145,8 @@ class CacheWriter:
 
     def commit_shard(self, written: WrittenShard, dedup: int = 0) -> None:
         """Index a durable shard written by this process; `dedup`: how many of its entries are content copies."""
-        self.commit_rows(written.name, written.nbytes, written.sha256, entry_rows(written, self.fingerprint, self.run_id))
+        rows = entry_rows(written, self.fingerprint, self.run_id)
+        self.commit_rows(written.name, written.nbytes, written.sha256, rows)
         self.counters.committed_dedup += dedup
 
     def commit_rows(self, name: str, nbytes: int, sha256: str, rows: Sequence[tuple[Any, ...]]) -> None:
