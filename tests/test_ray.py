@@ -224,7 +224,9 @@ def when_requested(server: LocalServer, path: str, then: Any) -> threading.Threa
 
 @contextlib.contextmanager
 def stalling_server(n: int) -> Iterator[tuple[LocalServer, list[str], str, threading.Event]]:
-    """`n` images, and /stall: a response held back until the event is set (at most 10 minutes)."""
+    """`n` images, and /stall.png: a response held back until the event is set. The fetcher gives up on it
+    (read timeout, retries) as a `timeout` failure well under a minute later: a run that records no
+    failure stopped before that."""
     release = threading.Event()
 
     def stall(h: Any) -> None:
@@ -270,9 +272,8 @@ def test_sigterm_stops_a_ray_run_that_waits_on_a_fetch_and_keeps_what_was_commit
         when_requested(server, "/stall.png", lambda: os.kill(os.getpid(), signal.SIGTERM))
         with deadline():
             code, summary = encode(manifest, cache, "--engine", "ray", "--timeout", "900")
-        assert not release.is_set()  # it returned while the fetch was still held back: the stop did not wait for it
         assert (code, summary["exit_code"], summary["status"]) == (143, 143, "interrupted")
-        assert (summary["cached"], summary["encoded"], summary["failed"]) == (4, 0, 0)
+        assert (summary["cached"], summary["encoded"], summary["failed"]) == (4, 0, 0)  # it did not wait for the fetch
         assert len(cache_contents(cache)) == 4 and verify_cache(cache, deep=True).ok
         assert not list(cache.glob(".ray-*"))
 
@@ -289,10 +290,10 @@ def test_the_cli_on_its_own_ray_stops_on_sigint_and_prints_one_json_document(tmp
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         when_requested(server, "/stall.png", lambda: proc.send_signal(signal.SIGINT))
         out, errors = proc.communicate(timeout=DEADLINE)
-        assert not release.is_set()
         assert proc.returncode == 130, errors[-3000:]
         summary = json.loads(out)  # the whole of stdout: one document, nothing before or after
-        assert (summary["status"], summary["exit_code"], summary["encoded"]) == ("interrupted", 130, 0)
+        assert (summary["status"], summary["exit_code"]) == ("interrupted", 130)
+        assert (summary["encoded"], summary["failed"]) == (0, 0)  # it did not wait for the fetch
         assert "interrupted:" in errors and "Started a local Ray instance" in errors  # Ray's own lines: stderr
         release.set()
 
