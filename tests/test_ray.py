@@ -243,15 +243,25 @@ def stalling_server(n: int) -> Iterator[tuple[LocalServer, list[str], str, threa
             release.set()
 
 
-def test_as_many_cpu_actors_as_the_cluster_has_cpus_still_finish(tmp_path, image_server):
+def test_a_run_sized_to_the_cluster_finishes_and_sigterm_stops_one_that_waits_on_a_fetch(tmp_path):
     """Two 1-CPU actors on a 2-CPU Ray used to leave no CPU for the loading tasks: the run never ended.
-    The actors are now sized to leave the loading room; what cannot fit is refused at start."""
-    urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(6)]
-    manifest = Path(write_manifest(tmp_path / "m.jsonl", urls))
-    with deadline():
-        code, summary = encode(manifest, tmp_path / "cache", "--engine", "ray", "--workers", "2")
-    assert (code, summary["status"], summary["encoded"]) == (0, "completed", 6)
-    assert verify_cache(tmp_path / "cache", deep=True).ok
+    The actors are now sized to leave the loading room, and what cannot fit is refused at start. A run
+    waiting on a fetch stops on SIGTERM (143) and keeps what was committed."""
+    with stalling_server(6) as (server, urls, stalled, release):
+        cache = tmp_path / "cache"
+        with deadline():
+            code, summary = encode(Path(write_manifest(tmp_path / "first.jsonl", urls)), cache, "--engine", "ray",
+                                   "--workers", "2")  # fmt: skip
+        assert (code, summary["status"], summary["encoded"]) == (0, "completed", 6)
+
+        manifest = Path(write_manifest(tmp_path / "m.jsonl", [*urls, stalled]))
+        when_requested(server, "/stall.png", lambda: os.kill(os.getpid(), signal.SIGTERM))
+        with deadline():
+            code, summary = encode(manifest, cache, "--engine", "ray", "--workers", "2", "--timeout", "900")
+        assert (code, summary["exit_code"], summary["status"]) == (143, 143, "interrupted")
+        assert (summary["cached"], summary["encoded"], summary["failed"]) == (6, 0, 0)  # it did not wait for the fetch
+        assert len(cache_contents(cache)) == 6 and verify_cache(cache, deep=True).ok
+        assert not list(cache.glob(".ray-*"))
 
     refuse = ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "other"), *NET,
               "--engine", "ray", "--progress", "none"]  # fmt: skip
@@ -262,20 +272,6 @@ def test_as_many_cpu_actors_as_the_cluster_has_cpus_still_finish(tmp_path, image
     result = CliRunner().invoke(app, [*refuse, "--gpus-per-worker", "1"])
     assert result.exit_code == 2 and "--gpus-per-worker 1 needs GPUs, and the Ray cluster has 0" in result.output
     assert not (tmp_path / "other" / "index.sqlite").exists()
-
-
-def test_sigterm_stops_a_ray_run_that_waits_on_a_fetch_and_keeps_what_was_committed(tmp_path):
-    with stalling_server(4) as (server, urls, stalled, release):
-        cache = tmp_path / "cache"
-        assert encode(Path(write_manifest(tmp_path / "first.jsonl", urls)), cache, "--engine", "ray")[1]["encoded"] == 4
-        manifest = Path(write_manifest(tmp_path / "m.jsonl", [*urls, stalled]))
-        when_requested(server, "/stall.png", lambda: os.kill(os.getpid(), signal.SIGTERM))
-        with deadline():
-            code, summary = encode(manifest, cache, "--engine", "ray", "--timeout", "900")
-        assert (code, summary["exit_code"], summary["status"]) == (143, 143, "interrupted")
-        assert (summary["cached"], summary["encoded"], summary["failed"]) == (4, 0, 0)  # it did not wait for the fetch
-        assert len(cache_contents(cache)) == 4 and verify_cache(cache, deep=True).ok
-        assert not list(cache.glob(".ray-*"))
 
 
 def test_the_cli_on_its_own_ray_stops_on_sigint_and_prints_one_json_document(tmp_path, mmprep_home):
