@@ -88,7 +88,9 @@ def test_the_ray_engine_composes_the_pipelines_parts_instead_of_subclassing_the_
     private = {  # x._name where x is not self: another object's private attribute
         node.attr
         for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
         and not (isinstance(node.value, ast.Name) and node.value.id == "self")
     }
     assert private <= {"_asdict"}, private  # (a NamedTuple's public method)

@@ -282,7 +282,7 @@ def test_the_cli_on_its_own_ray_stops_on_sigint_and_prints_one_json_document(tmp
     with stalling_server(4) as (server, urls, stalled, release):
         manifest = write_manifest(tmp_path / "m.jsonl", [*urls, stalled])
         args = [sys.executable, "-m", "mmprep", "encode", manifest, "--model", "builtin:tiny-clip", "--out",
-                str(tmp_path / "cache"), *NET, "--engine", "ray", "--timeout", "900", "--json", "--progress", "none"]
+                str(tmp_path / "cache"), *NET, "--engine", "ray", "--timeout", "900", "--json", "--progress", "none"]  # fmt: skip
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         when_requested(server, "/stall.png", lambda: proc.send_signal(signal.SIGINT))
         out, errors = proc.communicate(timeout=DEADLINE)
