@@ -22,14 +22,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from typer.testing import CliRunner  # noqa: E402
-
-from _fetch_helpers import LocalServer, image, serve  # noqa: E402
+from _http import LocalServer, image, serve  # noqa: E402
 from conftest import image_bytes  # noqa: E402
-from mmprep.cli import app  # noqa: E402
 from mmprep.store.reader import EmbeddingCache  # noqa: E402
 from mmprep.store.verify import verify_cache  # noqa: E402
-from _cli import NET, encode_json, entry_row, write_manifest  # noqa: E402
+from _cli import NET, cli, encode_json, entry_row, write_manifest  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a local Ray cluster, actors killed and restarted: minutes
 REPO = Path(__file__).resolve().parent.parent
@@ -265,11 +262,11 @@ def test_a_run_sized_to_the_cluster_finishes_and_sigterm_stops_one_that_waits_on
 
     refuse = ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "other"), *NET,
               "--engine", "ray", "--progress", "none"]  # fmt: skip
-    result = CliRunner().invoke(app, [*refuse, "--workers", "9"])
+    result = cli(*refuse, "--workers", "9")
     assert result.exit_code == 2
     assert "--workers 9 encoder actors and the loading tasks do not fit in the Ray cluster's 2 CPUs" in result.output
     assert "use --workers 7 or fewer" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, [*refuse, "--gpus-per-worker", "1"])
+    result = cli(*refuse, "--gpus-per-worker", "1")
     assert result.exit_code == 2 and "--gpus-per-worker 1 needs GPUs, and the Ray cluster has 0" in result.output
     assert not (tmp_path / "other" / "index.sqlite").exists()
 
