@@ -1,4 +1,4 @@
-"""`mmprep rewrite`: hand the cache to a running server by rewriting its requests (mmprep/rewrite.py)."""
+"""`mmprep rewrite`: hand the cache to a running server by rewriting its requests (mmprep/serving/rewrite.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def rewrite(
 ) -> None:
     """Rewrite requests so the server gets cached images as embeddings; exit 0 when every image was replaced, 1 when not."""
     from mmprep.manifest import check_readable, manifest_format
-    from mmprep.rewrite import RequestRewriter, open_output
+    from mmprep.serving.rewrite import RequestRewriter, open_output
     from mmprep.store.reader import EmbeddingCache
 
     cache_dir = cache_dir_of(cache)

@@ -46,7 +46,7 @@ from mmprep.store.lock import WriterLock
 from mmprep.store.reader import EmbeddingCache
 from mmprep.store.rebuild import adopt_orphans
 from mmprep.store.shards import ShardEntry, ShardWriter
-from mmprep.vllm_hash import vllm_image_identifier
+from mmprep.serving.vllm_hash import vllm_image_identifier
 
 logger = logging.getLogger("mmprep.pipeline")
 

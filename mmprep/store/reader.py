@@ -448,11 +448,3 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     save_file(tensors, str(path), metadata=meta)
     return [path]
 
-
-def __getattr__(name: str) -> Any:
-    """`to_vllm`'s old home, kept as an alias; imported on use (mmprep.serving imports torch)."""
-    if name == "to_vllm":
-        from mmprep.serving import to_vllm
-
-        return to_vllm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Hand cached entries to serving engines: the exact inputs that let them skip the vision encoder.
 
-One function per target format (docs/serving.md#serving-targets):
+One function per target format (docs/serving.md#serving-targets); `mmprep.serving` re-exports them:
   `to_vllm(entry)`       offline vLLM: multi_modal_data={"image": to_vllm(entry)}
   `to_vllm_part(entry)`  vLLM's OpenAI server / run-batch: the chat content part that replaces the
                          image's `image_url` part (base64 of torch.save bytes, as vLLM decodes them)
@@ -22,14 +22,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mmprep.store.layout import EMBEDDINGS
-
-if TYPE_CHECKING:  # the reader imports this module (for its `to_vllm` alias)
-    from mmprep.store.reader import CachedEmbedding
+from mmprep.store.reader import CachedEmbedding
 
 
 class ServingFormatError(ValueError):

@@ -35,7 +35,7 @@ from mmprep.keys import cache_key
 from mmprep.manifest.openai import is_request, request_body, request_image_parts
 from mmprep.manifest.records import Malformed
 from mmprep.manifest.source import MAX_LINE_CHARS, READ_ERRORS, open_text
-from mmprep.serving import ServingFormatError, has_embedding_input, to_vllm_part
+from mmprep.serving.formats import ServingFormatError, has_embedding_input, to_vllm_part
 from mmprep.store.reader import EmbeddingCache
 
 __all__ = ["PART_MEMO_BYTES", "TARGETS", "RequestRewriter", "RewriteSummary", "open_output"]
