@@ -21,7 +21,7 @@ def rewrite(
     out: Annotated[Optional[str], typer.Option("-o", "--out", metavar="OUT", help="Where to write the requests (.gz compresses) (default: stdout).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", envvar="MMPREP_MODEL", metavar="M", help="Model name or fingerprint (default: the cache's only model).")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", metavar="DIR", help=f"Cache directory (env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}).")] = None,
-    target: Annotated[str, typer.Option("--target", metavar="TARGET", help="Server whose embedding part is written: vllm.", callback=lambda v: check_choice(v, "--target", ("vllm",)))] = "vllm",
+    target: Annotated[str, typer.Option("--target", metavar="TARGET", help="vllm: image_embeds parts with the tensors; vllm-ec: metadata-only parts + uuid (Qwen-VL families) or image_url + uuid, for a vLLM serving the cache through MmprepECConnector.", callback=lambda v: check_choice(v, "--target", ("vllm", "vllm-ec")))] = "vllm",
     uuid_only: Annotated[bool, typer.Option("--uuid-only", help="Only add \"uuid\": <entry key> to cached image parts (for a server reading an encoder-cache store).")] = False,
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON (on stderr: stdout may carry the requests).")] = False,
 ) -> None:
@@ -60,7 +60,7 @@ def rewrite(
         err.print_json(json.dumps(summary.as_json()))
     else:
         s = summary
-        what = "uuids added" if uuid_only else "parts replaced"
+        what = "uuids added" if rewriter.uuid_only else "parts replaced"
         err.print(
             f"rewrite: {s.requests} requests, {s.images} images: [green]{s.replaced} {what}[/green], "
             f"{s.misses} misses, {s.kept} kept (request has a miss), {s.invalid} invalid · "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from mmprep.serving.formats import (
     EC_LAYOUTS,
     EMBEDDING_FILE_SUFFIXES,
+    METADATA_ONLY_FAMILIES,
     VLLM_LAYOUTS,
     EcLayout,
     ServingFormatError,
@@ -22,11 +23,14 @@ from mmprep.serving.formats import (
     tensor_to_base64,
     to_sglang,
     to_vllm,
+    to_vllm_ec_part,
     to_vllm_part,
     vllm_ec_layout,
+    vllm_ec_tensor,
 )
 
 __all__ = [
-    "EC_LAYOUTS", "EMBEDDING_FILE_SUFFIXES", "VLLM_LAYOUTS", "EcLayout", "ServingFormatError", "check_rows",
-    "has_embedding_input", "save_pt", "tensor_to_base64", "to_sglang", "to_vllm", "to_vllm_part", "vllm_ec_layout",
+    "EC_LAYOUTS", "EMBEDDING_FILE_SUFFIXES", "METADATA_ONLY_FAMILIES", "VLLM_LAYOUTS", "EcLayout", "ServingFormatError", "check_rows",
+    "has_embedding_input", "save_pt", "tensor_to_base64", "to_sglang", "to_vllm", "to_vllm_ec_part", "to_vllm_part", "vllm_ec_layout",
+    "vllm_ec_tensor",
 ]  # fmt: skip

@@ -160,6 +160,7 @@ class EmbeddingCache:
         self.fingerprint: str = row["fingerprint"]
         self.model_name: str = row["name"]
         self.family: str = row["family"]
+        self.model_info: dict[str, Any] = json.loads(row["info"])  # Encoder.describe(): architecture, output shapes, ...
         self.capacity = max(0, memory_bytes)
         self._memory: OrderedDict[str, CachedEmbedding] = OrderedDict()
         self._memory_bytes = 0
@@ -219,6 +220,24 @@ class EmbeddingCache:
         with self._lock:
             found = {key for key in keys if key in self._memory}
         return found | self._lookup([key for key in dict.fromkeys(keys) if key not in found]).keys()
+
+    def key_of_vllm_identifier(self, identifier: str, model_id: str | None = None) -> str | None:
+        """The key of this model's entry whose image vLLM identifies as `identifier` (recorded by `encode
+        --vllm-model-id`; `model_id`: only for that server --model string), or None."""
+        sql = (
+            "SELECT e.key FROM vllm_identifiers v JOIN entries e ON e.content_sha256 = v.content_sha256 "
+            "AND e.fingerprint = ? WHERE v.identifier = ?"
+        )
+        args: tuple[str, ...] = (self.fingerprint, identifier)
+        if model_id is not None:
+            sql, args = sql + " AND v.model_id = ?", (*args, model_id)
+        try:
+            row = self._conn().execute(sql + " LIMIT 1", args).fetchone()
+        except sqlite3.OperationalError as exc:  # an index made before the table existed
+            if "no such table" in str(exc):
+                return None
+            raise
+        return None if row is None else row[0]
 
     @property
     def stats(self) -> ReaderStats:
