@@ -224,9 +224,9 @@ class EmbeddingCache:
     def key_of_vllm_identifier(self, identifier: str, model_id: str | None = None) -> str | None:
         """The key of this model's entry whose image vLLM identifies as `identifier` (recorded by `encode
         --vllm-model-id`; `model_id`: only for that server --model string), or None."""
-        sql = (
-            "SELECT e.key FROM vllm_identifiers v JOIN entries e ON e.content_sha256 = v.content_sha256 "
-            "AND e.fingerprint = ? WHERE v.identifier = ?"
+        sql = (  # CROSS JOIN: SQLite keeps this order (identifier first), else it may scan the model's entries
+            "SELECT e.key FROM vllm_identifiers v CROSS JOIN entries e ON e.fingerprint = ? "
+            "AND e.content_sha256 = v.content_sha256 WHERE v.identifier = ?"
         )
         args: tuple[str, ...] = (self.fingerprint, identifier)
         if model_id is not None:
