@@ -77,6 +77,7 @@ def rows_of(world: dict[str, Path], i: int) -> int:
 
 def test_a_uuid_and_vllms_identifier_both_find_the_entry(world: dict[str, Path]) -> None:
     source = EcSource(world["qwen"], None, served_like(world["qwen"]))
+    assert EcSource(world["qwen"], None, served_like(world["qwen"], model_id="builtin:tiny-qwen2-vl")).identity_note is None
     rows = rows_of(world, 1)
     by_key = source.check(cache_key(image(world, 1)), rows)
     data = Path(image(world, 1)).read_bytes()
@@ -102,6 +103,7 @@ def test_every_check_rejects_with_the_reason(world: dict[str, Path]) -> None:
     assert not wide.hit and f"its width is {width}, the served model's is {width * 2}" in wide.reason  # type: ignore[operator]
     half = EcSource(world["qwen"], None, served_like(world["qwen"], dtype=torch.float16)).check(key, rows)
     assert half.hit and half.tensor.dtype == torch.float16  # type: ignore[union-attr]  # cast to the served dtype
+    assert source.identity_note is not None and "the cache's model is builtin:tiny-qwen2-vl" in source.identity_note
     with pytest.raises(ModelMismatchError, match="is a Qwen2VLForConditionalGeneration; vLLM serves a LlavaForConditionalGeneration"):
         EcSource(world["qwen"], None, served_like(world["qwen"], architectures=("LlavaForConditionalGeneration",)))
 
@@ -179,3 +181,13 @@ def test_rewrite_vllm_ec_adds_uuids_for_families_without_placeholder_metadata(wo
     parts = out[0]["body"]["messages"][0]["content"]
     assert parts[0] == {"type": "image_url", "image_url": {"url": image(world, 0)}, "uuid": cache_key(image(world, 0))}
     assert "uuid" not in parts[1] and (summary["replaced"], summary["misses"]) == (1, 1)
+
+
+def test_the_connectors_mmprep_side_imports_no_transformers() -> None:
+    """vLLM's scheduler imports the connector: mmprep's part of it loads torch and the reader, never transformers."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmprep.serving.ec_source; print(sorted(m for m in ('transformers', 'PIL', 'httpx') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

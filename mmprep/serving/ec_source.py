@@ -24,6 +24,14 @@ from mmprep.store.reader import EmbeddingCache
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Whether two model names are paths to the same existing directory."""
+    try:
+        return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 class ModelMismatchError(ValueError):
     """The cache's model is not the model vLLM serves: no entry of it may fill this model's placeholders."""
 
@@ -72,6 +80,19 @@ class EcSource:
                 f"vLLM serves a {', '.join(served.architectures)}: choose the cache's model with "
                 '"model" in ec_connector_extra_config, or serve the model the cache was encoded with'
             )
+
+    @property
+    def identity_note(self) -> str | None:
+        """Why the cache's model may not be the served one although their architectures agree (None: same
+        name or path): entries are then checked for shape only, so the user should know."""
+        name, served = self.cache.model_name, self.served.model_id
+        if served is None or name == served or _same_path(name, served):
+            return None
+        return (
+            f"the cache's model is {name} ({self.cache.fingerprint[:16]}) and vLLM serves {served}: entries are "
+            "checked for rows, width and dtype only; if these are different weights, choose the cache's model "
+            'with "model" in ec_connector_extra_config or serve the weights the cache was encoded with'
+        )
 
     def check(self, identifier: str, rows: int) -> Verdict:
         """The entry for `identifier`, checked against `rows` (the placeholder's embedding count) and the

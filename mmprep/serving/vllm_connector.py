@@ -19,7 +19,8 @@ is loaded, whatever gc does meanwhile. An image that misses or fails a check run
 without a connector (a rejected entry logs one WARNING naming its key). A metadata-only image part
 (no pixels to fall back on) that misses or fails fails its request alone (`take_unavailable_requests`),
 with an ERROR naming the uuid; the engine carries on. Worker side: the held tensors come with the
-step's metadata and are put in the runner's encoder cache.
+step's metadata and are put in the runner's encoder cache. User guide:
+docs/serving.md#serve-straight-from-the-cache-mmprepecconnector.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ class MmprepECConnector(ECConnectorBase):
                 "mmprep connector: serving %s (%s, %s) from %s", cache.model_name, cache.fingerprint[:16],
                 cache.family, extra["cache_dir"],
             )  # fmt: skip
+            if (note := self._source.identity_note) is not None:
+                logger.warning("mmprep connector: %s", note)
 
     # -- scheduler side ------------------------------------------------------------------------
 
