@@ -207,9 +207,19 @@ class MmprepECConnector(ECConnectorBase):
             if feature.modality != "image":
                 continue
             verdict = self._verdict(feature.identifier, request.get_num_encoder_embeds(index))
+            held_by_others = self._held.get(feature.identifier)
+            if held_by_others is not None and (verdict.tensor is None or held_by_others[0].shape != verdict.tensor.shape):
+                # Another request holds a different tensor under this identifier (a uuid reused for other
+                # content, or an entry re-encoded meanwhile): vLLM would load that one for this image.
+                self._count("rejected")
+                failure = failure or (
+                    f"mmprep connector: request {request.request_id} fails: its image uuid {feature.identifier} names "
+                    "another image's embedding in a request still running (a uuid reused for different content)"
+                )
+                continue
             if verdict.tensor is not None:
                 self._count("hits")
-                tensor, holders = self._held.get(feature.identifier, (verdict.tensor, 0))
+                tensor, holders = held_by_others or (verdict.tensor, 0)
                 self._held[feature.identifier] = (tensor, holders + 1)
                 held.append(feature.identifier)
                 logger.debug("mmprep connector: hit %s (entry %s) for request %s", feature.identifier, verdict.key, request.request_id)
