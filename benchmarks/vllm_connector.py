@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARD_ENTRIES = 256  # what a 128 MiB shard (the default --shard-size) holds of Qwen2-VL-7B's 224x224 images (458 KB each)
+SHARD_ENTRIES = (
+    256  # what a 128 MiB shard (the default --shard-size) holds of Qwen2-VL-7B's 224x224 images (458 KB each)
+)
 MODEL_ID = "bench-served-model"
 
 
@@ -63,7 +65,9 @@ def build_cache(cache: Path, rows: int) -> None:
     generator = torch.Generator().manual_seed(0)
     grid = torch.tensor([[1, 4, 4]])
     try:
-        index.register_model(fingerprint, "bench-qwen2-vl", "qwen2_vl", {"architecture": "Qwen2VLForConditionalGeneration"})
+        index.register_model(
+            fingerprint, "bench-qwen2-vl", "qwen2_vl", {"architecture": "Qwen2VLForConditionalGeneration"}
+        )
         writer = ShardWriter(layout, fingerprint, "bench-qwen2-vl", "bench", "qwen2_vl")
         now = time.time()
         for start in range(0, rows, SHARD_ENTRIES):
@@ -71,7 +75,16 @@ def build_cache(cache: Path, rows: int) -> None:
             embeddings = torch.randn(n, 4, 64, generator=generator).half()
             for i in range(n):
                 url = f"https://images.example/{start + i:09d}.jpg"
-                writer.add(ShardEntry(cache_key(url), url, None, {"embeddings": embeddings[i].clone(), "image_grid_thw": grid.clone()}, f"{start + i:064x}", now))
+                writer.add(
+                    ShardEntry(
+                        cache_key(url),
+                        url,
+                        None,
+                        {"embeddings": embeddings[i].clone(), "image_grid_thw": grid.clone()},
+                        f"{start + i:064x}",
+                        now,
+                    )
+                )
             index.commit_shard(writer.flush(), fingerprint, "bench")
             index.record_vllm_identifiers((f"{start + i:064x}", MODEL_ID, _vllm_id(start + i)) for i in range(n))
     finally:
@@ -159,10 +172,16 @@ def ttft(work: Path, images: int) -> None:
         lines = []
         for i, url in enumerate(urls.values()):
             content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
-            lines.append({"custom_id": str(i), "body": {"model": "tiny", "messages": [{"role": "user", "content": content}]}})
+            lines.append(
+                {"custom_id": str(i), "body": {"model": "tiny", "messages": [{"role": "user", "content": content}]}}
+            )
         batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
         files = {"encoder": batch}
-        for kind, options in (("uuid", ["--target", "vllm-ec", "--uuid-only"]), ("meta", ["--target", "vllm-ec"]), ("inline", ["--target", "vllm"])):
+        for kind, options in (
+            ("uuid", ["--target", "vllm-ec", "--uuid-only"]),
+            ("meta", ["--target", "vllm-ec"]),
+            ("inline", ["--target", "vllm"]),
+        ):
             files[kind] = work / f"batch.{kind}.jsonl"
             done = mmprep("rewrite", str(batch), "-o", str(files[kind]), "--cache", str(cache), *options)
             assert done.returncode == 0, done.stderr
@@ -193,7 +212,9 @@ def ttft(work: Path, images: int) -> None:
     print(f"vLLM {run.version}, tiny Qwen2-VL (64 image tokens, 224x224 PNG), {images - 1} images, medians:")
     print(f"  {'':32s} {'TTFT ms':>9s} {'vs encoder':>10s} {'request bytes':>14s} {'vs image_url':>12s}")
     for kind, label in KINDS.items():
-        print(f"  {label:32s} {ms[kind]:9.1f} {ms[kind] / ms['encoder']:9.2f}x {size[kind]:14,.0f} {size[kind] / size['encoder']:11.2f}x")
+        print(
+            f"  {label:32s} {ms[kind]:9.1f} {ms[kind] / ms['encoder']:9.2f}x {size[kind]:14,.0f} {size[kind] / size['encoder']:11.2f}x"
+        )
 
 
 def main() -> None:

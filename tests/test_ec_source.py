@@ -58,7 +58,12 @@ def served_like(cache: Path, **changes: object) -> ServedModel:
     with EmbeddingCache(cache) as reader:
         info, entry = reader.model_info, reader.get_key(_all_keys(cache)[0])
     assert entry is not None
-    fields = dict(width=entry.embeddings.shape[-1], dtype=entry.embeddings.dtype, architectures=(info["architecture"],), model_id=MODEL_ID)
+    fields = dict(
+        width=entry.embeddings.shape[-1],
+        dtype=entry.embeddings.dtype,
+        architectures=(info["architecture"],),
+        model_id=MODEL_ID,
+    )
     return ServedModel(**{**fields, **changes})  # type: ignore[arg-type]
 
 
@@ -77,7 +82,10 @@ def rows_of(world: dict[str, Path], i: int) -> int:
 
 def test_a_uuid_and_vllms_identifier_both_find_the_entry(world: dict[str, Path]) -> None:
     source = EcSource(world["qwen"], None, served_like(world["qwen"]))
-    assert EcSource(world["qwen"], None, served_like(world["qwen"], model_id="builtin:tiny-qwen2-vl")).identity_note is None
+    assert (
+        EcSource(world["qwen"], None, served_like(world["qwen"], model_id="builtin:tiny-qwen2-vl")).identity_note
+        is None
+    )
     rows = rows_of(world, 1)
     by_key = source.check(cache_key(image(world, 1)), rows)
     data = Path(image(world, 1)).read_bytes()
@@ -104,7 +112,9 @@ def test_every_check_rejects_with_the_reason(world: dict[str, Path]) -> None:
     half = EcSource(world["qwen"], None, served_like(world["qwen"], dtype=torch.float16)).check(key, rows)
     assert half.hit and half.tensor.dtype == torch.float16  # type: ignore[union-attr]  # cast to the served dtype
     assert source.identity_note is not None and "the cache's model is builtin:tiny-qwen2-vl" in source.identity_note
-    with pytest.raises(ModelMismatchError, match="is a Qwen2VLForConditionalGeneration; vLLM serves a LlavaForConditionalGeneration"):
+    with pytest.raises(
+        ModelMismatchError, match="is a Qwen2VLForConditionalGeneration; vLLM serves a LlavaForConditionalGeneration"
+    ):
         EcSource(world["qwen"], None, served_like(world["qwen"], architectures=("LlavaForConditionalGeneration",)))
 
 
@@ -151,7 +161,9 @@ def test_pooled_caches_are_refused_at_start(world: dict[str, Path], tmp_path: Pa
 
 def request_line(custom_id: str, urls: list[str]) -> str:
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": "Describe."}]
-    return json.dumps({"custom_id": custom_id, "body": {"model": "m", "messages": [{"role": "user", "content": content}]}})
+    return json.dumps(
+        {"custom_id": custom_id, "body": {"model": "m", "messages": [{"role": "user", "content": content}]}}
+    )
 
 
 def rewrite(cache: Path, text: str, tmp_path: Path) -> tuple[int, list[dict], dict]:
@@ -163,21 +175,34 @@ def rewrite(cache: Path, text: str, tmp_path: Path) -> tuple[int, list[dict], di
 
 
 def test_rewrite_vllm_ec_writes_metadata_only_parts_for_qwen(world: dict[str, Path], tmp_path: Path) -> None:
-    lines = request_line("all", [image(world, 0), image(world, 1)]) + "\n" + request_line("miss", [image(world, 0), image(world, 3)]) + "\n"
+    lines = (
+        request_line("all", [image(world, 0), image(world, 1)])
+        + "\n"
+        + request_line("miss", [image(world, 0), image(world, 3)])
+        + "\n"
+    )
     code, out, summary = rewrite(world["qwen"], lines, tmp_path)
     assert code == 1 and (summary["replaced"], summary["misses"], summary["kept"]) == (2, 1, 1)
     parts = out[0]["body"]["messages"][0]["content"]
     with EmbeddingCache(world["qwen"]) as reader:
         for i, part in enumerate(parts[:2]):
             e = reader.get(image(world, i))
-            assert part == {"type": "image_embeds", "image_embeds": {"image_grid_thw": e.image_grid_thw.reshape(-1).tolist()}, "uuid": e.key}  # type: ignore[union-attr]
+            assert part == {
+                "type": "image_embeds",
+                "image_embeds": {"image_grid_thw": e.image_grid_thw.reshape(-1).tolist()},
+                "uuid": e.key,
+            }  # type: ignore[union-attr]
             assert part == to_vllm_ec_part(e)  # type: ignore[arg-type]
     assert out[1] == json.loads(request_line("miss", [image(world, 0), image(world, 3)]))  # a miss: left as it is
     assert len(json.dumps(out[0])) < 2 * len(request_line("all", [image(world, 0), image(world, 1)]))
 
 
-def test_rewrite_vllm_ec_adds_uuids_for_families_without_placeholder_metadata(world: dict[str, Path], tmp_path: Path) -> None:
-    code, out, summary = rewrite(world["llava"], request_line("one", [image(world, 0), image(world, 3)]) + "\n", tmp_path)
+def test_rewrite_vllm_ec_adds_uuids_for_families_without_placeholder_metadata(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    code, out, summary = rewrite(
+        world["llava"], request_line("one", [image(world, 0), image(world, 3)]) + "\n", tmp_path
+    )
     parts = out[0]["body"]["messages"][0]["content"]
     assert parts[0] == {"type": "image_url", "image_url": {"url": image(world, 0)}, "uuid": cache_key(image(world, 0))}
     assert "uuid" not in parts[1] and (summary["replaced"], summary["misses"]) == (1, 1)

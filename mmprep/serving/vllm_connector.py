@@ -92,7 +92,9 @@ def served_model(vllm_config: VllmConfig) -> ServedModel:
     vision = getattr(hf_config, "vision_config", None)
     deepstack = getattr(vision, "deepstack_visual_indexes", None) or ()
     width *= 1 + len(deepstack)  # Qwen3-VL: merged tokens and each deepstack level, side by side
-    return ServedModel(width, model_config.dtype, tuple(getattr(hf_config, "architectures", None) or ()), model_config.model)
+    return ServedModel(
+        width, model_config.dtype, tuple(getattr(hf_config, "architectures", None) or ()), model_config.model
+    )
 
 
 def _carries_image(feature: MultiModalFeatureSpec) -> bool:
@@ -208,7 +210,9 @@ class MmprepECConnector(ECConnectorBase):
                 continue
             verdict = self._verdict(feature.identifier, request.get_num_encoder_embeds(index))
             held_by_others = self._held.get(feature.identifier)
-            if held_by_others is not None and (verdict.tensor is None or held_by_others[0].shape != verdict.tensor.shape):
+            if held_by_others is not None and (
+                verdict.tensor is None or held_by_others[0].shape != verdict.tensor.shape
+            ):
                 # Another request holds a different tensor under this identifier (a uuid reused for other
                 # content, or an entry re-encoded meanwhile): vLLM would load that one for this image.
                 self._count("rejected")
@@ -222,7 +226,12 @@ class MmprepECConnector(ECConnectorBase):
                 tensor, holders = held_by_others or (verdict.tensor, 0)
                 self._held[feature.identifier] = (tensor, holders + 1)
                 held.append(feature.identifier)
-                logger.debug("mmprep connector: hit %s (entry %s) for request %s", feature.identifier, verdict.key, request.request_id)
+                logger.debug(
+                    "mmprep connector: hit %s (entry %s) for request %s",
+                    feature.identifier,
+                    verdict.key,
+                    request.request_id,
+                )
                 continue
             self._count("rejected" if verdict.found else "misses")
             if not _carries_image(feature):
@@ -232,7 +241,9 @@ class MmprepECConnector(ECConnectorBase):
                 )
             elif verdict.found:
                 logger.warning(
-                    "mmprep connector: entry %s rejected (%s); vLLM encodes this image itself", verdict.key, verdict.reason
+                    "mmprep connector: entry %s rejected (%s); vLLM encodes this image itself",
+                    verdict.key,
+                    verdict.reason,
                 )
         self._requests[request.request_id] = held
         if failure is not None:
@@ -246,7 +257,9 @@ class MmprepECConnector(ECConnectorBase):
         try:
             return self._source.check(identifier, rows)
         except Exception as exc:  # an unreadable index or shard: a miss, never a dead engine
-            logger.warning("mmprep connector: cannot read the cache for %s: %s: %s", identifier, type(exc).__name__, exc)
+            logger.warning(
+                "mmprep connector: cannot read the cache for %s: %s: %s", identifier, type(exc).__name__, exc
+            )
             return Verdict(identifier, None, None, f"the cache could not be read ({type(exc).__name__})", False)
 
     def _count(self, name: str) -> None:

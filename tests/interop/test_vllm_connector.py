@@ -102,7 +102,9 @@ class Served:
     def same_as_encoder(self, reference: str, request: str) -> None:
         reason = mismatch(self.run[reference], self.run[request])
         assert reason is None, (request, reason)
-        print(f"{request}: same tokens as {reference}, logprobs within {max_logprob_gap(self.run[reference], self.run[request]):.2g}")
+        print(
+            f"{request}: same tokens as {reference}, logprobs within {max_logprob_gap(self.run[reference], self.run[request]):.2g}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +125,20 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
         batch, rewritten = root / "batch.jsonl", root / "batch.ec.jsonl"
         lines = [{"custom_id": n, "body": {"messages": chat(url_part(urls[n], None))}} for n in IMAGES]
-        lines.append({"custom_id": "two", "body": {"messages": chat(url_part(urls["b.jpg"], None), url_part(urls[SMALL], None))}})
+        lines.append(
+            {"custom_id": "two", "body": {"messages": chat(url_part(urls["b.jpg"], None), url_part(urls[SMALL], None))}}
+        )
         batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        done = mmprep("rewrite", str(batch), "-o", str(rewritten), "--cache", str(cache), "--target", "vllm-ec", "--json")
+        done = mmprep(
+            "rewrite", str(batch), "-o", str(rewritten), "--cache", str(cache), "--target", "vllm-ec", "--json"
+        )
         assert done.returncode == 0, done.stderr
         rewritten_text = rewritten.read_text()
         assert "image_url" not in rewritten_text and len(rewritten_text) < 2 * len(batch.read_text())
 
-        requests: list[dict[str, Any]] = [{"batch_file": str(rewritten), "id_prefix": "meta:"}]  # first: the connector loads
+        requests: list[dict[str, Any]] = [
+            {"batch_file": str(rewritten), "id_prefix": "meta:"}
+        ]  # first: the connector loads
         for name in IMAGES:
             requests += [
                 {"id": f"encoder:{name}", "messages": chat(url_part(urls[name], f"nocache-{name}"))},
@@ -138,11 +146,20 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 {"id": f"vllm-id:{name}", "messages": chat(url_part(urls[name], None))},
             ]
         requests += [
-            {"id": "encoder:two", "messages": chat(url_part(urls["b.jpg"], "nocache-two-b"), url_part(urls[SMALL], "nocache-two-c"))},
+            {
+                "id": "encoder:two",
+                "messages": chat(url_part(urls["b.jpg"], "nocache-two-b"), url_part(urls[SMALL], "nocache-two-c")),
+            },
             {"id": f"encoder:{WRONG}", "messages": chat(url_part(urls[WRONG], f"nocache-{WRONG}"))},
             {"id": f"uuid:{WRONG}", "messages": chat(url_part(urls[WRONG], cache_key(urls[WRONG])))},
-            {"id": f"meta:{WRONG}", "messages": chat(meta_part(grids["b.jpg"], cache_key(urls[WRONG])))},  # b's size: 35 tokens
-            {"id": "meta:missing", "messages": chat(meta_part([1, 4, 4], cache_key("http://nowhere/never-encoded.png")))},
+            {
+                "id": f"meta:{WRONG}",
+                "messages": chat(meta_part(grids["b.jpg"], cache_key(urls[WRONG]))),
+            },  # b's size: 35 tokens
+            {
+                "id": "meta:missing",
+                "messages": chat(meta_part([1, 4, 4], cache_key("http://nowhere/never-encoded.png"))),
+            },
             {"id": "alive:a.png", "messages": chat(meta_part(grids["a.png"], cache_key(urls["a.png"])))},
             {"id": f"encoder:{LATE}", "messages": chat(url_part(urls[LATE], f"nocache-{LATE}"))},
             {"id": f"before:{LATE}", "messages": chat(url_part(urls[LATE], cache_key(urls[LATE])))},
@@ -204,16 +221,23 @@ def test_an_entry_with_the_wrong_row_count_is_rejected_and_the_encoder_answers(s
     served_run.same_as_encoder(f"encoder:{WRONG}", f"uuid:{WRONG}")
     assert served_run.counts[f"uuid:{WRONG}"] == (0, 0, 1)
     key = cache_key(served_run.urls[WRONG])
-    warnings = [line for line in served_run.run.log.splitlines() if "WARNING" in line and f"entry {key} rejected" in line]
+    warnings = [
+        line for line in served_run.run.log.splitlines() if "WARNING" in line and f"entry {key} rejected" in line
+    ]
     assert len(warnings) == 1 and "has 4 rows and the request's placeholder has 35" in warnings[0], warnings
 
 
 def test_a_metadata_only_request_without_a_valid_entry_fails_alone(served_run: Served) -> None:
     """No pixels to fall back on: the request fails, with an ERROR naming the uuid; the engine answers the next one."""
     run = served_run.run
-    for request, uuid in ((f"meta:{WRONG}", cache_key(served_run.urls[WRONG])), ("meta:missing", cache_key("http://nowhere/never-encoded.png"))):
+    for request, uuid in (
+        (f"meta:{WRONG}", cache_key(served_run.urls[WRONG])),
+        ("meta:missing", cache_key("http://nowhere/never-encoded.png")),
+    ):
         assert run.generations[request].finish_reason == "error" and not run.generations[request].token_ids, request
-        assert re.search(rf"ERROR.*mmprep connector: request \S+ fails: its image uuid {uuid} is metadata-only", run.log), request
+        assert re.search(
+            rf"ERROR.*mmprep connector: request \S+ fails: its image uuid {uuid} is metadata-only", run.log
+        ), request
     served_run.same_as_encoder("encoder:a.png", "alive:a.png")
 
 

@@ -97,7 +97,9 @@ def main(job_path: str, out_path: str) -> int:
     for request in _expand(job["requests"]):
         print(f"mmprep-interop: {request['id']}", flush=True)
         if "command" in request:
-            done = subprocess.run(request["command"], env=request.get("env"), capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                request["command"], env=request.get("env"), capture_output=True, text=True, check=False
+            )
             commands[request["id"]] = {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-4000:]}
             continue
         try:
@@ -112,7 +114,9 @@ def main(job_path: str, out_path: str) -> int:
             results[request["id"]] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
             traceback.print_exc()
     with open(out_path, "w", encoding="utf-8") as f:
-        json.dump({"vllm": vllm.__version__, "engine_seconds": engine_seconds, "results": results, "commands": commands}, f)
+        json.dump(
+            {"vllm": vllm.__version__, "engine_seconds": engine_seconds, "results": results, "commands": commands}, f
+        )
     return 0
 
 
