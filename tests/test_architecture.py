@@ -16,7 +16,6 @@ import ast
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "mmprep"
@@ -158,8 +157,6 @@ def test_the_graph_sees_lazy_type_checking_relative_and_native_imports() -> None
     assert len(graph) > 80
 
 
-@pytest.mark.xfail(strict=False, reason="a cycle another helper of issue 21 is removing: serving <-> store.reader "
-                   "(helper serving); the integrator makes this strict")  # fmt: skip
 def test_no_import_cycle() -> None:
     assert cycles(import_graph(modules())) == []
 
