@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from _cli import cli
 
 from _model_helpers import pattern_image, save_llava
-from mmprep.cli import app
 from mmprep.keys import cache_key
 from mmprep.serving import to_vllm_ec_part
 from mmprep.serving.ec_source import EcSource, ModelMismatchError, ServedModel
@@ -24,12 +23,8 @@ from mmprep.store.shards import ShardEntry, ShardWriter
 MODEL_ID = "served-model"  # the vLLM --model string given to encode --vllm-model-id
 
 
-def run(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
 def encode(manifest: Path, model: str, cache: Path, images: Path, *options: str) -> None:
-    result = run("encode", str(manifest), "--model", model, "--out", str(cache), "--allow-local-dir", str(images),
+    result = cli("encode", str(manifest), "--model", model, "--out", str(cache), "--allow-local-dir", str(images),
                  "--progress", "none", "--json", *options)  # fmt: skip
     assert result.exit_code == 0, result.output
 
@@ -169,7 +164,7 @@ def request_line(custom_id: str, urls: list[str]) -> str:
 def rewrite(cache: Path, text: str, tmp_path: Path) -> tuple[int, list[dict], dict]:
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(text)
-    result = run("rewrite", str(source), "-o", str(out), "--cache", str(cache), "--target", "vllm-ec", "--json")
+    result = cli("rewrite", str(source), "-o", str(out), "--cache", str(cache), "--target", "vllm-ec", "--json")
     summary = json.loads(result.stderr[result.stderr.index("{") :]) if "{" in result.stderr else {}
     return result.exit_code, [json.loads(line) for line in out.read_text().splitlines()], summary
 
