@@ -16,7 +16,6 @@ import ast
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "mmprep"
@@ -27,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"manifest", "fetch", "imaging"},  # the loading stages
     {"models"},
     {"store"},
-    {"pipeline", "engines", "export", "serving", "rewrite", "vllm_hash"},  # runs of the stages; readers of the store
+    {"pipeline", "engines", "export", "serving"},  # runs of the stages; readers of the store
     {"report"},  # the terminal: progress bars and summaries
     {"cli", "__main__"},
 ]  # fmt: skip
@@ -158,14 +157,10 @@ def test_the_graph_sees_lazy_type_checking_relative_and_native_imports() -> None
     assert len(graph) > 80
 
 
-@pytest.mark.xfail(strict=False, reason="a cycle another helper of issue 21 is removing: serving <-> store.reader "
-                   "(helper serving); the integrator makes this strict")  # fmt: skip
 def test_no_import_cycle() -> None:
     assert cycles(import_graph(modules())) == []
 
 
-@pytest.mark.xfail(strict=False, reason="store.reader imports mmprep.serving for the old to_vllm alias (helper serving "
-                   "removes it); the integrator makes this strict")  # fmt: skip
 def test_no_layer_imports_a_higher_one() -> None:
     assert upward_imports(import_graph(modules())) == []
 

@@ -21,7 +21,6 @@ from mmprep.store.index import CacheIndex
 from mmprep.store.layout import CacheLayout
 from mmprep.store.merge import merge_caches
 from mmprep.store.reader import EmbeddingCache, export_entry, show_entry
-from mmprep.store.reader import to_vllm as reader_to_vllm
 from mmprep.store.rebuild import rebuild_index
 from mmprep.store.shards import ShardEntry, ShardWriter
 from mmprep.store.verify import verify_cache
@@ -157,7 +156,6 @@ def test_entry_names_are_checked() -> None:
 
 
 def test_to_vllm_dispatches_on_family(tmp_path: Path) -> None:
-    assert reader_to_vllm is to_vllm
     layout = CacheLayout(tmp_path)
     index = CacheIndex(layout.index)
     for fp, family, tensors in (

@@ -18,8 +18,8 @@ from conftest import image_bytes
 from safetensors.torch import load_file, save_file
 
 from mmprep import EmbeddingCache, cache_key
-from mmprep.export.vllm_ec import ENTRY_FILE, STAGING, STORE_MANIFEST, TENSOR
-from mmprep.vllm_hash import vllm_image_identifier
+from mmprep.serving.vllm_ec import ENTRY_FILE, STAGING, STORE_MANIFEST, TENSOR
+from mmprep.serving.vllm_hash import vllm_image_identifier
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the --model string a vLLM server would be started with

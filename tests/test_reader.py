@@ -14,7 +14,8 @@ from mmprep import cache_key
 from mmprep.errors import UsageError
 from mmprep.store.index import CacheIndex, FailureRecord
 from mmprep.store.layout import CacheLayout
-from mmprep.store.reader import EmbeddingCache, export_entry, show_entry, to_vllm
+from mmprep.serving import to_vllm
+from mmprep.store.reader import EmbeddingCache, export_entry, show_entry
 from mmprep.store.shards import ShardEntry, ShardWriter
 
 POOLED, QWEN = "b1" + "0" * 62, "b2" + "0" * 62

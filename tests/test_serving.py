@@ -281,9 +281,9 @@ def test_rewrite_usage_errors_and_bounded_lines(world: dict[str, Path], tmp_path
     assert bad_dir.exit_code == 2 and "does not exist" in bad_dir.stderr
     assert cli("rewrite", str(src), "--target", "sglang").exit_code == 2
 
-    import mmprep.rewrite
+    import mmprep.serving.rewrite
 
-    monkeypatch.setattr(mmprep.rewrite, "MAX_LINE_CHARS", 64)  # a line longer than this is copied in pieces
+    monkeypatch.setattr(mmprep.serving.rewrite, "MAX_LINE_CHARS", 64)  # a line longer than this is copied in pieces
     long_line = json.dumps({"custom_id": "x" * 200, "body": {"messages": []}})
     code, s, stdout = rewrite_json("-", "--cache", str(world["qwen"]), input=long_line + "\nnot json\n")
     assert code == 1 and stdout == long_line + "\nnot json\n"

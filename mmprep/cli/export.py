@@ -42,12 +42,14 @@ def export(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Export one model's entries: npy / parquet vectors for retrieval, or a vLLM encoder-cache store."""
-    from mmprep.export import export_cache
+    from mmprep.export.tabular import export_tabular
     from mmprep.report import ExportReporter
+    from mmprep.serving.vllm_ec import export_vllm_ec
 
     try:
         settings = _settings(cache_dir_of(cache_dir), out, fmt, model, dtype, rows_per_file, overwrite, key, vllm_model_id, prune_empty, progress)
-        report = export_cache(settings, ExportReporter(settings.progress))
+        run = export_vllm_ec if settings.format == "vllm-ec" else export_tabular
+        report = run(settings, ExportReporter(settings.progress))
     except MmprepError as exc:
         fail(exc)
     if json_out:

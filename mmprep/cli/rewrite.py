@@ -1,4 +1,4 @@
-"""`mmprep rewrite`: hand the cache to a running server by rewriting its requests (mmprep/rewrite.py)."""
+"""`mmprep rewrite`: hand the cache to a running server by rewriting its requests (mmprep/serving/rewrite.py)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ def rewrite(
     out: Annotated[Optional[str], typer.Option("-o", "--out", metavar="OUT", help="Where to write the requests (.gz compresses) (default: stdout).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", envvar="MMPREP_MODEL", metavar="M", help="Model name or fingerprint (default: the cache's only model).")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", metavar="DIR", help=f"Cache directory (env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}).")] = None,
-    target: Annotated[str, typer.Option("--target", metavar="TARGET", help="Server whose embedding part is written: vllm.", callback=lambda v: check_choice(v, "--target", ("vllm",)))] = "vllm",
+    target: Annotated[str, typer.Option("--target", metavar="TARGET", help="vllm: image_embeds parts with the tensors; vllm-ec: metadata-only parts + uuid (Qwen-VL families) or image_url + uuid, for a vLLM serving the cache through MmprepECConnector.", callback=lambda v: check_choice(v, "--target", ("vllm", "vllm-ec")))] = "vllm",
     uuid_only: Annotated[bool, typer.Option("--uuid-only", help="Only add \"uuid\": <entry key> to cached image parts (for a server reading an encoder-cache store).")] = False,
     json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON (on stderr: stdout may carry the requests).")] = False,
 ) -> None:
     """Rewrite requests so the server gets cached images as embeddings; exit 0 when every image was replaced, 1 when not."""
     from mmprep.manifest import check_readable, manifest_format
-    from mmprep.rewrite import RequestRewriter, open_output
+    from mmprep.serving.rewrite import RequestRewriter, open_output
     from mmprep.store.reader import EmbeddingCache
 
     cache_dir = cache_dir_of(cache)
@@ -60,7 +60,7 @@ def rewrite(
         err.print_json(json.dumps(summary.as_json()))
     else:
         s = summary
-        what = "uuids added" if uuid_only else "parts replaced"
+        what = "uuids added" if rewriter.uuid_only else "parts replaced"
         err.print(
             f"rewrite: {s.requests} requests, {s.images} images: [green]{s.replaced} {what}[/green], "
             f"{s.misses} misses, {s.kept} kept (request has a miss), {s.invalid} invalid · "

@@ -43,7 +43,7 @@ from mmprep.store.layout import CacheLayout
 from mmprep.store.lock import WriterLock
 from mmprep.store.reader import EmbeddingCache
 from mmprep.store.shards import ShardWriter
-from mmprep.vllm_hash import vllm_image_identifier
+from mmprep.serving.vllm_hash import vllm_image_identifier
 
 __all__ = ["EncodeRun", "RunSummary"]
 

@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS failures (
 CREATE TABLE IF NOT EXISTS vllm_identifiers (
     content_sha256 TEXT NOT NULL, model_id TEXT NOT NULL, identifier TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (content_sha256, model_id)) WITHOUT ROWID;
+-- vLLM's identifier -> entry, as the mmprep encoder-cache connector looks up a request that carries no uuid.
+CREATE INDEX IF NOT EXISTS vllm_identifiers_by_id ON vllm_identifiers (identifier);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, model TEXT NOT NULL,
     started REAL NOT NULL, finished REAL, status TEXT NOT NULL, exit_code INTEGER,

@@ -160,6 +160,7 @@ class EmbeddingCache:
         self.fingerprint: str = row["fingerprint"]
         self.model_name: str = row["name"]
         self.family: str = row["family"]
+        self.model_info: dict[str, Any] = json.loads(row["info"])  # Encoder.describe(): architecture, output shapes, ...
         self.capacity = max(0, memory_bytes)
         self._memory: OrderedDict[str, CachedEmbedding] = OrderedDict()
         self._memory_bytes = 0
@@ -219,6 +220,24 @@ class EmbeddingCache:
         with self._lock:
             found = {key for key in keys if key in self._memory}
         return found | self._lookup([key for key in dict.fromkeys(keys) if key not in found]).keys()
+
+    def key_of_vllm_identifier(self, identifier: str, model_id: str | None = None) -> str | None:
+        """The key of this model's entry whose image vLLM identifies as `identifier` (recorded by `encode
+        --vllm-model-id`; `model_id`: only for that server --model string), or None."""
+        sql = (  # CROSS JOIN: SQLite keeps this order (identifier first), else it may scan the model's entries
+            "SELECT e.key FROM vllm_identifiers v CROSS JOIN entries e ON e.fingerprint = ? "
+            "AND e.content_sha256 = v.content_sha256 WHERE v.identifier = ?"
+        )
+        args: tuple[str, ...] = (self.fingerprint, identifier)
+        if model_id is not None:
+            sql, args = sql + " AND v.model_id = ?", (*args, model_id)
+        try:
+            row = self._conn().execute(sql + " LIMIT 1", args).fetchone()
+        except sqlite3.OperationalError as exc:  # an index made before the table existed
+            if "no such table" in str(exc):
+                return None
+            raise
+        return None if row is None else row[0]
 
     @property
     def stats(self) -> ReaderStats:
@@ -448,11 +467,3 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     save_file(tensors, str(path), metadata=meta)
     return [path]
 
-
-def __getattr__(name: str) -> Any:
-    """`to_vllm`'s old home, kept as an alias; imported on use (mmprep.serving imports torch)."""
-    if name == "to_vllm":
-        from mmprep.serving import to_vllm
-
-        return to_vllm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ from _http import image, serve
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"
 VLLM_SITE = HERE.parent.parent / "contrib" / "vllm-cpu"  # sitecustomize: Qwen2-VL's processor without torchvision
+REPO = HERE.parent.parent  # on vLLM's PYTHONPATH with `with_mmprep`: vLLM imports mmprep's connector from there
 LOGPROB_TOLERANCE = 1e-3
 ENGINE_TIMEOUT_S = 900
 # The prompt LLM.generate gets for one image; the chat template renders the same text for LLM.chat.
@@ -52,6 +53,7 @@ class Generation:
     logprobs: list[float]
     prompt_token_ids: list[int]
     seconds: float
+    finish_reason: str | None = None  # "length" for these greedy runs; "error" for a request the engine failed
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class VllmRun:
     generations: dict[str, Generation]
     errors: dict[str, str]
     log: str
+    commands: dict[str, dict[str, Any]]  # the job's commands: {"returncode", "output"} by id
 
     def __getitem__(self, request_id: str) -> Generation:
         if request_id in self.errors:
@@ -72,9 +75,10 @@ class VllmRun:
 
 def run_vllm(
     workdir: Path, model: Path, requests: list[dict[str, Any]], *, llm: dict[str, Any] | None = None,
-    max_tokens: int = 8, env: dict[str, str] | None = None,
+    max_tokens: int = 8, env: dict[str, str] | None = None, with_mmprep: bool = False,
 ) -> VllmRun:  # fmt: skip
-    """Start one vLLM engine on `model` in the vLLM venv and answer `requests` (see vllm_driver.py)."""
+    """Start one vLLM engine on `model` in the vLLM venv and answer `requests` (see vllm_driver.py);
+    `with_mmprep`: this checkout's mmprep is importable there (for `MmprepECConnector`), nothing else of it."""
     python = vllm_python()
     workdir.mkdir(parents=True, exist_ok=True)
     job, out, log = workdir / "job.json", workdir / "out.json", workdir / "vllm.log"
@@ -83,7 +87,7 @@ def run_vllm(
         k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "MMPREP_"))
     }  # nothing of mmprep's interpreter leaks into vLLM's
     child_env.update(
-        PYTHONPATH=str(VLLM_SITE), VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
+        PYTHONPATH=os.pathsep.join([str(VLLM_SITE), *([str(REPO)] if with_mmprep else [])]), VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}),
     )  # fmt: skip
     with log.open("w") as log_file:
@@ -103,7 +107,10 @@ def run_vllm(
             errors[request_id] = result["error"]
         else:
             generations[request_id] = Generation(**result)
-    return VllmRun(answer["vllm"], answer["engine_seconds"], generations, errors, log.read_text(errors="replace"))
+    return VllmRun(
+        answer["vllm"], answer["engine_seconds"], generations, errors, log.read_text(errors="replace"),
+        answer.get("commands", {}),
+    )  # fmt: skip
 
 
 def _tail(path: Path, chars: int = 6000) -> str:

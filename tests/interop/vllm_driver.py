@@ -11,7 +11,12 @@ JOB: {"model": DIR, "llm": {extra LLM(...) kwargs}, "max_tokens": N,
   "messages": [...]                      LLM.chat with these OpenAI messages, as given
   "batch_file": FILE                     LLM.chat on body.messages of each OpenAI batch line (ids: the
                                          request's "id_prefix" + the line's custom_id)
-OUT: {"vllm": version, "results": {ID: {"token_ids", "logprobs", "prompt_token_ids", "seconds"} or {"error"}}}.
+  "command": [ARGV...], "env": {...}     not a request: a command run between two requests while the
+                                         engine lives (e.g. `mmprep encode`, `mmprep gc`)
+OUT: {"vllm": version, "results": {ID: {"token_ids", "logprobs", "prompt_token_ids", "seconds"} or {"error"}},
+      "commands": {ID: {"returncode", "output"}}}.
+Before each request or command the driver prints `mmprep-interop: <ID>` to its log, so a test can
+tell which of vLLM's log lines belong to which request.
 
 Greedy, ignore_eos, one request at a time ("seconds" is its wall time: with max_tokens=1, its time to
 first token). It imports nothing from mmprep: what reaches vLLM is exactly what the files hold.
@@ -20,6 +25,7 @@ first token). It imports nothing from mmprep: what reaches vLLM is exactly what 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import traceback
@@ -38,6 +44,7 @@ def _result(output: Any, seconds: float) -> dict[str, Any]:
     return {
         "token_ids": token_ids, "logprobs": logprobs,
         "prompt_token_ids": list(output.prompt_token_ids or []), "seconds": seconds,
+        "finish_reason": completion.finish_reason,
     }  # fmt: skip
 
 
@@ -86,7 +93,15 @@ def main(job_path: str, out_path: str) -> int:
     engine_seconds = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8), ignore_eos=True, logprobs=0)
     results: dict[str, Any] = {}
+    commands: dict[str, Any] = {}
     for request in _expand(job["requests"]):
+        print(f"mmprep-interop: {request['id']}", flush=True)
+        if "command" in request:
+            done = subprocess.run(
+                request["command"], env=request.get("env"), capture_output=True, text=True, check=False
+            )
+            commands[request["id"]] = {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-4000:]}
+            continue
         try:
             kind, inputs = _inputs(request)
             start = time.perf_counter()
@@ -99,7 +114,9 @@ def main(job_path: str, out_path: str) -> int:
             results[request["id"]] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
             traceback.print_exc()
     with open(out_path, "w", encoding="utf-8") as f:
-        json.dump({"vllm": vllm.__version__, "engine_seconds": engine_seconds, "results": results}, f)
+        json.dump(
+            {"vllm": vllm.__version__, "engine_seconds": engine_seconds, "results": results, "commands": commands}, f
+        )
     return 0
 
 

@@ -36,7 +36,7 @@ from mmprep.errors import ExportFormatError, UsageError
 from mmprep.export.progress import ExportCounters, ProgressReporter
 from mmprep.export.source import CacheSource, ExportRow, ListedRow
 from mmprep.faults import fault_point
-from mmprep.serving import EcLayout, ServingFormatError, vllm_ec_layout
+from mmprep.serving.formats import EcLayout, ServingFormatError, vllm_ec_layout
 from mmprep.settings import ExportSettings
 from mmprep.store.lock import WriterLock
 from mmprep.store.shards import fsync_dir, write_atomic

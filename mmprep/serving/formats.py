@@ -1,6 +1,6 @@
 """Hand cached entries to serving engines: the exact inputs that let them skip the vision encoder.
 
-One function per target format (docs/serving.md#serving-targets):
+One function per target format (docs/serving.md#serving-targets); `mmprep.serving` re-exports them:
   `to_vllm(entry)`       offline vLLM: multi_modal_data={"image": to_vllm(entry)}
   `to_vllm_part(entry)`  vLLM's OpenAI server / run-batch: the chat content part that replaces the
                          image's `image_url` part (base64 of torch.save bytes, as vLLM decodes them)
@@ -22,14 +22,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mmprep.store.layout import EMBEDDINGS
-
-if TYPE_CHECKING:  # the reader imports this module (for its `to_vllm` alias)
-    from mmprep.store.reader import CachedEmbedding
+from mmprep.store.reader import CachedEmbedding
 
 
 class ServingFormatError(ValueError):
@@ -208,11 +206,7 @@ def _ec_merged_grid(family: str, config: Any) -> EcLayout:
     `cat([hidden] + deepstack)` split per image, and `embed_input_ids` splits the levels back off);
     qwen3_5.py and glm4_1v.py: the merged tokens. Rows: t*h*w / merge² of the image's grid."""
     merge = int(config.vision_config.spatial_merge_size)
-    return EcLayout(
-        family,
-        lambda e: VLLM_LAYOUTS[family](e)["image_embeds"],
-        lambda e: int(_need(e, "image_grid_thw").prod()) // merge**2,
-    )
+    return EcLayout(family, vllm_ec_tensor, lambda e: int(_need(e, "image_grid_thw").prod()) // merge**2)
 
 
 def _ec_llava(config: Any) -> EcLayout:
@@ -266,6 +260,45 @@ EC_LAYOUTS: dict[str, Callable[[Any, Any], EcLayout]] = {
     "qwen3_5": lambda config, _processor: _ec_merged_grid("qwen3_5", config),
     "glm4v": lambda config, _processor: _ec_merged_grid("glm4v", config),
 }
+
+
+_EC_EMBEDS_DICT = frozenset({"qwen3_vl", "qwen3_5", "glm4v"})  # families whose EC tensor is to_vllm's "image_embeds"
+
+
+def vllm_ec_tensor(entry: CachedEmbedding) -> torch.Tensor:
+    """The tensor vLLM's runner caches for this one image (its element of `embed_multimodal()`), without
+    the model's config: what every EcLayout's `tensor` gives, for the families that have one."""
+    if entry.family not in EC_LAYOUTS:
+        raise ServingFormatError(
+            f"entry {entry.key[:16]} is of family {entry.family!r}, which has no vLLM encoder-cache layout "
+            f"(families with one: {', '.join(EC_LAYOUTS)})"
+        )
+    if entry.family in _EC_EMBEDS_DICT:
+        return VLLM_LAYOUTS[entry.family](entry)["image_embeds"]
+    return entry.embeddings
+
+
+# Families whose vLLM request parser takes an image part that carries only the placeholder metadata on an
+# encoder-cache consumer (`embedding_fields` with role "metadata" in vllm/model_executor/models/qwen2_vl.py
+# `Qwen2VLMultiModalDataParser`: image_grid_thw; qwen3_vl.py and qwen3_5.py reuse it). GLM-4.1V's parser
+# publishes none in vLLM 0.32.
+METADATA_ONLY_FAMILIES = frozenset({"qwen2_vl", "qwen3_vl", "qwen3_5"})
+
+
+def to_vllm_ec_part(entry: CachedEmbedding) -> dict[str, Any]:
+    """The chat content part that names this cached image to a vLLM serving the cache through
+    `MmprepECConnector`, without its pixels: `{"type": "image_embeds", "image_embeds": {"image_grid_thw":
+    [t, h, w]}, "uuid": <entry key>}` (the placeholder metadata only; the embedding comes through the
+    connector). ServingFormatError for families without placeholder metadata or entries that fail the checks."""
+    if entry.family not in METADATA_ONLY_FAMILIES:
+        raise ServingFormatError(
+            f"entry {entry.key[:16]} ({entry.family}): vLLM takes no metadata-only image part for this family "
+            f"(families that have one: {', '.join(sorted(METADATA_ONLY_FAMILIES))}); send the image_url with the uuid"
+        )
+    check_rows(entry)
+    vllm_ec_tensor(entry)
+    grid = _need(entry, "image_grid_thw").reshape(-1).tolist()
+    return {"type": "image_embeds", "image_embeds": {"image_grid_thw": grid}, "uuid": entry.key}
 
 
 def vllm_ec_layout(family: str, model_info: dict[str, Any]) -> EcLayout:

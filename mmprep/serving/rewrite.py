@@ -10,6 +10,10 @@ Request files (bare Chat Completions bodies or Batch API lines `{"custom_id", "m
   vllm/renderers/chat_utils.py); its uncached images count as misses, its cached ones as kept.
 - `uuid_only` (for a server that reads an encoder-cache store): only `"uuid": <entry key>` is added to
   each cached image part; nothing else changes, so mixing does not arise.
+- target `vllm-ec` (a vLLM serving the cache through `MmprepECConnector`): for the families whose vLLM
+  parser takes placeholder metadata (`METADATA_ONLY_FAMILIES`), each image part of a request whose
+  images are all cached becomes the metadata-only part `to_vllm_ec_part` builds (no pixels, no
+  tensor: the request stays the size of the original); for the other families, `uuid_only`.
 - every other line (text-only requests, blank lines, lines that are not requests) is copied byte for
   byte; a line rewrite cannot read is copied too, and reported.
 Memory stays bounded: one line at a time (a line over MAX_LINE_CHARS is copied in pieces), and a
@@ -35,12 +39,19 @@ from mmprep.keys import cache_key
 from mmprep.manifest.openai import is_request, request_body, request_image_parts
 from mmprep.manifest.records import Malformed
 from mmprep.manifest.source import MAX_LINE_CHARS, READ_ERRORS, open_text
-from mmprep.serving import ServingFormatError, has_embedding_input, to_vllm_part
+from mmprep.serving.formats import (
+    EC_LAYOUTS,
+    METADATA_ONLY_FAMILIES,
+    ServingFormatError,
+    has_embedding_input,
+    to_vllm_ec_part,
+    to_vllm_part,
+)
 from mmprep.store.reader import EmbeddingCache
 
 __all__ = ["PART_MEMO_BYTES", "TARGETS", "RequestRewriter", "RewriteSummary", "open_output"]
 
-TARGETS = ("vllm",)  # --target: whose image-embedding content part is written
+TARGETS = ("vllm", "vllm-ec")  # --target: vLLM's image_embeds part, or the MmprepECConnector's metadata-only part
 PART_MEMO_BYTES = 64 * 1024 * 1024  # parts kept (as JSON text) for images seen again
 MAX_PROBLEMS = 20  # problem lines named in the summary (all are counted)
 CHUNK_LINES = 1024  # lines whose image keys are looked up in one index query ...
@@ -91,13 +102,18 @@ class RequestRewriter:
     def __init__(self, cache: EmbeddingCache, *, target: str = "vllm", uuid_only: bool = False) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
-        if not uuid_only and not has_embedding_input(cache.family):
+        if target == "vllm-ec" and cache.family not in EC_LAYOUTS:
+            raise ServingFormatError(
+                f"{cache.model_name} is a {cache.family} model: vLLM's encoder-cache connector has no layout for it"
+            )
+        if target == "vllm" and not uuid_only and not has_embedding_input(cache.family):
             raise ServingFormatError(
                 f"{cache.model_name} is a {cache.family} model: {target} takes no precomputed embeddings for it "
                 "(--uuid-only still adds uuids)"
             )
         self.cache = cache
-        self.uuid_only = uuid_only
+        self.target = target
+        self.uuid_only = uuid_only or (target == "vllm-ec" and cache.family not in METADATA_ONLY_FAMILIES)
         self.summary = RewriteSummary()
         self._parts: OrderedDict[str, str] = OrderedDict()  # entry key -> its part's JSON text
         self._part_bytes = 0
@@ -224,7 +240,7 @@ class RequestRewriter:
         entry = self.cache.get_key(key)
         if entry is None:
             return None
-        text = _dumps(to_vllm_part(entry))
+        text = _dumps(to_vllm_ec_part(entry) if self.target == "vllm-ec" else to_vllm_part(entry))
         if len(text) <= PART_MEMO_BYTES // 4:
             self._parts[key] = text
             self._part_bytes += len(text)
