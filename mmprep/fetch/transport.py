@@ -148,7 +148,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
                 request.method,
                 # as httpx encoded it; no userinfo (httpx turned it into the Authorization header)
                 yarl.URL(f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}", encoded=True),
-                headers=request.headers.multi_items(),
+                headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw],
                 data=request.content or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout.get("connect"), sock_read=timeout.get("read")),
