@@ -29,6 +29,7 @@ import anyio
 import httpx
 import yarl
 from aiohttp import http_exceptions
+from aiohttp.abc import ResolveResult
 
 from mmprep.errors import RowError
 from mmprep.fetch.addresses import IPAddress, parse_ip
@@ -62,7 +63,9 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         self._policy = policy
         self._timeout = timeout
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[dict[str, Any]]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         addresses = await self._addresses(host, port)
         for ip in addresses:  # all of them, before dialling any: a mixed answer is refused
             try:
@@ -70,10 +73,16 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
             except RowError as error:
                 raise Refused(error) from None
         return [
-            {"hostname": host, "host": str(ip), "port": port, "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-             "proto": 0, "flags": socket.AI_NUMERICHOST}
+            ResolveResult(
+                hostname=host,
+                host=str(ip),
+                port=port,
+                family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
             for ip in addresses
-        ]  # fmt: skip
+        ]
 
     async def _addresses(self, host: str, port: int) -> list[IPAddress]:
         literal = parse_ip(host)  # a legacy IPv4 form (`2130706433`, `127.1`) that aiohttp hands us as a name
@@ -230,7 +239,7 @@ def _response_error(exc: BaseException) -> Exception:
 
 def _causes(exc: BaseException | None) -> list[BaseException]:
     """`exc` and what caused it, in order (aiohttp wraps a parser error twice)."""
-    chain = []
+    chain: list[BaseException] = []
     while exc is not None and len(chain) < 8:
         chain.append(exc)
         exc = exc.__cause__
