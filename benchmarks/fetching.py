@@ -84,7 +84,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     check(warm, "warm")
     cpu, wall = time.process_time(), time.perf_counter()
     summary = check(urls, "rows")
-    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "rows": len(urls), "failed": summary.failed}
+    return {
+        "cpu": time.process_time() - cpu,
+        "wall": time.perf_counter() - wall,
+        "rows": len(urls),
+        "failed": summary.failed,
+    }
 
 
 def measure(tree: Path, mode: str, concurrency: int, warm: list[str], urls: list[str], work: Path) -> dict[str, Any]:
@@ -94,7 +99,9 @@ def measure(tree: Path, mode: str, concurrency: int, warm: list[str], urls: list
         json.dump(spec, f)
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        done = subprocess.run([sys.executable, str(HERE), "--child", f.name], env=env, capture_output=True, text=True, cwd=work)
+        done = subprocess.run(
+            [sys.executable, str(HERE), "--child", f.name], env=env, capture_output=True, text=True, cwd=work
+        )
     finally:
         os.unlink(f.name)
     if done.returncode != 0:
@@ -170,8 +177,14 @@ def section_cpu(work: Path, trees: dict[str, Path], rows: int, check_rows: int, 
 
     out = []
     with inputs.nginx_serving(work, {"vga": inputs.jpeg_pool((640, 480))}) as server:
-        urls = {"fetch": [server.url("vga", i) for i in range(rows)], "check": [server.url("vga", 50_000 + i) for i in range(check_rows)]}
-        warm = {"fetch": [server.url("vga", 90_000 + i) for i in range(256)], "check": [server.url("vga", 95_000 + i) for i in range(64)]}
+        urls = {
+            "fetch": [server.url("vga", i) for i in range(rows)],
+            "check": [server.url("vga", 50_000 + i) for i in range(check_rows)],
+        }
+        warm = {
+            "fetch": [server.url("vga", 90_000 + i) for i in range(256)],
+            "check": [server.url("vga", 95_000 + i) for i in range(64)],
+        }
         for mode in ("fetch", "check"):
             cpu: dict[str, list[float]] = {}
             rate: dict[str, list[float]] = {}
@@ -188,13 +201,17 @@ def section_cpu(work: Path, trees: dict[str, Path], rows: int, check_rows: int, 
                         rate.setdefault(key, []).append(got["rows"] / got["wall"])
                         server_cpu.setdefault(key, []).append((server.cpu_seconds() - served) / got["rows"] * 1e3)
                 loads.append(_load())
-            what = f"{len(urls[mode])} 640x480 JPEGs from nginx, " + ("Fetcher alone" if mode == "fetch" else "`check` with the CLIP processor")
+            what = f"{len(urls[mode])} 640x480 JPEGs from nginx, " + (
+                "Fetcher alone" if mode == "fetch" else "`check` with the CLIP processor"
+            )
             out.append(f"## {what}, {rounds} alternating rounds ({'; '.join(loads)})")
             out.append("| contender | CPU ms per image (min/median) | images/s (max/median) | nginx ms per image |")
             out.append("| --- | --- | --- | --- |")
             for key in cpu:
                 r = rate[key]
-                out.append(f"| {key} | {_fmt(cpu[key])} | {max(r):.0f}/{statistics.median(r):.0f} | {min(server_cpu[key]):.2f} |")
+                out.append(
+                    f"| {key} | {_fmt(cpu[key])} | {max(r):.0f}/{statistics.median(r):.0f} | {min(server_cpu[key]):.2f} |"
+                )
             for name in trees:
                 out.append(f"- {name}: CPU per image c256/c32 = {min(cpu[f'{name} c256']) / min(cpu[f'{name} c32']):.2f}x (min/min), "
                            f"{statistics.median(cpu[f'{name} c256']) / statistics.median(cpu[f'{name} c32']):.2f}x (median/median)")  # fmt: skip
@@ -204,7 +221,7 @@ def section_cpu(work: Path, trees: dict[str, Path], rows: int, check_rows: int, 
                     for c in (32, 256):
                         out.append(f"- c{c}: {first} / {other} CPU per image = "
                                    f"{min(cpu[f'{first} c{c}']) / min(cpu[f'{other} c{c}']):.2f}x (min/min)")  # fmt: skip
-            print("\n".join(out[-(len(cpu) + 3 + len(trees) + 2 * (len(trees) - 1)):]), flush=True)
+            print("\n".join(out[-(len(cpu) + 3 + len(trees) + 2 * (len(trees) - 1)) :]), flush=True)
     return out
 
 
@@ -228,14 +245,18 @@ def section_latency(work: Path, tree: Path, rows: int, check_rows: int, rounds: 
                 loads.append(_load())
             slow_name = f"{delay * 1e3:.0f} ms"
             what = "`check` with the CLIP processor" if mode == "check" else "Fetcher alone"
-            out.append(f"## {n} 640x480 JPEGs, --concurrency 256, {what}, server latency 0 vs {slow_name}, {rounds} alternating rounds ({'; '.join(loads)})")
+            out.append(
+                f"## {n} 640x480 JPEGs, --concurrency 256, {what}, server latency 0 vs {slow_name}, {rounds} alternating rounds ({'; '.join(loads)})"
+            )
             out.append("| server | images/s (max/median) | CPU ms per image (min/median) |")
             out.append("| --- | --- | --- |")
             for name in servers:
-                out.append(f"| {name} | {max(rate[name]):.0f}/{statistics.median(rate[name]):.0f} | {_fmt(cpu[name])} |")
+                out.append(
+                    f"| {name} | {max(rate[name]):.0f}/{statistics.median(rate[name]):.0f} | {_fmt(cpu[name])} |"
+                )
             out.append(f"- rate with {slow_name} latency / without: {max(rate[slow_name]) / max(rate['0 ms']):.2f}x (best runs), "
                        f"{statistics.median(rate[slow_name]) / statistics.median(rate['0 ms']):.2f}x (medians)")  # fmt: skip
-            print("\n".join(out[-(len(servers) + 4):]), flush=True)
+            print("\n".join(out[-(len(servers) + 4) :]), flush=True)
     return out
 
 
@@ -243,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench-fetching")
-    parser.add_argument("--before", type=Path, help="an older mmprep source tree to measure beside this one (cpu section)")
+    parser.add_argument(
+        "--before", type=Path, help="an older mmprep source tree to measure beside this one (cpu section)"
+    )
     parser.add_argument("--rows", type=int, default=2000, help="URLs the Fetcher-alone runs fetch")
     parser.add_argument("--check-rows", type=int, default=1000, help="rows of the `check` runs")
     parser.add_argument("--rounds", type=int, default=3)
