@@ -233,6 +233,25 @@ def test_https_connects_to_the_checked_ip_but_verifies_the_host_name(
         assert server.seen[0].headers["host"] == f"img.test:{server.port}"
 
 
+def test_https_with_an_untrusted_or_mismatched_certificate_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed_cert(tmp_path, "img.test")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.setattr(transport, "resolve", _resolver({"img.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}))
+    s = settings(allow_http=False, allow_hosts=("img.test", "other.test"))
+    with serve(tls=tls) as server:
+        server.routes["/cat.png"] = image()
+        untrusted = fetch_error(s, server.url("/cat.png", scheme="https", host="img.test"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted from here on, but for img.test only
+        mismatched = fetch_error(s, server.url("/cat.png", scheme="https", host="other.test"))
+        assert fetch(s, server.url("/cat.png", scheme="https", host="img.test")).data == PNG  # type: ignore[union-attr]
+    for error in (untrusted, mismatched):
+        assert error.kind is ErrorKind.CONNECTION_ERROR and "certificate" in error.message.lower(), error
+    assert server.paths() == ["/cat.png"]  # only the verified connection sent a request
+
+
 # ---------------------------------------------------------------- redirects
 
 
