@@ -5,6 +5,8 @@
            --before DIR also the mmprep tree in DIR (e.g. the httpcore transport), alternating
   latency  `check` (CLIP processor) and the Fetcher alone at --concurrency 256 from a server that answers
            after 200 ms vs the same server answering at once: the rate ratio (latency hidden or not)
+  layers   where a request's CPU goes, in this process at --concurrency 32 from nginx: aiohttp alone,
+           httpx over the `httpx-aiohttp` package (if installed), httpx over GuardedTransport, the Fetcher
 
 Every figure is measured in a fresh child process (PYTHONPATH set to the tree under test), contenders
 alternating round by round, so ratios compare like with like on a shared machine; the load average is
@@ -30,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 LOOPBACK = {"allow_http": True, "allow_hosts": ("127.0.0.1",)}
-SECTIONS = ("cpu", "latency")
+SECTIONS = ("cpu", "latency", "layers")
 
 
 # -- the child: one measurement in a fresh process -------------------------------------------------
@@ -260,6 +262,89 @@ def section_latency(work: Path, tree: Path, rows: int, check_rows: int, rounds: 
     return out
 
 
+def section_layers(work: Path, rows: int, rounds: int, concurrency: int = 32) -> list[str]:
+    """CPU ms per request of each layer of the stack, alternating in this process (bodies read raw, in full)."""
+    import asyncio
+
+    import aiohttp
+    import httpx
+
+    from benchmarks import inputs
+    from mmprep.fetch import Fetcher
+    from mmprep.fetch.policy import UrlPolicy
+    from mmprep.fetch.transport import GuardedTransport
+    from mmprep.settings import LoadSettings
+
+    async def drive(fetch: Any, urls: list[str]) -> float:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(url: str) -> None:
+            async with gate:
+                assert len(await fetch(url)) > 0
+
+        await asyncio.gather(*(one(u) for u in urls[:100]))  # warm-up: the pool opens
+        cpu = time.process_time()
+        await asyncio.gather(*(one(u) for u in urls[100:]))
+        return (time.process_time() - cpu) / (len(urls) - 100) * 1e3
+
+    async def raw_aiohttp(urls: list[str]) -> float:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
+            async def fetch(url: str) -> bytes:
+                async with session.get(url) as response:
+                    return b"".join([chunk async for chunk in response.content.iter_any()])
+
+            return await drive(fetch, urls)
+
+    async def over_httpx(urls: list[str], client: httpx.AsyncClient) -> float:
+        async with client:
+
+            async def fetch(url: str) -> bytes:
+                async with client.stream("GET", url) as response:
+                    return b"".join([chunk async for chunk in response.aiter_raw()])
+
+            return await drive(fetch, urls)
+
+    def guarded() -> httpx.AsyncClient:
+        policy = UrlPolicy(**LOOPBACK)
+        return httpx.AsyncClient(transport=GuardedTransport(policy, max_connections=concurrency))
+
+    async def fetcher(urls: list[str]) -> float:
+        async with Fetcher(LoadSettings(concurrency=concurrency, per_host=concurrency, **LOOPBACK)) as f:
+
+            async def fetch(url: str) -> bytes:
+                return (await f.fetch(url)).data  # type: ignore[union-attr]
+
+            return await drive(fetch, urls)
+
+    layers: dict[str, Any] = {"aiohttp alone": raw_aiohttp}
+    try:
+        from httpx_aiohttp import HttpxAiohttpClient
+
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        layers["httpx over httpx-aiohttp"] = lambda urls: over_httpx(
+            urls, HttpxAiohttpClient(limits=limits, trust_env=False)
+        )
+    except ImportError:
+        pass
+    layers["httpx over GuardedTransport"] = lambda urls: over_httpx(urls, guarded())
+    layers["Fetcher"] = fetcher
+    cpu: dict[str, list[float]] = {name: [] for name in layers}
+    with inputs.nginx_serving(work, {"vga": inputs.jpeg_pool((640, 480))}) as server:
+        urls = [server.url("vga", 70_000 + i) for i in range(rows + 100)]
+        for _ in range(rounds):
+            for name, layer in layers.items():
+                cpu[name].append(asyncio.run(layer(urls)))
+    out = [
+        f"## CPU ms per request by layer, {rows} 640x480 JPEGs from nginx, c{concurrency}, {rounds} alternating rounds ({_load()})"
+    ]
+    out += ["| layer | CPU ms per request (min/median) |", "| --- | --- |"]
+    out += [f"| {name} | {_fmt(values)} |" for name, values in cpu.items()]
+    print("\n".join(out), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS)
@@ -281,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         out += section_cpu(args.work, trees, args.rows, args.check_rows, args.rounds)
     if "latency" in sections:
         out += section_latency(args.work, REPO, args.rows, args.check_rows, args.rounds)
+    if "layers" in sections:
+        out += section_layers(args.work, args.rows, args.rounds)
     out.append(f"{_load()} at the end")
     print("\n".join(out))
 
