@@ -126,7 +126,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # raw bodies: mmprep.fetch.codings decodes them within its bounds
-            cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies, as before
+            cookie_jar=aiohttp.DummyCookieJar(),  # cookies are httpx's to keep (the Fetcher keeps none)
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),  # httpx sets them
             trust_env=False,  # no proxies from the environment: the policy must see the real peer
             max_headers=MAX_HEADERS,
