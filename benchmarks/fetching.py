@@ -185,7 +185,7 @@ def section_cpu(work: Path, trees: dict[str, Path], rows: int, check_rows: int, 
         }
         warm = {
             "fetch": [server.url("vga", 90_000 + i) for i in range(256)],
-            "check": [server.url("vga", 95_000 + i) for i in range(64)],
+            "check": [server.url("vga", 95_000 + i) for i in range(256)],
         }
         for mode in ("fetch", "check"):
             cpu: dict[str, list[float]] = {}
