@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -131,6 +133,82 @@ def serving_elsewhere(work: Path) -> Iterator[RemoteServer]:
         child.kill()
         child.wait()
         port_file.unlink(missing_ok=True)
+
+
+class NginxServer(RemoteServer):
+    """Debian's nginx (one worker, keep-alive, sendfile) serving unique JPEGs from files it writes on demand:
+    the fast static server for the loader's HTTP cost (the Python BenchServer spends ~0.3-0.5 ms a request)."""
+
+    def __init__(self, port: int, pid: int, root: Path, pools: dict[str, list[bytes]]) -> None:
+        super().__init__(port, pid)
+        self.root = root
+        self.pools = pools
+
+    def url(self, pool: str, index: int) -> str:
+        path = self.root / pool / f"{index}.jpg"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(unique_jpeg(self.pools[pool], index))
+            path.chmod(0o644)
+        return super().url(pool, index)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of nginx's worker process (the master only forks it)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return sum(RemoteServer(self.port, int(pid)).cpu_seconds() for pid in children)
+
+
+_NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_timeout 120s; keepalive_requests 1000000; open_file_cache max=8000 inactive=60s;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  types {{ image/jpeg jpg; }} default_type application/octet-stream;
+  server {{ listen 127.0.0.1:{port} backlog=4096; root {root}; etag off; }}
+}}
+"""
+
+
+def nginx_available() -> bool:
+    return shutil.which("nginx") is not None
+
+
+@contextmanager
+def nginx_serving(work: Path, pools: dict[str, list[bytes]]) -> Iterator[NginxServer]:
+    """nginx on a free 127.0.0.1 port, in the foreground of a child process (`apt-get install nginx-light`)."""
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        raise RuntimeError("nginx is not installed (apt-get install -y nginx-light)")
+    d = work / "nginx"
+    root = d / "root"
+    (d / "tmp").mkdir(parents=True, exist_ok=True)
+    root.mkdir(exist_ok=True)
+    for directory in (work, d, root):
+        directory.chmod(0o755)  # nginx's worker runs as www-data
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (d / "nginx.conf").write_text(_NGINX_CONF.format(d=d, port=port, root=root))
+    child = subprocess.Popen([nginx, "-p", str(d), "-c", str(d / "nginx.conf")])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if child.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start: {(d / 'error.log').read_text()[-1000:]}") from None
+                time.sleep(0.05)
+        yield NginxServer(port, child.pid, root, pools)
+    finally:
+        child.terminate()
+        child.wait()
 
 
 def _serve(port_file: Path) -> None:

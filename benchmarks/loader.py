@@ -112,7 +112,8 @@ def _run_wall(argv: list[str], env: dict[str, str] | None = None, cwd: Path | No
     return wall
 
 
-def section_size(work: Path, server: inputs.BenchServer, rows: int = 1000, rounds: int = 2, before: Path | None = None) -> list[Row]:
+def section_size(work: Path, server: Any, rows: int = 1000, rounds: int = 2, before: Path | None = None,
+                 img2dataset: str | None = None) -> list[Row]:
     """check --size 224x224 vs img2dataset (2 processes x 32 threads, resize to 224, center crop) on the same URLs."""
     urls = [server.url("vga", i) for i in range(rows)]
     manifest = inputs.write_manifest(work / f"size-{rows}.jsonl", urls)
@@ -125,7 +126,7 @@ def section_size(work: Path, server: inputs.BenchServer, rows: int = 1000, round
         if tree is not None:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             contenders[name] = ([sys.executable, "-m", "mmprep", "check", str(manifest), *flags], env)
-    img2dataset = shutil.which("img2dataset")
+    img2dataset = img2dataset or shutil.which("img2dataset")
     if img2dataset is None:
         raise RuntimeError("img2dataset is not installed (pip install img2dataset==1.47.0)")
     out = work / "img2dataset-out"
@@ -146,7 +147,8 @@ def section_size(work: Path, server: inputs.BenchServer, rows: int = 1000, round
     i2d = _best(walls["img2dataset"])
     figures = " · ".join(f"{name} {', '.join(f'{w:.2f}' for w in ws)} s" for name, ws in walls.items())
     ratio = " · ".join(f"{name} {_best(walls[name]) / i2d:.2f}x" for name in contenders)
-    return [Row("size", f"{rows} 640x480 JPEGs → 224, loopback server, wall incl. start-up (img2dataset wrote {done})",
+    where = "nginx" if isinstance(server, inputs.NginxServer) else "Python server"
+    return [Row("size", f"{rows} 640x480 JPEGs → 224, loopback {where}, wall incl. start-up (img2dataset wrote {done})",
                 figures, f"{ratio} img2dataset's wall (best runs)", "≤ 0.5x",
                 {name: _best(ws) for name, ws in walls.items()})]  # fmt: skip
 
@@ -188,7 +190,8 @@ def section_model(work: Path, server: Any, rows: int = 512) -> list[Row]:
         figures = " · ".join(f"{name} {', '.join(f'{v:.0f}' for v in values)}" for name, values in rates.items())
         costs = " · ".join(f"{name} {min(values):.2f}" for name, values in cpu.items())
         ratio = f"HTTP {best['http'] / best['limit']:.2f}x · files {best['files'] / best['limit']:.2f}x limit (best runs)"
-        out.append(Row("model", f"640x480 JPEG → {label} processor (fast path), {rows} rows, check in process",
+        where = "nginx" if isinstance(server, inputs.NginxServer) else "Python server in another process"
+        out.append(Row("model", f"640x480 JPEG → {label} processor (fast path), {rows} rows, check in process, HTTP from {where}",
                        f"{figures} img/s; CPU per image (ms, lowest): {costs}, + image server {min(server_cpu):.2f} for HTTP",
                        ratio, "≥ 0.9x", {**best, "cpu_ms": {k: min(v) for k, v in cpu.items()}}))  # fmt: skip
     return out
@@ -272,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench")
     parser.add_argument("--rows", type=int, default=1000, help="rows of the size section")
     parser.add_argument("--before", type=Path, help="an older mmprep source tree to time beside this one (size section)")
+    parser.add_argument("--server", choices=("nginx", "python"), default="nginx" if inputs.nginx_available() else "python",
+                        help="the image server of the size and model sections: nginx (apt-get install nginx-light; the "
+                             "default where installed) or the Python BenchServer")  # fmt: skip
+    parser.add_argument("--img2dataset", help="the img2dataset executable (default: on PATH); e.g. a venv's, as it pins old packages")
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -280,14 +287,17 @@ def main(argv: list[str] | None = None) -> None:
         rows += section_prep(args.work)
     pools = {"vga": inputs.jpeg_pool((640, 480)), "tiny": inputs.jpeg_pool((96, 64))}
     with inputs.serving(pools) as server:
-        if "size" in sections:
-            rows += section_size(args.work, server, args.rows, before=args.before)
+        if "size" in sections and args.server == "python":
+            rows += section_size(args.work, server, args.rows, before=args.before, img2dataset=args.img2dataset)
         if "rss" in sections:
             rows += section_rss(args.work, server)
         if "start" in sections:
             rows += section_start(args.work, server)
+    if "size" in sections and args.server == "nginx":
+        with inputs.nginx_serving(args.work, pools) as nginx:
+            rows += section_size(args.work, nginx, args.rows, before=args.before, img2dataset=args.img2dataset)
     if "model" in sections:  # the image server in its own process: its request handling takes no GIL from `check`
-        with inputs.serving_elsewhere(args.work) as remote:
+        with inputs.nginx_serving(args.work, pools) if args.server == "nginx" else inputs.serving_elsewhere(args.work) as remote:
             rows += section_model(args.work, remote)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(render(rows))

@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import httpx
 import pytest
 from _fetch_helpers import (
     PNG,
@@ -31,6 +32,8 @@ import mmprep
 from mmprep.errors import ErrorKind, RowError
 from mmprep.fetch import Fetcher, transport
 from mmprep.fetch.addresses import IPAddress, parse_ip
+from mmprep.fetch.policy import UrlPolicy
+from mmprep.pipeline import CheckRun
 
 # ---------------------------------------------------------------- schemes, data URLs
 
@@ -230,6 +233,25 @@ def test_https_connects_to_the_checked_ip_but_verifies_the_host_name(
         assert server.seen[0].headers["host"] == f"img.test:{server.port}"
 
 
+def test_https_with_an_untrusted_or_mismatched_certificate_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed_cert(tmp_path, "img.test")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.setattr(transport, "resolve", _resolver({"img.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}))
+    s = settings(allow_http=False, allow_hosts=("img.test", "other.test"))
+    with serve(tls=tls) as server:
+        server.routes["/cat.png"] = image()
+        untrusted = fetch_error(s, server.url("/cat.png", scheme="https", host="img.test"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted from here on, but for img.test only
+        mismatched = fetch_error(s, server.url("/cat.png", scheme="https", host="other.test"))
+        assert fetch(s, server.url("/cat.png", scheme="https", host="img.test")).data == PNG  # type: ignore[union-attr]
+    for error in (untrusted, mismatched):
+        assert error.kind is ErrorKind.CONNECTION_ERROR and "certificate" in error.message.lower(), error
+    assert server.paths() == ["/cat.png"]  # only the verified connection sent a request
+
+
 # ---------------------------------------------------------------- redirects
 
 
@@ -340,6 +362,50 @@ def test_dns_failure_is_a_connection_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(transport, "resolve", _resolver({}))
     error = fetch_error(settings(), "https://nowhere.test/cat.png")
     assert error.kind is ErrorKind.CONNECTION_ERROR and "cannot resolve nowhere.test" in error.message
+
+
+def test_the_transport_vets_every_address_it_dials_bare_ips_included() -> None:
+    """The transport's own check (the socket factory), without the Fetcher's URL check in front of it:
+    aiohttp never resolves an IP literal, so only the socket factory sees these addresses."""
+    with serve("127.0.0.2") as internal:
+        internal.routes["/admin"] = image()
+        policy = UrlPolicy(allow_http=True, allow_hosts=("127.0.0.1",))
+
+        async def go(url: str) -> RowError:
+            async with httpx.AsyncClient(transport=transport.GuardedTransport(policy, max_connections=4)) as client:
+                with pytest.raises(RowError) as caught:
+                    await client.get(url)
+                return caught.value
+
+        for url, needle in [(internal.url("/admin"), "127.0.0.2 is loopback"),
+                            (f"http://[::ffff:127.0.0.2]:{internal.port}/admin", "loopback")]:  # fmt: skip
+            error = run(go(url))
+            assert error.kind is ErrorKind.BLOCKED_URL and needle in error.message, error
+        assert internal.connections == 0
+
+
+def test_every_new_connection_resolves_and_is_vetted_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DNS cache: a name that flips to a blocked address (rebinding) is refused on its next connection."""
+    table = {"flip.test": ["127.0.0.1"]}
+    resolver = _resolver(table)
+    monkeypatch.setattr(transport, "resolve", resolver)
+    with serve() as server:
+        server.routes["/cat.png"] = image(PNG, Connection="close")  # the next request needs a new connection
+        url = f"http://flip.test:{server.port}/cat.png"
+
+        async def go() -> RowError:
+            async with Fetcher(settings()) as fetcher:
+                got = await fetcher.fetch(url)
+                assert got is not None and got.data == PNG
+                table["flip.test"] = ["127.0.0.2"]
+                with pytest.raises(RowError) as caught:
+                    await fetcher.fetch(url)
+                return caught.value
+
+        error = run(go())
+        assert error.kind is ErrorKind.BLOCKED_URL and "flip.test resolves to 127.0.0.2, which is loopback" in error.message
+        assert resolver.calls == ["flip.test", "flip.test"]
+        assert server.connections == 1
 
 
 # ---------------------------------------------------------------- limits
@@ -575,6 +641,21 @@ def test_wait_for_a_host_slot_does_not_count_against_the_deadline() -> None:
 
         run(go())
         assert server.max_active == 1
+
+
+def test_rows_waiting_for_a_slot_never_time_out(tmp_path: Path) -> None:
+    """--concurrency 256 over 320 rows of one slow host (--per-host 8): the last rows wait ~6 s for a host
+    slot (and 64 rows for a pipeline slot first), twice the 3 s --timeout, yet only the request itself
+    (~0.2 s) runs against the clock."""
+    rows = 320
+    with serve() as server:
+        server.routes["/slow.png"] = _slow_image(0.2)
+        manifest = tmp_path / "rows.txt"
+        manifest.write_text("".join(server.url(f"/slow.png?row={i}") + "\n" for i in range(rows)))
+        s = settings(concurrency=256, per_host=8, timeout=3.0)
+        summary = CheckRun([str(manifest)], s, tmp_path / "errors.jsonl").run()
+    assert (summary.ok, summary.failed, summary.failures_by_kind) == (rows, 0, {})
+    assert server.max_active == 8 and len(server.seen) == rows
 
 
 def test_pool_is_as_wide_as_concurrency() -> None:

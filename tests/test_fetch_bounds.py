@@ -22,6 +22,7 @@ from mmprep.errors import ErrorKind, RowError
 from mmprep.fetch import Fetched, Fetcher
 from mmprep.fetch.codings import ACCEPT_ENCODING, MAX_CODINGS, STEP, BodyDecoder
 from mmprep.fetch.fetcher import fetch_memory_bound
+from mmprep.fetch.transport import HEADER_LIMITS, MAX_FIELD_SIZE, MAX_HEADERS
 from mmprep.settings import MiB
 
 LIMIT = 4 * MiB  # --max-bytes in these tests; every bomb inflates to 8x that
@@ -166,8 +167,8 @@ def test_decoder_never_hands_out_more_than_the_room_left() -> None:
 # ---------------------------------------------------------------- stacked and unknown codings
 
 
-def test_two_thousand_codings_are_refused_before_any_decoder_is_built() -> None:
-    header = ", ".join(["gzip"] * 2000)
+def test_a_thousand_codings_are_refused_before_any_decoder_is_built() -> None:
+    header = ", ".join(["gzip"] * 1300)  # 7,800 bytes: the longest header line the parser takes is MAX_FIELD_SIZE
     body = PNG
     for _ in range(4):
         body = gzip.compress(body)
@@ -284,32 +285,39 @@ def test_br_and_zstd_are_bounded_like_gzip(coding: str, compress) -> None:  # ty
 # ---------------------------------------------------------------- headers, redirects, data URLs
 
 
-def _headers(count: int):  # type: ignore[no-untyped-def]
-    """A PNG response carrying `count` extra headers of 4 bytes each (`x:` and CRLF, the shortest there is)."""
+def _headers(count: int, size: int = 0):  # type: ignore[no-untyped-def]
+    """A PNG response carrying `count` extra headers of `size` + 4 bytes each (`x:`, the value, CRLF)."""
 
     def route(h: Handler) -> None:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n" % len(PNG)
-        h.wfile.write(head + b"x:\r\n" * count + b"\r\n" + PNG)
+        h.wfile.write(head + (b"x:" + b"v" * size + b"\r\n") * count + b"\r\n" + PNG)
 
     return route
 
 
 def test_header_floods_are_bounded_by_the_header_block_limit() -> None:
-    """~100 KiB of 4-byte headers (the most that fit) parse within HEADER_OVERHEAD; more fail, not retried."""
+    """The largest header block the parser takes (MAX_HEADERS fields of MAX_FIELD_SIZE bytes) parses within
+    HEADER_OVERHEAD; more fields, or a longer line, fail, not retried."""
+    largest = MAX_HEADERS - 2  # Content-Type and Content-Length are two of them
     with serve() as server:
-        server.routes["/fits.png"] = _headers(25_000)  # 100,000 bytes
+        server.routes["/fits.png"] = _headers(largest, MAX_FIELD_SIZE - 3)  # ~1 MiB of headers
         server.routes["/flood.png"] = _headers(40_000)
+        server.routes["/fields.png"] = _headers(largest + 1)
+        server.routes["/line.png"] = _headers(1, MAX_FIELD_SIZE + 1)
         fits, peak = measured(server.url("/fits.png"))
-        flood = failed(server.url("/flood.png"), ErrorKind.CONNECTION_ERROR, bound=fetch_memory_bound(0, header_flood=True))
-    print(f"25,000 headers: peak {peak:,} bytes")
+        floods = [failed(server.url(path), ErrorKind.CONNECTION_ERROR, bound=fetch_memory_bound(0, header_flood=True))
+                  for path in ("/flood.png", "/fields.png", "/line.png")]  # fmt: skip
+    print(f"{largest} headers of {MAX_FIELD_SIZE - 1:,} bytes: peak {peak:,} bytes")
     assert isinstance(fits, Fetched) and fits.data == PNG and peak <= fetch_memory_bound(len(PNG), header_flood=True)
-    assert flood.message == "response headers longer than 100 KiB (stopped reading)" and not flood.retryable
+    for flood in floods:
+        assert flood.message == f"response headers over the parser's limit ({HEADER_LIMITS}) (stopped reading)"
+        assert not flood.retryable
 
 
 def test_overlong_validators_are_not_kept() -> None:
     """ETag / Last-Modified go into the index and every shard header: over 1 KiB they are dropped."""
     with serve() as server:
-        server.routes["/long.png"] = image(PNG, ETag='"' + "e" * 50_000 + '"', **{"Last-Modified": "x" * 2000})
+        server.routes["/long.png"] = image(PNG, ETag='"' + "e" * 8_000 + '"', **{"Last-Modified": "x" * 2000})
         server.routes["/ok.png"] = image(PNG, ETag='"v1"', **{"Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT"})
         long, _ = measured(server.url("/long.png"))
         ok, _ = measured(server.url("/ok.png"))
@@ -319,9 +327,10 @@ def test_overlong_validators_are_not_kept() -> None:
 
 def test_an_overlong_redirect_location_is_refused() -> None:
     with serve() as server:
-        server.routes["/go"] = redirect(server.url("/" + "a" * 70_000))
-        error = failed(server.url("/go"), ErrorKind.BAD_SCHEME, bound=MiB)
-    assert error.message.startswith("redirected to an invalid URL") and len(error.message) < 300
+        server.routes["/go"] = redirect(server.url("/" + "a" * 70_000))  # over httpx's URL limit and the parser's line limit
+        error = failed(server.url("/go"), ErrorKind.CONNECTION_ERROR, bound=MiB)
+    assert error.message.startswith("response headers over the parser's limit") and len(error.message) < 300
+    assert not error.retryable and server.paths() == ["/go"]
 
 
 def test_data_url_header_is_bounded_before_anything_is_split() -> None:
