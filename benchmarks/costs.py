@@ -32,7 +32,20 @@ def stage_of(filename: str, name: str) -> str | None:
     if any(w in name for w in WAITS):
         return None
     path = filename.replace("\\", "/")
-    if any(p in path for p in ("/httpx/", "/httpcore/", "/h11/", "/anyio/", "/asyncio/", "/ssl.py", "/socket.py", "/selectors.py", "mmprep/fetch/")):
+    if any(
+        p in path
+        for p in (
+            "/httpx/",
+            "/httpcore/",
+            "/h11/",
+            "/anyio/",
+            "/asyncio/",
+            "/ssl.py",
+            "/socket.py",
+            "/selectors.py",
+            "mmprep/fetch/",
+        )
+    ):
         return "fetch/HTTP"
     if any(p in name for p in ("_socket", "select.epoll", "_ssl.")):
         return "fetch/HTTP"
@@ -131,7 +144,9 @@ def main() -> None:
         for label, tree in trees.items():
             out = args.work / f"costs-{label}.json"
             env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-            subprocess.run([sys.executable, str(HERE), "--child", args.model, str(manifest), str(out)], env=env, check=True)
+            subprocess.run(
+                [sys.executable, str(HERE), "--child", args.model, str(manifest), str(out)], env=env, check=True
+            )
         for label in trees:
             print("\n".join(table(label, json.loads((args.work / f"costs-{label}.json").read_text()))) + "\n")
 

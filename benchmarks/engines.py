@@ -29,7 +29,10 @@ def make_images(directory: Path, rows: int) -> Path:
         if not path.exists():
             image = Image.linear_gradient("L").resize((320, 240)).rotate(i % 360)
             buf = io.BytesIO()
-            Image.merge("RGB", (image, image.point(lambda v, i=i: (v + i) % 256), image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))).save(buf, "JPEG", quality=85)
+            Image.merge(
+                "RGB",
+                (image, image.point(lambda v, i=i: (v + i) % 256), image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+            ).save(buf, "JPEG", quality=85)
             path.write_bytes(buf.getvalue())
         lines.append(json.dumps({"url": str(path)}))
     manifest = directory / "manifest.jsonl"
@@ -45,12 +48,21 @@ def vit_b32_clip(directory: Path) -> Path:
 
         torch.manual_seed(0)
         config = CLIPConfig(
-            vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "patch_size": 32, "image_size": 224},
+            vision_config={
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "patch_size": 32,
+                "image_size": 224,
+            },
             text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
             projection_dim=512,
         )
         CLIPModel(config).save_pretrained(directory)
-        CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(directory)
+        CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+            directory
+        )
     return directory
 
 

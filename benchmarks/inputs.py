@@ -29,7 +29,9 @@ def photo_like(size: tuple[int, int], seed: int) -> Image.Image:
     width, height = size
     rng = np.random.default_rng(seed)
     coarse = rng.random((height // 32 + 2, width // 32 + 2, 3)) * 255
-    blobs = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    blobs = np.asarray(
+        Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC), np.float32
+    )
     ramp = np.linspace(0, 60, width, dtype=np.float32)[None, :, None]
     grain = rng.normal(0, 9, (height, width, 3)).astype(np.float32)
     return Image.fromarray(np.clip(blobs * 0.75 + ramp + grain, 0, 255).astype(np.uint8))
@@ -247,7 +249,9 @@ def save_clip(directory: Path, *, layers: int = 12, hidden: int = 768, patch: in
     return directory
 
 
-def build_cached(cache_dir: Path, manifest: Path, fingerprint: str, model_name: str, rows: int, shard_rows: int = 100_000) -> None:
+def build_cached(
+    cache_dir: Path, manifest: Path, fingerprint: str, model_name: str, rows: int, shard_rows: int = 100_000
+) -> None:
     """A cache whose index already holds every manifest row (tiny tensors, a few real shards), via the store API."""
     import torch
 
@@ -322,7 +326,10 @@ def rewrite_inputs(where: Path, model: str, images: int, requests: int, size: tu
             content += [{"type": "image_url", "image_url": {"url": urls[(i + j) % images]}} for j in range(1 + i % 2)]
             body = {"model": "Qwen/Qwen2-VL-7B-Instruct", "max_tokens": 64, "messages": [
                 {"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": content}]}  # fmt: skip
-            f.write(json.dumps({"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+            f.write(
+                json.dumps({"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

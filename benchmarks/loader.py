@@ -76,7 +76,9 @@ def section_prep(work: Path, images: int = 64, rounds: int = 3) -> list[Row]:
         t, pil = best["transformers"], best["fast+Pillow"]
         fastest = best.get("fast+native", pil)
         figures = " · ".join(f"{name} {value:,.0f} µs" for name, value in best.items())
-        ratio = f"{t / fastest:.2f}x faster" + (f" (with Pillow's resize {t / pil:.2f}x)" if "fast+native" in best else " (native resampler not built)")
+        ratio = f"{t / fastest:.2f}x faster" + (
+            f" (with Pillow's resize {t / pil:.2f}x)" if "fast+native" in best else " (native resampler not built)"
+        )
         rows.append(Row("prep", f"640x480 photo → {label}, {len(pictures)} images, 1 thread",
                         f"{figures} CPU per image (best of {rounds}, alternating)", ratio, "≥ 2x", best))  # fmt: skip
     if native.native_enabled(Image.Resampling.BICUBIC):
@@ -112,14 +114,30 @@ def _run_wall(argv: list[str], env: dict[str, str] | None = None, cwd: Path | No
     return wall
 
 
-def section_size(work: Path, server: Any, rows: int = 1000, rounds: int = 2, before: Path | None = None,
-                 img2dataset: str | None = None) -> list[Row]:
+def section_size(
+    work: Path,
+    server: Any,
+    rows: int = 1000,
+    rounds: int = 2,
+    before: Path | None = None,
+    img2dataset: str | None = None,
+) -> list[Row]:
     """check --size 224x224 vs img2dataset (2 processes x 32 threads, resize to 224, center crop) on the same URLs."""
     urls = [server.url("vga", i) for i in range(rows)]
     manifest = inputs.write_manifest(work / f"size-{rows}.jsonl", urls)
     url_list = work / f"size-{rows}.txt"
     url_list.write_text("\n".join(urls) + "\n")
-    flags = ["--size", "224x224", "--allow-http", "--allow-host", "127.0.0.1", "--progress", "none", "--errors", str(work / "size-errors.jsonl")]
+    flags = [
+        "--size",
+        "224x224",
+        "--allow-http",
+        "--allow-host",
+        "127.0.0.1",
+        "--progress",
+        "none",
+        "--errors",
+        str(work / "size-errors.jsonl"),
+    ]
     contenders: dict[str, Any] = {}
     here = Path(__file__).resolve().parent.parent
     for name, tree in (("mmprep", here), ("mmprep before", before)):
@@ -189,7 +207,9 @@ def section_model(work: Path, server: Any, rows: int = 512) -> list[Row]:
         best = {name: max(values) for name, values in rates.items()}
         figures = " · ".join(f"{name} {', '.join(f'{v:.0f}' for v in values)}" for name, values in rates.items())
         costs = " · ".join(f"{name} {min(values):.2f}" for name, values in cpu.items())
-        ratio = f"HTTP {best['http'] / best['limit']:.2f}x · files {best['files'] / best['limit']:.2f}x limit (best runs)"
+        ratio = (
+            f"HTTP {best['http'] / best['limit']:.2f}x · files {best['files'] / best['limit']:.2f}x limit (best runs)"
+        )
         where = "nginx" if isinstance(server, inputs.NginxServer) else "Python server in another process"
         out.append(Row("model", f"640x480 JPEG → {label} processor (fast path), {rows} rows, check in process, HTTP from {where}",
                        f"{figures} img/s; CPU per image (ms, lowest): {costs}, + image server {min(server_cpu):.2f} for HTTP",
@@ -226,7 +246,9 @@ def _evict_from_page_cache(directory: Path) -> None:
                 os.close(fd)
 
 
-def section_start(work: Path, server: inputs.BenchServer, rows: int = 48, batch: int = 16, rounds: int = 3) -> list[Row]:
+def section_start(
+    work: Path, server: inputs.BenchServer, rows: int = 48, batch: int = 16, rounds: int = 3
+) -> list[Row]:
     """encode from a cold start: weights loaded behind the run (EncoderHandle.start) vs loaded first (load_encoder)."""
     from mmprep.models import open_encoder
     from mmprep.pipeline import EncodeRun
@@ -234,7 +256,9 @@ def section_start(work: Path, server: inputs.BenchServer, rows: int = 48, batch:
 
     from benchmarks.run import load_settings
 
-    model_dir = inputs.save_clip(work / "clip-L32", layers=24, hidden=1024, patch=32)  # ViT-L-sized weights, /32 compute
+    model_dir = inputs.save_clip(
+        work / "clip-L32", layers=24, hidden=1024, patch=32
+    )  # ViT-L-sized weights, /32 compute
     urls = [server.url("vga", 20_000 + i) for i in range(rows)]
     manifest = inputs.write_manifest(work / f"start-{rows}.jsonl", urls)
     model = ModelSettings(name=str(model_dir), batch_size=batch)
@@ -260,10 +284,13 @@ def section_start(work: Path, server: inputs.BenchServer, rows: int = 48, batch:
     best = {how: sorted(runs)[len(runs) // 2] for how, runs in figures.items()}  # the median run by wall time
     first_batch = {how: sorted(f for _, f, _ in runs)[len(runs) // 2] for how, runs in figures.items()}
     loads = [m for _, _, m in figures["behind"] if m is not None]
-    text = " · ".join(
-        f"{how}: wall {', '.join(f'{w:.1f}' for w, _, _ in runs)} s, first batch {', '.join(f'{f:.1f}' for _, f, _ in runs)} s"
-        for how, runs in figures.items()
-    ) + f" · weights load {', '.join(f'{m:.1f}' for m in loads)} s"
+    text = (
+        " · ".join(
+            f"{how}: wall {', '.join(f'{w:.1f}' for w, _, _ in runs)} s, first batch {', '.join(f'{f:.1f}' for _, f, _ in runs)} s"
+            for how, runs in figures.items()
+        )
+        + f" · weights load {', '.join(f'{m:.1f}' for m in loads)} s"
+    )
     return [Row("start", f"`encode` cold start (weights evicted from the page cache), ViT-L-sized CLIP weights (/32 patches), {rows} 640x480 JPEGs, batch {batch}, cpu",
                 text, f"wall {best['behind'][0] / best['first'][0]:.2f}x · first batch {first_batch['behind'] / first_batch['first']:.2f}x of loading first (medians)",
                 "fetch while the model loads", {"behind": best["behind"][0], "first": best["first"][0]})]  # fmt: skip
@@ -274,11 +301,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench")
     parser.add_argument("--rows", type=int, default=1000, help="rows of the size section")
-    parser.add_argument("--before", type=Path, help="an older mmprep source tree to time beside this one (size section)")
+    parser.add_argument(
+        "--before", type=Path, help="an older mmprep source tree to time beside this one (size section)"
+    )
     parser.add_argument("--server", choices=("nginx", "python"), default="nginx" if inputs.nginx_available() else "python",
                         help="the image server of the size and model sections: nginx (apt-get install nginx-light; the "
                              "default where installed) or the Python BenchServer")  # fmt: skip
-    parser.add_argument("--img2dataset", help="the img2dataset executable (default: on PATH); e.g. a venv's, as it pins old packages")
+    parser.add_argument(
+        "--img2dataset", help="the img2dataset executable (default: on PATH); e.g. a venv's, as it pins old packages"
+    )
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -297,7 +328,11 @@ def main(argv: list[str] | None = None) -> None:
         with inputs.nginx_serving(args.work, pools) as nginx:
             rows += section_size(args.work, nginx, args.rows, before=args.before, img2dataset=args.img2dataset)
     if "model" in sections:  # the image server in its own process: its request handling takes no GIL from `check`
-        with inputs.nginx_serving(args.work, pools) if args.server == "nginx" else inputs.serving_elsewhere(args.work) as remote:
+        with (
+            inputs.nginx_serving(args.work, pools)
+            if args.server == "nginx"
+            else inputs.serving_elsewhere(args.work) as remote
+        ):
             rows += section_model(args.work, remote)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(render(rows))

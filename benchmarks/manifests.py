@@ -94,7 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     inputs = {n: write_inputs(args.dir, n) for n in (args.small, args.rows)}
-    print(f"| format | reader | peak RSS, {args.small:,} rows | peak RSS, {args.rows:,} rows | growth | rows/s ({args.rows:,}) |")
+    print(
+        f"| format | reader | peak RSS, {args.small:,} rows | peak RSS, {args.rows:,} rows | growth | rows/s ({args.rows:,}) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for kind in ("parquet", "csv", "jsonl"):
         for label, code in (("mmprep", READ), ("naive", NAIVE[kind])):
@@ -108,6 +110,7 @@ def main() -> None:
             size = inputs[args.rows][kind].stat().st_size / 2**20
             print(f"| {kind} ({size:.0f} MB) | {label} | {peaks[0]:.0f} MB | {peaks[1]:.0f} MB | "
                   f"{peaks[1] / peaks[0]:.2f}x | {rate:,.0f} |")  # fmt: skip
+
 
 if __name__ == "__main__":
     started = time.perf_counter()

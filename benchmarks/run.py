@@ -34,7 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks import inputs  # noqa: E402
 
 SECTIONS = ("check", "encode", "fast", "cached", "vlm", "gpu", "rewrite", "export")
-QUICK_SECTIONS = ("check", "encode", "fast", "cached", "gpu")  # vlm: eight model-loading subprocesses; rewrite: four more (--only rewrite); export: 1M vectors
+QUICK_SECTIONS = (
+    "check",
+    "encode",
+    "fast",
+    "cached",
+    "gpu",
+)  # vlm: eight model-loading subprocesses; rewrite: four more (--only rewrite); export: 1M vectors
 LOOPBACK = dict(allow_http=True, allow_hosts=("127.0.0.1",))
 
 
@@ -141,7 +147,9 @@ def encode_rate(manifest: Path, encoder: Any, batch_size: int, out: Path, **load
     from mmprep.pipeline import EncodeRun
     from mmprep.settings import ModelSettings, Settings
 
-    settings = Settings(out=out, model=ModelSettings(name=encoder.name, batch_size=batch_size), load=load_settings(**load))
+    settings = Settings(
+        out=out, model=ModelSettings(name=encoder.name, batch_size=batch_size), load=load_settings(**load)
+    )
     summary = EncodeRun([str(manifest)], settings, encoder).run()
     assert summary.failed == 0 and summary.encoded > 0, summary
     return summary.images_per_s
@@ -165,7 +173,9 @@ def fetch_all(urls: list[str]) -> list[bytes]:
 def run_child(argv: list[str]) -> tuple[float, str]:
     """Run `python -m MODULE ...` or `python -c CODE ...` (argv without the interpreter) in a subprocess; its peak RSS (MB) and stdout."""
     with tempfile.NamedTemporaryFile(suffix=".rss") as peak:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.peak", peak.name, *argv], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.peak", peak.name, *argv], capture_output=True, text=True
+        )
         if proc.returncode not in (0, 1):
             raise RuntimeError(f"{argv[:3]} exited {proc.returncode}: {proc.stderr[-2000:]}")
         return float(Path(peak.name).read_text()), proc.stdout
@@ -244,7 +254,9 @@ def section_cached(scale: Scale, work: Path) -> list[Row]:
     from mmprep.settings import LoadSettings, ModelSettings
 
     model = "builtin:tiny-clip"
-    fingerprint = load(ModelSettings(name=model), pixel_options(LoadSettings())).fingerprint  # the default decode profile's
+    fingerprint = load(
+        ModelSettings(name=model), pixel_options(LoadSettings())
+    ).fingerprint  # the default decode profile's
     results: dict[int, tuple[float, float, float]] = {}
     for rows in scale.cached_rows:
         base = work / f"cached-{rows}"
@@ -255,7 +267,19 @@ def section_cached(scale: Scale, work: Path) -> list[Row]:
             inputs.write_manifest(manifest, (f"https://images.example/{i % 997}/{i:09d}.jpg" for i in range(rows)))
             inputs.build_cached(cache, manifest, fingerprint, model, rows)
             (base / "ready").write_text(fingerprint)
-        argv = ["-m", "mmprep", "encode", str(manifest), "--model", model, "--out", str(cache), "--json", "--progress", "none"]
+        argv = [
+            "-m",
+            "mmprep",
+            "encode",
+            str(manifest),
+            "--model",
+            model,
+            "--out",
+            str(cache),
+            "--json",
+            "--progress",
+            "none",
+        ]
         start = time.perf_counter()
         rss, out = run_child(argv)
         wall = time.perf_counter() - start
@@ -302,7 +326,16 @@ def section_rewrite(scale: Scale, work: Path) -> list[Row]:
 
     def run_rewrite(where: Path, *flags: str) -> tuple[dict[str, Any], float, float]:
         """One `mmprep rewrite` subprocess: its --json summary (stderr, sent to stdout here), peak RSS, wall time."""
-        argv = ["rewrite", str(where / "batch.jsonl"), "--cache", str(where / "cache"), "-o", str(where / "out.jsonl"), "--json", *flags]
+        argv = [
+            "rewrite",
+            str(where / "batch.jsonl"),
+            "--cache",
+            str(where / "cache"),
+            "-o",
+            str(where / "out.jsonl"),
+            "--json",
+            *flags,
+        ]
         start = time.perf_counter()
         rss, out = run_child(["-c", REWRITE_CHILD, *argv])
         return json.loads(out), rss, time.perf_counter() - start
@@ -412,7 +445,10 @@ def machine() -> str:
     import transformers
     from PIL import __version__ as pillow
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = next((int(line.split()[1]) // 2**20 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, {gpu}; Python {platform.python_version()}, "
@@ -439,7 +475,15 @@ def run(sections: list[str], scale: Scale, work: Path, vlm_families: Sequence[st
     rows: list[Row] = []
     needs_server = {"check", "encode", "fast", "gpu"} & set(sections)
     clip = inputs.save_clip(work / f"clip-b32-{scale.clip_layers}", layers=scale.clip_layers) if needs_server else None
-    pools = {"vga": inputs.jpeg_pool((640, 480)), "enc": inputs.jpeg_pool((640, 480)), "large": inputs.jpeg_pool((1600, 1200), 8)} if needs_server else {}
+    pools = (
+        {
+            "vga": inputs.jpeg_pool((640, 480)),
+            "enc": inputs.jpeg_pool((640, 480)),
+            "large": inputs.jpeg_pool((1600, 1200), 8),
+        }
+        if needs_server
+        else {}
+    )
     with inputs.serving(pools) as server:
         if "check" in sections:
             rows += section_check(scale, work, server, load_encoder(clip).preprocess)
@@ -464,10 +508,23 @@ def run(sections: list[str], scale: Scale, work: Path, vlm_families: Sequence[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small inputs, a 2-layer ViT, no vlm section: a smoke test (< 60 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small inputs, a 2-layer ViT, no vlm section: a smoke test (< 60 s)"
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
-    parser.add_argument("--vlm-family", nargs="+", choices=VLM_FAMILIES, default=VLM_FAMILIES, help="vlm section: only these checkpoints")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmprep-bench", help="inputs are built (and reused) here")
+    parser.add_argument(
+        "--vlm-family",
+        nargs="+",
+        choices=VLM_FAMILIES,
+        default=VLM_FAMILIES,
+        help="vlm section: only these checkpoints",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "mmprep-bench",
+        help="inputs are built (and reused) here",
+    )
     args = parser.parse_args(argv)
     sections = args.only or list(QUICK_SECTIONS if args.quick else SECTIONS)
     rows = run(sections, QUICK if args.quick else Scale(), args.work, args.vlm_family)

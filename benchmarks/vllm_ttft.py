@@ -25,7 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / "interop"), str(Path(__file__).resolve().parent.parent / "tests")]
+sys.path[:0] = [
+    str(Path(__file__).resolve().parent.parent / "tests" / "interop"),
+    str(Path(__file__).resolve().parent.parent / "tests"),
+]
 
 from _image_corpus import encode as encode_image  # noqa: E402
 from _image_corpus import noise  # noqa: E402

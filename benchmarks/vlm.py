@@ -41,12 +41,19 @@ def save_big_qwen2_vl(directory: Path, *, quick: bool = False) -> Path:
     head_dim = int(text["hidden_size"]) // int(text["num_attention_heads"])  # type: ignore[call-overload]
     text["rope_scaling"] = {"type": "mrope", "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]}
     vocab = int(text["vocab_size"])  # type: ignore[call-overload]
-    tokens = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4)
+    tokens = dict(
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4,
+    )
     vision = dict(depth=4, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, embed_dim=256,
                   hidden_size=int(text["hidden_size"]), mlp_ratio=2)  # type: ignore[call-overload]  # fmt: skip
     torch.manual_seed(0)
     tmp = directory.with_name(directory.name + ".tmp")
-    Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)).save_pretrained(tmp)
+    Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)).save_pretrained(
+        tmp
+    )
     Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 256).save_pretrained(tmp)
     tmp.rename(directory)
     return directory
@@ -64,7 +71,12 @@ def save_big_qwen3_vl(directory: Path, *, quick: bool = False) -> Path:
     text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
                                                     "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]})  # fmt: skip
     vocab = int(text["vocab_size"])  # type: ignore[call-overload]
-    tokens = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4)
+    tokens = dict(
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4,
+    )
     vision = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=int(text["hidden_size"]), num_position_embeddings=256,  # type: ignore[call-overload]
                   deepstack_visual_indexes=[1, 2])  # fmt: skip
@@ -72,6 +84,8 @@ def save_big_qwen3_vl(directory: Path, *, quick: bool = False) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **tokens))
     model.to(torch.bfloat16).save_pretrained(tmp)
-    Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 256).save_pretrained(tmp)
+    Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 256
+    ).save_pretrained(tmp)
     tmp.rename(directory)
     return directory

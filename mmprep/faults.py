@@ -12,13 +12,21 @@ import signal
 import threading
 from collections import Counter
 
-POINTS = frozenset({
-    "after_fetch", "in_encode", "after_shard_write", "in_index_commit",  # encode
-    "merge_after_copy", "merge_in_commit",  # merge
-    "export_after_file", "ec_before_rename",  # export
-    "before_shard_rename",  # any shard write (encode, gc): its temporary file is whole, not yet renamed
-    "gc_after_rename", "gc_after_commit",  # gc compaction: new shard in place / index repointed, old file not deleted
-})
+POINTS = frozenset(
+    {
+        "after_fetch",
+        "in_encode",
+        "after_shard_write",
+        "in_index_commit",  # encode
+        "merge_after_copy",
+        "merge_in_commit",  # merge
+        "export_after_file",
+        "ec_before_rename",  # export
+        "before_shard_rename",  # any shard write (encode, gc): its temporary file is whole, not yet renamed
+        "gc_after_rename",
+        "gc_after_commit",  # gc compaction: new shard in place / index repointed, old file not deleted
+    }
+)
 _reached: Counter[str] = Counter()
 _lock = threading.Lock()
 

@@ -291,7 +291,9 @@ def print_run_summary(summary: Any, console: Console) -> None:
     if s.refreshed:
         table.add_row("re-validated", f"{s.refreshed} (source unchanged)")
     if s.duplicates:
-        table.add_row("duplicates", f"{plural(s.duplicates, 'row')} repeating a URL of this run (the first row's id is kept)")
+        table.add_row(
+            "duplicates", f"{plural(s.duplicates, 'row')} repeating a URL of this run (the first row's id is kept)"
+        )
     failed = f"[red]{s.failed}[/red]" if s.failed else "0"
     if s.failed and s.new_failures != s.failed:
         failed += f" ({s.new_failures} new, {s.failed - s.new_failures} failed again as before)"
@@ -299,7 +301,9 @@ def print_run_summary(summary: Any, console: Console) -> None:
     for kind, n in s.failures_by_kind.items():
         table.add_row("", f"  {kind}: {n}")
     if s.retried_failures:
-        table.add_row("retried", f"{plural(s.retried_failures, 'earlier failure')} (retryable, settings changed, or expired)")
+        table.add_row(
+            "retried", f"{plural(s.retried_failures, 'earlier failure')} (retryable, settings changed, or expired)"
+        )
     if s.skipped_failed:
         table.add_row(
             "skipped", f"{plural(s.skipped_failed, 'row')} that failed permanently before (see --retry-permanent-after)"

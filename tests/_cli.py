@@ -17,7 +17,9 @@ from mmprep.cli import app
 NET = ["--allow-http", "--allow-host", "127.0.0.1"]  # the test servers live on loopback
 
 
-def cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, catch_exceptions: bool = False) -> Result:
+def cli(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None, catch_exceptions: bool = False
+) -> Result:
     """`mmprep ARGS...` through typer's CliRunner; an exception inside the command fails the test unless caught."""
     return CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=catch_exceptions)
 

@@ -117,7 +117,9 @@ class Route:
                 h.server.not_modified[h.path.split("?")[0]] += 1
             h.reply(304, b"", {"ETag": self.etag})
             return
-        h.reply(self.status, self.body, {"Content-Type": self.content_type, **({"ETag": self.etag} if self.etag else {})})
+        h.reply(
+            self.status, self.body, {"Content-Type": self.content_type, **({"ETag": self.etag} if self.etag else {})}
+        )
 
 
 class LocalServer(ThreadingHTTPServer):

@@ -8,8 +8,15 @@ import torch
 from PIL import Image
 
 TINY_TEXT = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
 )
 TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -17,7 +24,9 @@ TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
 def save_clip(directory: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    config = CLIPConfig(text_config=TINY_TEXT, vision_config=dict(TINY_VIT, image_size=32, patch_size=8), projection_dim=16)
+    config = CLIPConfig(
+        text_config=TINY_TEXT, vision_config=dict(TINY_VIT, image_size=32, patch_size=8), projection_dim=16
+    )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(directory)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
@@ -50,8 +59,15 @@ def save_qwen2_vl(directory: Path, seed: int = 0, *, v2_5: bool = False) -> Path
     from transformers import Qwen2VLImageProcessor
 
     text = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=1,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
     )
     tokens = dict(image_token_id=127, video_token_id=126, vision_start_token_id=125, vision_end_token_id=124)
@@ -60,7 +76,9 @@ def save_qwen2_vl(directory: Path, seed: int = 0, *, v2_5: bool = False) -> Path
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+        vision.update(
+            hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]
+        )
     else:
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
@@ -74,8 +92,14 @@ def save_qwen2_vl(directory: Path, seed: int = 0, *, v2_5: bool = False) -> Path
 
 # Shared by the Qwen3-VL / Qwen3.5 / GLM-4.1V checkpoints: a 2-layer mrope text side (head_dim 16).
 _GRID_TEXT = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
 )
 GRID_TOKENS = dict(image_token_id=127, video_token_id=126)  # + start/end ids per family below
 
@@ -95,7 +119,15 @@ def save_qwen3_vl(directory: Path, seed: int = 0, *, moe: bool = False, deepstac
     """Qwen3-VL (or its MoE variant) with a 3-block tower (16-pixel patches) and deepstack levels at `deepstack`."""
     from transformers import Qwen2VLImageProcessor
 
-    text = dict(_GRID_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    text = dict(
+        _GRID_TEXT,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+    )
     if moe:
         from transformers import Qwen3VLMoeConfig as Config
         from transformers import Qwen3VLMoeForConditionalGeneration as Model
@@ -106,7 +138,9 @@ def save_qwen3_vl(directory: Path, seed: int = 0, *, moe: bool = False, deepstac
         from transformers import Qwen3VLForConditionalGeneration as Model
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=list(deepstack))  # fmt: skip
-    config = Config(text_config=text, vision_config=vision, vision_start_token_id=125, vision_end_token_id=124, **GRID_TOKENS)
+    config = Config(
+        text_config=text, vision_config=vision, vision_start_token_id=125, vision_end_token_id=124, **GRID_TOKENS
+    )
     torch.manual_seed(seed)
     redraw(Model(config), seed).eval().save_pretrained(directory)
     Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
@@ -125,7 +159,9 @@ def save_qwen3_5(directory: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)  # fmt: skip
-    config = Qwen3_5Config(text_config=text, vision_config=vision, vision_start_token_id=125, vision_end_token_id=124, **GRID_TOKENS)
+    config = Qwen3_5Config(
+        text_config=text, vision_config=vision, vision_start_token_id=125, vision_end_token_id=124, **GRID_TOKENS
+    )
     torch.manual_seed(seed)
     redraw(Qwen3_5ForConditionalGeneration(config), seed).eval().save_pretrained(directory)
     Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
@@ -138,7 +174,15 @@ def save_glm4v(directory: Path, seed: int = 0) -> Path:
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
-    text = dict(_GRID_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]})
+    text = dict(
+        _GRID_TEXT,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [1, 1, 2],
+        },
+    )
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14, image_size=56,
                   spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
     config = Glm4vConfig(text_config=text, vision_config=vision, image_start_token_id=125, image_end_token_id=124,
@@ -156,9 +200,17 @@ def save_llava(directory: Path, seed: int = 0, *, feature_layer: int = -2, strat
     config = LlavaConfig(
         vision_config=dict(TINY_VIT, model_type="clip_vision_model", image_size=32, patch_size=8),
         text_config=dict(
-            model_type="llama", vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            model_type="llama",
+            vocab_size=100,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         image_token_index=99,
         vision_feature_layer=feature_layer,
@@ -172,8 +224,17 @@ def save_llava(directory: Path, seed: int = 0, *, feature_layer: int = -2, strat
 
 # Language model of the tiny VLMs below: small, but with real attention and an LM head, for logits tests.
 TINY_LM = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 IMAGE_TOKEN = 127  # the image placeholder id of the tiny VLMs
@@ -267,7 +328,11 @@ def tiny_tokenizer(**special_tokens: str) -> object:
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", extra_special_tokens=special_tokens
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        extra_special_tokens=special_tokens,
     )
 
 
@@ -276,7 +341,9 @@ def save_bert(directory: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(directory)
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(directory)
     return directory
 
 

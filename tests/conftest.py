@@ -34,7 +34,10 @@ def image_bytes(mode: str = "RGB", size: tuple[int, int] = (48, 40), fmt: str = 
     """A deterministic, non-uniform Pillow image encoded as `fmt`."""
     base = Image.linear_gradient("L").resize(size).rotate(seed * 37 % 360)
     if mode == "RGB":
-        img = Image.merge("RGB", (base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), base.point(lambda v: (v * 3 + seed * 11) % 256)))
+        img = Image.merge(
+            "RGB",
+            (base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), base.point(lambda v: (v * 3 + seed * 11) % 256)),
+        )
     elif mode == "RGBA":
         img = Image.merge("RGBA", (base, base, base.point(lambda v: 255 - v), base.point(lambda v: (v * 2) % 256)))
     else:

@@ -11,7 +11,9 @@ run = pytest.importorskip("benchmarks.run")
 
 
 def test_quick_benchmark_table_has_positive_figures(tmp_path: Path) -> None:
-    scale = run.Scale(check_rows=6, encode_rows=4, fast_rows=2, diff_images=2, cached_rows=(20, 60), clip_layers=1, batch_size=2)
+    scale = run.Scale(
+        check_rows=6, encode_rows=4, fast_rows=2, diff_images=2, cached_rows=(20, 60), clip_layers=1, batch_size=2
+    )
     rows = run.run(["check", "encode", "fast", "cached"], scale, tmp_path)
     table = run.render(rows)
     assert table.startswith("| # | measured |") and len(rows) == 6

@@ -40,7 +40,9 @@ def test_fast_decode_flag_on_check_and_encode(tmp_path, image_server):
     """--fast-decode is accepted by both commands and still loads/encodes every row."""
     urls = [image_server.add(f"/big{i}.jpg", image_bytes("RGB", (400, 300), "JPEG", i), "image/jpeg") for i in range(3)]
     manifest = write_manifest(tmp_path / "m.jsonl", urls)
-    checked = cli("check", manifest, *NET, "--size", "32x32", "--fast-decode", "--errors", str(tmp_path / "e.jsonl"), "--json")
+    checked = cli(
+        "check", manifest, *NET, "--size", "32x32", "--fast-decode", "--errors", str(tmp_path / "e.jsonl"), "--json"
+    )
     assert checked.exit_code == 0 and json.loads(checked.stdout)["ok"] == 3
     encoded = cli("encode", manifest, *NET, "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"),
                       "--fast-decode", "--json", "--progress", "none")  # fmt: skip

@@ -30,8 +30,20 @@ def cache(tmp_path) -> tuple[Path, list[str]]:
     manifest.write_text("".join(json.dumps(u) + "\n" for u in urls))
     out = tmp_path / "cache"
     result = cli(
-        "encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), "--allow-local-dir", str(images),
-        "--shard-size", "100", "--batch-size", "2", "--progress", "none",
+        "encode",
+        str(manifest),
+        "--model",
+        "builtin:tiny-clip",
+        "--out",
+        str(out),
+        "--allow-local-dir",
+        str(images),
+        "--shard-size",
+        "100",
+        "--batch-size",
+        "2",
+        "--progress",
+        "none",
     )
     assert result.exit_code == 0, result.output
     return out, urls
@@ -96,8 +108,18 @@ def test_second_writer_exits_75_or_waits(cache, tmp_path):
     out, urls = cache
     manifest = tmp_path / "m2.jsonl"
     manifest.write_text(json.dumps(urls[0]) + "\n")
-    args = ["encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out),
-            "--allow-local-dir", str(Path(urls[0]).parent), "--progress", "none"]
+    args = [
+        "encode",
+        str(manifest),
+        "--model",
+        "builtin:tiny-clip",
+        "--out",
+        str(out),
+        "--allow-local-dir",
+        str(Path(urls[0]).parent),
+        "--progress",
+        "none",
+    ]
     with WriterLock(out):
         locked = cli(*args)
         assert locked.exit_code == 75 and "pid" in locked.output
@@ -149,7 +171,9 @@ def test_a_cache_dir_that_cannot_be_made_is_a_usage_error(tmp_path):
     blocker.write_text("not a directory")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps("https://example.com/a.jpg") + "\n")
-    result = cli("encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(blocker / "cache"), "--progress", "none")
+    result = cli(
+        "encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(blocker / "cache"), "--progress", "none"
+    )
     assert result.exit_code == 2
     assert f"error: cannot use {blocker / 'cache'} as a cache directory: Not a directory\n" in result.output
 

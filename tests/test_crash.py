@@ -34,9 +34,27 @@ def slow_server():
 
 def encode_cmd(manifest: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "mmprep", "encode", str(manifest), "--model", "builtin:tiny-clip", "--out", str(out),
-        "--allow-http", "--allow-host", "127.0.0.1", "--batch-size", "4", "--concurrency", "4",
-        "--shard-size", "200", "--progress", "log", "--json",
+        sys.executable,
+        "-m",
+        "mmprep",
+        "encode",
+        str(manifest),
+        "--model",
+        "builtin:tiny-clip",
+        "--out",
+        str(out),
+        "--allow-http",
+        "--allow-host",
+        "127.0.0.1",
+        "--batch-size",
+        "4",
+        "--concurrency",
+        "4",
+        "--shard-size",
+        "200",
+        "--progress",
+        "log",
+        "--json",
     ]
 
 
@@ -78,7 +96,9 @@ def test_signal_finishes_batch_flushes_and_exits(signum, code, slow_server, tmp_
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(u) + "\n" for u in slow_server))
     out = tmp_path / "cache"
-    proc = subprocess.Popen(encode_cmd(manifest, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        encode_cmd(manifest, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until the first shard is committed
         try:

@@ -110,9 +110,7 @@ MODE_CASES: dict[str, tuple[Callable[[], bytes], LoadSettings, list[tuple[int, i
         [(1, 2, 3), (250, 128, 0)],
     ),
     "RGBA webp lossless, alpha dropped": (
-        lambda: encode(
-            from_values("RGBA", [(10, 20, 30, 255), (200, 100, 0, 128)]), "WEBP", lossless=True, exact=True
-        ),
+        lambda: encode(from_values("RGBA", [(10, 20, 30, 255), (200, 100, 0, 128)]), "WEBP", lossless=True, exact=True),
         DEFAULT,
         [(10, 20, 30), (200, 100, 0)],
     ),

@@ -101,4 +101,6 @@ def test_animations_decode_one_frame(tmp_path: Path, fmt: str) -> None:
     assert many["size"] == one["size"] == [SIDE, SIDE]
     frame = SIDE * SIDE * 4
     assert many["growth"] <= one["growth"] + 2 * MiB, (many, one)  # FRAMES frames would be 34 MB more
-    assert many["growth"] <= 5 * frame + 4 * MiB, many  # docs/operations.md#limits-and-security: ~16-20 bytes a pixel of the first frame
+    assert many["growth"] <= 5 * frame + 4 * MiB, (
+        many
+    )  # docs/operations.md#limits-and-security: ~16-20 bytes a pixel of the first frame

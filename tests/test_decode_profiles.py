@@ -253,7 +253,9 @@ def test_vllm_profile_equals_vllms_own_loader(tmp_path: Path) -> None:
         (tmp_path / f"{i:02d}.img").write_bytes(data)
         names[i] = name
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": ""}
-    done = subprocess.run([python, "-c", _VLLM_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [python, "-c", _VLLM_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
     if done.returncode != 0:
         pytest.skip(f"vLLM's loader could not run: {done.stderr.strip().splitlines()[-1:]}")
     compared = 0

@@ -67,7 +67,9 @@ def broken_pointers(files: list[Path]) -> list[str]:
 
 def test_every_docs_pointer_and_link_resolves() -> None:
     assert len(PAGES) >= 9  # README and the docs pages
-    assert broken_pointers([s for s in SOURCES if s != Path(__file__).resolve()]) == []  # this file's are bad on purpose
+    assert (
+        broken_pointers([s for s in SOURCES if s != Path(__file__).resolve()]) == []
+    )  # this file's are bad on purpose
 
 
 def test_a_broken_pointer_is_found(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from conftest import image_bytes
 from mmprep import cache_key
 
 REPO = Path(__file__).resolve().parent.parent
+
+
 def stored(cache: Path, url: str) -> dict[str, torch.Tensor]:
     """Read an entry back the way serving code would: index row → shard → tensors."""
     db = sqlite3.connect(cache / "index.sqlite")
@@ -61,17 +63,29 @@ def test_encode_http_manifest_end_to_end(tmp_path, image_server, served):
         {"image_url": urls[1]},
         {"image_url": {"url": urls[2]}},
         urls[3],
-        {"custom_id": "req", "body": {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": urls[4]}},
-            {"type": "image_url", "image_url": {"url": urls[0]}},  # duplicate of row 1
-        ]}]}},
+        {
+            "custom_id": "req",
+            "body": {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": urls[4]}},
+                            {"type": "image_url", "image_url": {"url": urls[0]}},  # duplicate of row 1
+                        ],
+                    }
+                ]
+            },
+        },
         {"url": urls[5]},
         {"url": image_server.url("/missing.png")},  # 404
         "{this is not json",
         {"url": urls[1]},  # duplicate
     ]
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
-    code, summary = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--batch-size", "4")
+    code, summary = encode_json(
+        manifest, "--model", "builtin:tiny-clip", "--out", str(cache), *NET, "--batch-size", "4"
+    )
     assert code == 1
     assert summary["rows"] == 10
     assert (summary["encoded"], summary["duplicates"], summary["failed"], summary["cached"]) == (6, 2, 2, 0)
@@ -183,7 +197,9 @@ def test_local_files_data_urls_and_scheme_errors(tmp_path):
     ]
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     cache = tmp_path / "cache"
-    code, s = encode_json(manifest, "--model", "builtin:tiny-clip", "--out", str(cache), "--allow-local-dir", str(allowed))
+    code, s = encode_json(
+        manifest, "--model", "builtin:tiny-clip", "--out", str(cache), "--allow-local-dir", str(allowed)
+    )
     assert code == 1
     assert s["encoded"] == 3
     assert s["failures_by_kind"] == {"bad_data_url": 1, "bad_path": 1, "bad_scheme": 1}
@@ -197,8 +213,13 @@ def test_local_files_data_urls_and_scheme_errors(tmp_path):
 
 def test_stdin_manifest_and_env_options(tmp_path, image_server, served):
     cache = tmp_path / "cache"
-    env = {"MMPREP_MODEL": "builtin:tiny-clip", "MMPREP_CACHE_DIR": str(cache), "MMPREP_BATCH_SIZE": "2",
-           "MMPREP_ALLOW_HTTP": "true", "MMPREP_ALLOW_HOST": "127.0.0.1"}
+    env = {
+        "MMPREP_MODEL": "builtin:tiny-clip",
+        "MMPREP_CACHE_DIR": str(cache),
+        "MMPREP_BATCH_SIZE": "2",
+        "MMPREP_ALLOW_HTTP": "true",
+        "MMPREP_ALLOW_HOST": "127.0.0.1",
+    }
     stdin = "\n".join(json.dumps(u) for u in list(served.values())[:2]) + "\n"
     code, s = encode_json("-", env=env, input=stdin)
     assert code == 0 and s["encoded"] == 2 and s["cache_dir"] == str(cache)
@@ -239,7 +260,9 @@ def test_stats_table_and_json(tmp_path, image_server, served):
     assert rerun["hit_rate"] == 0.75 and rerun["cached"] == 3  # 3 of 4 rows cached, the 404 skipped
     table = cli("stats", str(cache))
     assert table.exit_code == 0
-    assert "builtin:tiny-clip" in table.stdout and "http_status" in table.stdout and "last completed run" in table.stdout
+    assert (
+        "builtin:tiny-clip" in table.stdout and "http_status" in table.stdout and "last completed run" in table.stdout
+    )
     missing = cli("stats", str(tmp_path / "nothing"))
     assert missing.exit_code == 2 and "not an mmprep cache" in missing.output
 
@@ -295,7 +318,11 @@ def test_every_pixel_changing_option_changes_the_fingerprint():
     prints = [load_encoder(model, pixel_options(v)).fingerprint for v in variants]
     assert len(set(prints)) == len(variants)
     # pil without overrides is the fingerprint of caches made before decode profiles (no decode facts)
-    assert prints[0] == load_encoder(model).fingerprint == load_encoder(model, pixel_options(replace(pil, max_side=99))).fingerprint
+    assert (
+        prints[0]
+        == load_encoder(model).fingerprint
+        == load_encoder(model, pixel_options(replace(pil, max_side=99))).fingerprint
+    )
     assert load_encoder(model, pixel_options(variants[3])).describe()["decode"] == {"alpha_background": [255, 255, 255]}
     # an override equal to the profile's own choice is no variant: white is vllm's background, EXIF its default
     same = LoadSettings(alpha_background=(255, 255, 255), exif_transpose=True)
@@ -316,7 +343,15 @@ def test_lines_that_once_stopped_a_run_are_bad_lines_and_the_rows_around_them_ar
     bad = ['{"url": "%s", "id": "\\udcff"}' % (images / "0.png"), '{"url": "%s/\\ud800.png"}' % images,
            '{"url": "%s", "id": %s}' % (images / "1.png", "7" * 4400)]  # fmt: skip
     manifest.write_text("\n".join([good[0], bad[0], good[1], bad[1], bad[2], good[2]]) + "\n")
-    args = [str(manifest), "--model", "builtin:tiny-clip", "--out", str(tmp_path / "c"), "--allow-local-dir", str(images)]
+    args = [
+        str(manifest),
+        "--model",
+        "builtin:tiny-clip",
+        "--out",
+        str(tmp_path / "c"),
+        "--allow-local-dir",
+        str(images),
+    ]
     code, summary = encode_json(*args)
     assert code == 1 and summary["status"] == "completed"
     assert summary["encoded"] == 3 and summary["failures_by_kind"] == {"bad_manifest_line": 3}
@@ -329,9 +364,22 @@ def test_quick_start_commands_work_as_written(tmp_path):
     """README quick start (1), run in a subprocess from the repository root like a user would."""
     env = {**os.environ, "MMPREP_CACHE_DIR": str(tmp_path / "cache")}
     enc = subprocess.run(
-        [sys.executable, "-m", "mmprep", "encode", "sample_inputs/manifest.jsonl", "--model", "builtin:tiny-clip",
-         "--allow-local-dir", "sample_inputs"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mmprep",
+            "encode",
+            "sample_inputs/manifest.jsonl",
+            "--model",
+            "builtin:tiny-clip",
+            "--allow-local-dir",
+            "sample_inputs",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert enc.returncode == 1, enc.stderr  # the sample manifest has one intentionally bad row
     lines = [" ".join(line.split()) for line in enc.stderr.splitlines()]  # the README quotes these, spaces aside
@@ -340,7 +388,9 @@ def test_quick_start_commands_work_as_written(tmp_path):
                    "manifest.jsonl:7 bad_data_url: media type 'text/plain' is not an image type"):  # fmt: skip
         assert any(quoted in line for line in lines), (quoted, enc.stderr)
     assert "mmprep: done=7/7" in enc.stderr  # not a TTY: plain progress log lines
-    st = subprocess.run([sys.executable, "-m", "mmprep", "stats"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    st = subprocess.run(
+        [sys.executable, "-m", "mmprep", "stats"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert st.returncode == 0 and "5 entries" in st.stdout.replace("\n", " ")
     again = subprocess.run(enc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "skipped 1 row that failed permanently before" in " ".join(again.stderr.split())

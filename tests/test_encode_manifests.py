@@ -67,7 +67,9 @@ def test_parquet_manifest_encodes_reports_bad_rows_and_resumes_without_fetching(
     assert (again["encoded"], again["cached"]) == (0, 8)
 
 
-def test_parquet_shards_cover_the_rows_once_and_retry_failed_refetches_only_the_transient_failure(tmp_path, image_server):
+def test_parquet_shards_cover_the_rows_once_and_retry_failed_refetches_only_the_transient_failure(
+    tmp_path, image_server
+):
     urls = [image_server.add(f"/s{i}.png", image_bytes("RGB", (20, 20 + i), "PNG", i)) for i in range(9)]
     flaky = image_server.add("/flaky.png", b"busy", "text/plain", 503)
     path = tmp_path / "m.parquet"
@@ -101,7 +103,12 @@ def test_gzip_csv_and_txt_manifests_through_check(tmp_path, image_server):
     summary = json.loads(result.stdout)
     assert (summary["rows"], summary["ok"], summary["failed"]) == (4, 3, 1)
     [bad] = [json.loads(line) for line in errors.read_text().splitlines()]
-    assert (bad["kind"], bad["source"], bad["line"], bad["message"]) == ("bad_manifest_line", str(csv_gz), 3, "column 'link' is empty")
+    assert (bad["kind"], bad["source"], bad["line"], bad["message"]) == (
+        "bad_manifest_line",
+        str(csv_gz),
+        3,
+        "column 'link' is empty",
+    )
 
 
 @pytest.mark.parametrize("command", ["encode", "check"])
@@ -111,7 +118,9 @@ def test_a_missing_column_exits_2_before_any_work_naming_the_columns(tmp_path, i
     extra = [*MODEL, "--out", str(tmp_path / "cache")] if command == "encode" else ["--size", "8x8"]
     result = cli(command, str(path), *NET, *extra, "--progress", "none")
     assert result.exit_code == 2
-    assert f"manifest {path} has no column 'url' (--url-col); its columns: 'URL', 'TEXT'" in " ".join(result.output.split())
+    assert f"manifest {path} has no column 'url' (--url-col); its columns: 'URL', 'TEXT'" in " ".join(
+        result.output.split()
+    )
     assert image_server.total_hits == 0 and not (tmp_path / "cache").exists()
 
 

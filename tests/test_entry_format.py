@@ -91,7 +91,9 @@ def test_old_style_cache_reads_verifies_and_rebuilds_unchanged(tmp_path: Path) -
     with EmbeddingCache(tmp_path) as cache:
         got = cache.get(URLS[1])
         assert got is not None and got.family == "qwen2_vl" and list(got.tensors) == ["embeddings", "image_grid_thw"]
-        assert torch.equal(got.embeddings, expected[URLS[1]][0]) and torch.equal(got.image_grid_thw, expected[URLS[1]][1])
+        assert torch.equal(got.embeddings, expected[URLS[1]][0]) and torch.equal(
+            got.image_grid_thw, expected[URLS[1]][1]
+        )
         mm = to_vllm(got)
         assert torch.equal(mm["image_embeds"], expected[URLS[1]][0]) and mm["image_grid_thw"].tolist() == [[1, 4, 4]]
     assert verify_cache(tmp_path, deep=True).problems == []
@@ -126,7 +128,9 @@ def test_any_set_of_tensor_names_survives_every_store_operation(tmp_path: Path) 
     with db.conn:
         db.conn.execute("DELETE FROM entries WHERE key=?", (cache_key(URLS[0]),))
     db.close()
-    report = collect_garbage(root, live_threshold=0.9)  # r1's shard is half dead: compacted with all three tensors of the live entry
+    report = collect_garbage(
+        root, live_threshold=0.9
+    )  # r1's shard is half dead: compacted with all three tensors of the live entry
     assert len(report.shards_compacted) == 1
     got = read_all(root, NEW_FP)
     assert set(got) == set(URLS[1:]) and torch.equal(got[URLS[1]]["deepstack"], want[URLS[1]]["deepstack"])
@@ -152,7 +156,9 @@ def test_entry_names_are_checked() -> None:
     with pytest.raises(ValueError, match="no 'embeddings'"):
         ShardEntry(cache_key("u"), "u", None, {"image_grid_thw": torch.zeros(1, 3)}, "c" * 64, 1.0)
     with pytest.raises(ValueError, match="cannot be stored"):
-        ShardEntry(cache_key("u"), "u", None, {"embeddings": torch.zeros(2), "Deep.Stack": torch.zeros(1)}, "c" * 64, 1.0)
+        ShardEntry(
+            cache_key("u"), "u", None, {"embeddings": torch.zeros(2), "Deep.Stack": torch.zeros(1)}, "c" * 64, 1.0
+        )
 
 
 def test_to_vllm_dispatches_on_family(tmp_path: Path) -> None:

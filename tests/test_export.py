@@ -131,7 +131,18 @@ def test_second_model_needs_model_and_exports_only_its_rows(cache: dict) -> None
     result = cli("export", str(cache["out"]), "--out", str(out), "--format", "npy", "--progress", "none")
     assert result.exit_code == 2 and "holds 2 models" in result.output and "--model" in result.output
     assert not out.exists()
-    result = cli("export", str(cache["out"]), "--out", str(out), "--format", "npy", "--model", cache["second"], "--progress", "none")
+    result = cli(
+        "export",
+        str(cache["out"]),
+        "--out",
+        str(out),
+        "--format",
+        "npy",
+        "--model",
+        cache["second"],
+        "--progress",
+        "none",
+    )
     assert result.exit_code == 0, result.output
     matrix = np.load(out / "img_emb" / "img_emb_0.npy")
     keys = pq.read_table(out / "metadata" / "metadata_0.parquet").column("key").to_pylist()
@@ -174,7 +185,9 @@ def test_killed_export_leaves_no_file_that_reads_as_complete(cache: dict) -> Non
     assert all(p.name.endswith(".part") for p in left)
     assert not [p for p in cache["root"].rglob("*") if p.suffix in (".npy", ".parquet") and "killed" in str(p)]
     with pytest.raises(ValueError):
-        EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy", meta_columns=META, metadata_folder=str(out / "metadata"))
+        EmbeddingReader(
+            str(out / "img_emb"), file_format="parquet_npy", meta_columns=META, metadata_folder=str(out / "metadata")
+        )
     rerun = cli(*cmd[3:])  # in-process: the dead export's pid is gone, so its staging directory goes
     assert rerun.exit_code == 0, rerun.output
     assert not [p for p in cache["root"].iterdir() if p.name.startswith(".killed.")]
@@ -186,7 +199,9 @@ def test_docs_retrieval_snippet_runs_on_an_export(cache: dict, monkeypatch: pyte
     """The FAISS snippet of docs/retrieval.md, run as written on a real export: the first image's nearest
     neighbour is itself (score 1), and the order is the brute-force cosine order."""
     section = (REPO / "docs" / "retrieval.md").read_text()
-    snippet = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    snippet = section[
+        section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)
+    ]
     workdir = cache["root"] / "readme"
     workdir.mkdir()
     result = cli("export", str(cache["out"]), "--out", str(workdir / "clip-export"), "--model", "builtin:tiny-clip",
@@ -211,6 +226,15 @@ def test_missing_pyarrow_names_the_extra(cache: dict, monkeypatch: pytest.Monkey
 
 
 def test_pooled_model_has_no_vllm_store(cache: dict) -> None:
-    result = cli("export", str(cache["out"]), "--out", str(cache["root"] / "ec"), "--format", "vllm-ec", "--model", "builtin:tiny-clip")
+    result = cli(
+        "export",
+        str(cache["out"]),
+        "--out",
+        str(cache["root"] / "ec"),
+        "--format",
+        "vllm-ec",
+        "--model",
+        "builtin:tiny-clip",
+    )
     assert result.exit_code == 2 and "no vLLM encoder-cache layout" in result.output
     assert not (cache["root"] / "ec").exists()

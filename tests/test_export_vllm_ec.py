@@ -263,4 +263,6 @@ def test_qwen3_vl_store_holds_merged_tokens_and_deepstack_concatenated(tmp_path:
             assert torch.equal(stored, to_vllm(entry)["image_embeds"])
             assert stored.shape[0] == entry.embeddings.shape[0] == int(entry.image_grid_thw.prod()) // 4
             hidden = entry.embeddings.shape[1]
-            assert not torch.allclose(stored[:, :hidden], stored[:, hidden : 2 * hidden])  # levels differ from the merged tokens
+            assert not torch.allclose(
+                stored[:, :hidden], stored[:, hidden : 2 * hidden]
+            )  # levels differ from the merged tokens

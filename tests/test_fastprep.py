@@ -112,7 +112,9 @@ PROCESSORS = (
 )
 
 
-@pytest.mark.parametrize(("name", "cls", "config", "path"), PROCESSORS, ids=[f"{p[0]}-{i}" for i, p in enumerate(PROCESSORS)])
+@pytest.mark.parametrize(
+    ("name", "cls", "config", "path"), PROCESSORS, ids=[f"{p[0]}-{i}" for i, p in enumerate(PROCESSORS)]
+)
 def test_bit_identical_over_sizes_and_modes(name, cls, config, path, resampler) -> None:
     """Every size (incl. 1x1 and 1:150 strips) and mode (alpha, palette transparency, CMYK, 16-bit) matches exactly."""
     processor = cls(**config)

@@ -40,8 +40,17 @@ from mmprep.pipeline import CheckRun
 
 @pytest.mark.parametrize(
     "url",
-    ["", "ftp://example.com/cat.png", "gopher://example.com/", "javascript:alert(1)", "C:\\images\\cat.png",
-     "http:cat.png", "https:///cat.png", "mailto:a@b.c", "blob:https://example.com/1234"],
+    [
+        "",
+        "ftp://example.com/cat.png",
+        "gopher://example.com/",
+        "javascript:alert(1)",
+        "C:\\images\\cat.png",
+        "http:cat.png",
+        "https:///cat.png",
+        "mailto:a@b.c",
+        "blob:https://example.com/1234",
+    ],
 )
 def test_unsupported_urls_are_bad_scheme(url: str) -> None:
     assert fetch_error(settings(), url).kind is ErrorKind.BAD_SCHEME
@@ -107,8 +116,13 @@ def image_dir(tmp_path: Path) -> Path:
 
 def test_local_files_inside_the_allowed_dir(image_dir: Path) -> None:
     s = settings(allow_local_dirs=(image_dir,))
-    for url in [str(image_dir / "cat.png"), f"file://{image_dir}/cat.png", f"file://localhost{image_dir}/cat.png",
-                f"{image_dir}/sub/../cat.png", "file://" + urllib.parse.quote(f"{image_dir}/with space.png")]:
+    for url in [
+        str(image_dir / "cat.png"),
+        f"file://{image_dir}/cat.png",
+        f"file://localhost{image_dir}/cat.png",
+        f"{image_dir}/sub/../cat.png",
+        "file://" + urllib.parse.quote(f"{image_dir}/with space.png"),
+    ]:
         got = fetch(s, url)
         assert got is not None and got.data == PNG and got.url == url, url
 
@@ -128,9 +142,15 @@ def test_local_files_outside_the_allowed_dir(image_dir: Path) -> None:
     (image_dir / "escape_dir").symlink_to(image_dir.parent)
     (image_dir / "inside.png").symlink_to(image_dir / "cat.png")
     assert fetch(s, str(image_dir / "inside.png")).data == PNG  # type: ignore[union-attr]
-    for url in [str(image_dir.parent / "secret.png"), f"{image_dir}/../secret.png", str(image_dir / "escape.png"),
-                str(image_dir / "escape_dir" / "secret.png"), f"file://{image_dir}/%2E%2E/secret.png",
-                f"{image_dir}-evil/cat.png", "/etc/passwd"]:
+    for url in [
+        str(image_dir.parent / "secret.png"),
+        f"{image_dir}/../secret.png",
+        str(image_dir / "escape.png"),
+        str(image_dir / "escape_dir" / "secret.png"),
+        f"file://{image_dir}/%2E%2E/secret.png",
+        f"{image_dir}-evil/cat.png",
+        "/etc/passwd",
+    ]:
         error = fetch_error(s, url)
         assert error.kind is ErrorKind.BAD_PATH, url
         assert "outside the allowed local directories" in error.message
@@ -194,7 +214,10 @@ def test_conditional_request_304_returns_none() -> None:
 
     with serve() as server:
         server.routes["/cat.png"] = conditional
-        assert fetch(settings(), server.url("/cat.png"), etag='"v1"', last_modified="Wed, 21 Oct 2015 07:28:00 GMT") is None
+        assert (
+            fetch(settings(), server.url("/cat.png"), etag='"v1"', last_modified="Wed, 21 Oct 2015 07:28:00 GMT")
+            is None
+        )
         assert server.seen[0].headers["if-modified-since"] == "Wed, 21 Oct 2015 07:28:00 GMT"
         changed = fetch(settings(), server.url("/cat.png"), etag='"v0"')
         assert changed is not None and changed.data == PNG and changed.etag == '"v1"'
@@ -257,7 +280,9 @@ def test_https_with_an_untrusted_or_mismatched_certificate_is_refused(
 
 def test_redirects_are_followed() -> None:
     with serve() as server:
-        server.routes.update({"/a": redirect("/b", 301), "/b": redirect(server.url("/cat.png"), 307), "/cat.png": image()})
+        server.routes.update(
+            {"/a": redirect("/b", 301), "/b": redirect(server.url("/cat.png"), 307), "/cat.png": image()}
+        )
 
         async def go() -> tuple[bytes, str, int]:
             async with Fetcher(settings()) as fetcher:
@@ -403,7 +428,10 @@ def test_every_new_connection_resolves_and_is_vetted_anew(monkeypatch: pytest.Mo
                 return caught.value
 
         error = run(go())
-        assert error.kind is ErrorKind.BLOCKED_URL and "flip.test resolves to 127.0.0.2, which is loopback" in error.message
+        assert (
+            error.kind is ErrorKind.BLOCKED_URL
+            and "flip.test resolves to 127.0.0.2, which is loopback" in error.message
+        )
         assert resolver.calls == ["flip.test", "flip.test"]
         assert server.connections == 1
 
@@ -664,7 +692,9 @@ def test_pool_is_as_wide_as_concurrency() -> None:
         server.routes["/slow.png"] = _slow_image(0.5)
 
         async def go() -> None:
-            s = settings(concurrency=64, per_host=64, timeout=60.0)  # width, not speed: a loaded machine must not time it out
+            s = settings(
+                concurrency=64, per_host=64, timeout=60.0
+            )  # width, not speed: a loaded machine must not time it out
             gate = asyncio.Semaphore(s.concurrency)  # what the pipeline does
 
             async def one() -> None:

@@ -103,7 +103,9 @@ def failed(url: str, kind: ErrorKind, bound: int = fetch_memory_bound(LIMIT), **
 def test_bomb_fails_too_large_within_the_memory_bound(bombs: dict[str, bytes], coding: str, piece: int | None) -> None:
     body, header = bombs[coding], coding.replace("raw ", "")
     with serve() as server:
-        server.routes["/bomb.png"] = image(body, **{"Content-Encoding": header}) if piece is None else chunked(body, piece, header)
+        server.routes["/bomb.png"] = (
+            image(body, **{"Content-Encoding": header}) if piece is None else chunked(body, piece, header)
+        )
         error = failed(server.url("/bomb.png"), ErrorKind.TOO_LARGE)
     assert f"over max_bytes={LIMIT:,}" in error.message and not error.retryable
 
@@ -145,7 +147,9 @@ def test_padding_an_inner_layer_swallows_is_bounded_too() -> None:
 def test_error_pages_and_text_bodies_are_sniffed_within_the_bound(bombs: dict[str, bytes]) -> None:
     page = gzip.compress(gzip.compress(b"<html>gone</html>" + b" " * BOMB, 9), 9)
     with serve() as server:
-        server.routes["/404"] = lambda h: h.reply(404, page, {"Content-Type": "text/html", "Content-Encoding": "gzip, gzip"})
+        server.routes["/404"] = lambda h: h.reply(
+            404, page, {"Content-Type": "text/html", "Content-Encoding": "gzip, gzip"}
+        )
         server.routes["/page.png"] = image(bombs["gzip, gzip"], "text/html", **{"Content-Encoding": "gzip, gzip"})
         status = failed(server.url("/404"), ErrorKind.HTTP_STATUS)
         text = failed(server.url("/page.png"), ErrorKind.NOT_AN_IMAGE)
@@ -327,7 +331,9 @@ def test_overlong_validators_are_not_kept() -> None:
 
 def test_an_overlong_redirect_location_is_refused() -> None:
     with serve() as server:
-        server.routes["/go"] = redirect(server.url("/" + "a" * 70_000))  # over httpx's URL limit and the parser's line limit
+        server.routes["/go"] = redirect(
+            server.url("/" + "a" * 70_000)
+        )  # over httpx's URL limit and the parser's line limit
         error = failed(server.url("/go"), ErrorKind.CONNECTION_ERROR, bound=MiB)
     assert error.message.startswith("response headers over the parser's limit") and len(error.message) < 300
     assert not error.retryable and server.paths() == ["/go"]

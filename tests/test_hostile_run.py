@@ -69,8 +69,22 @@ def test_hostile_manifest_each_row_gets_its_kind_and_good_rows_land(tmp_path):
         cache = tmp_path / "cache"
         start = time.monotonic()
         code, s = encode_json(
-            manifest, "--model", "builtin:tiny-clip", "--out", str(cache), "--allow-http", "--allow-host", "127.0.0.1",
-            "--timeout", "1.5", "--retries", "0", "--max-bytes", "200KiB", "--max-pixels", "1000000",
+            manifest,
+            "--model",
+            "builtin:tiny-clip",
+            "--out",
+            str(cache),
+            "--allow-http",
+            "--allow-host",
+            "127.0.0.1",
+            "--timeout",
+            "1.5",
+            "--retries",
+            "0",
+            "--max-bytes",
+            "200KiB",
+            "--max-pixels",
+            "1000000",
         )
         elapsed = time.monotonic() - start
     assert code == 1 and s["encoded"] == 2 and s["failed"] == 13

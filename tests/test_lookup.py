@@ -95,9 +95,7 @@ def test_snapshot_and_probes_agree_on_every_kind_of_key(tmp_path, monkeypatch):
     random.Random(14).shuffle(asked)
 
     def summary(states):  # what plan() reads of a state
-        return [
-            None if s is None else (s.cached, s.run_id == "now", s.failed_kind, s.failed_retryable) for s in states
-        ]
+        return [None if s is None else (s.cached, s.run_id == "now", s.failed_kind, s.failed_retryable) for s in states]
 
     probed = KeyLookup(index, FP, "now", detail=False)
     from_probes = probed.states(asked)

@@ -227,9 +227,13 @@ def test_lines_end_at_lf_only_whatever_the_endings_and_every_line_number_is_exac
 
 def test_surrounding_whitespace_is_stripped_from_urls_not_from_ids(tmp_path):
     path = tmp_path / "m.jsonl"
-    path.write_text('{"url": " https://e.com/1.jpg\\t", "id": " k "}\n{"url": "  /data/x.png "}\n"\\nhttps://e.com/3.jpg "\n')
+    path.write_text(
+        '{"url": " https://e.com/1.jpg\\t", "id": " k "}\n{"url": "  /data/x.png "}\n"\\nhttps://e.com/3.jpg "\n'
+    )
     assert [(r.url, r.id) for r in read_manifests([str(path)])] == [
-        ("https://e.com/1.jpg", " k "), ("/data/x.png", None), ("https://e.com/3.jpg", None)
+        ("https://e.com/1.jpg", " k "),
+        ("/data/x.png", None),
+        ("https://e.com/3.jpg", None),
     ]
 
 
@@ -263,5 +267,10 @@ def test_responses_api_input_image_parts_bare_and_in_a_batch_line():
     assert urls(parse_line(batch_line("q", body, "/v1/responses"), "b", 1)) == expected
     assert urls(parse_line(json.dumps(body), "b", 1)) == [(u, None) for u, _ in expected]  # a bare Responses body
     assert parse_line(json.dumps({"model": "x", "input": "just text"}), "b", 1) == []
-    [bad] = parse_line(json.dumps({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}), "b", 4)
-    assert isinstance(bad, BadLine) and bad.message == "an input_image given by file_id cannot be fetched: give image_url instead"
+    [bad] = parse_line(
+        json.dumps({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}), "b", 4
+    )
+    assert (
+        isinstance(bad, BadLine)
+        and bad.message == "an input_image given by file_id cannot be fetched: give image_url instead"
+    )

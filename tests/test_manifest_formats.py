@@ -78,10 +78,18 @@ def test_gzip_csv_tsv_and_crlf_csv(tmp_path):
     gz = write_csv(tmp_path / "m.csv.gz", [["url", "id"], ["https://e.com/1.jpg", "a"], ["https://e.com/2.jpg", "b"]])
     tsv = write_csv(tmp_path / "m.tsv.gz", [["id", "url"], ["x,y", "https://e.com/3.jpg"]], delimiter="\t")
     crlf = tmp_path / "w.csv"
-    crlf.write_bytes(b"\xef\xbb\xbfurl,id\r\nhttps://e.com/4.jpg,c\r\n\r\nhttps://e.com/5.jpg,d\r\n")  # Excel: BOM, CRLF
-    assert [(r.url, r.id, r.line) for r in items(gz)] == [("https://e.com/1.jpg", "a", 2), ("https://e.com/2.jpg", "b", 3)]
+    crlf.write_bytes(
+        b"\xef\xbb\xbfurl,id\r\nhttps://e.com/4.jpg,c\r\n\r\nhttps://e.com/5.jpg,d\r\n"
+    )  # Excel: BOM, CRLF
+    assert [(r.url, r.id, r.line) for r in items(gz)] == [
+        ("https://e.com/1.jpg", "a", 2),
+        ("https://e.com/2.jpg", "b", 3),
+    ]
     assert [(r.url, r.id, r.line) for r in items(tsv)] == [("https://e.com/3.jpg", "x,y", 2)]
-    assert [(r.url, r.id, r.line) for r in items(crlf)] == [("https://e.com/4.jpg", "c", 2), ("https://e.com/5.jpg", "d", 4)]
+    assert [(r.url, r.id, r.line) for r in items(crlf)] == [
+        ("https://e.com/4.jpg", "c", 2),
+        ("https://e.com/5.jpg", "d", 4),
+    ]
 
 
 def test_a_missing_column_is_a_usage_error_naming_the_columns_there_are(tmp_path):
@@ -122,7 +130,11 @@ def test_parquet_with_several_row_groups_nulls_and_custom_columns(tmp_path):
     assert got[24] == Record("https://e.com/24.jpg", "1024", str(path), 25)
     assert got[5] == Record("https://e.com/5.jpg", None, str(path), 6)  # a null id is no id
     good = [r for i, r in enumerate(got) if i not in (3, 11, 24)]
-    assert good == [Record(f"https://e.com/{i}.jpg", str(keys[i]) if keys[i] else None, str(path), i + 1) for i in range(25) if i not in (3, 11, 24)]
+    assert good == [
+        Record(f"https://e.com/{i}.jpg", str(keys[i]) if keys[i] else None, str(path), i + 1)
+        for i in range(25)
+        if i not in (3, 11, 24)
+    ]
 
 
 def test_parquet_dictionary_and_large_string_columns(tmp_path):
@@ -132,7 +144,11 @@ def test_parquet_dictionary_and_large_string_columns(tmp_path):
     })  # fmt: skip
     path = tmp_path / "m.parquet"
     pq.write_table(table, path)
-    assert [(r.url, r.id) for r in items(path)] == [("https://e.com/a.jpg", "x"), ("https://e.com/b.jpg", "y"), ("https://e.com/a.jpg", None)]
+    assert [(r.url, r.id) for r in items(path)] == [
+        ("https://e.com/a.jpg", "x"),
+        ("https://e.com/b.jpg", "y"),
+        ("https://e.com/a.jpg", None),
+    ]
 
 
 def test_parquet_column_of_the_wrong_type_or_missing_is_a_usage_error(tmp_path):
@@ -179,11 +195,15 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
 
 def test_txt_one_url_a_line(tmp_path):
     path = tmp_path / "urls.txt"
-    path.write_bytes(b"https://e.com/1.jpg\r\n\n  /data/2.png  \n{\"url\": \"https://e.com/3.jpg\"}\ndata:image/png;base64,AAAA")
+    path.write_bytes(
+        b'https://e.com/1.jpg\r\n\n  /data/2.png  \n{"url": "https://e.com/3.jpg"}\ndata:image/png;base64,AAAA'
+    )
     assert items(path) == [
         Record("https://e.com/1.jpg", None, str(path), 1),
         Record("/data/2.png", None, str(path), 3),
-        BadLine(str(path), 4, "line looks like JSON: a .txt manifest holds one URL a line (name a JSONL manifest .jsonl)"),
+        BadLine(
+            str(path), 4, "line looks like JSON: a .txt manifest holds one URL a line (name a JSONL manifest .jsonl)"
+        ),
         Record("data:image/png;base64,AAAA", None, str(path), 5),
     ]
     packed = tmp_path / "urls.txt.gz"

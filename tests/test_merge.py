@@ -49,14 +49,19 @@ def dump(cache: Path) -> dict[str, list[tuple]]:
     """Every row of every index table, sorted: two caches with equal dumps hold the same thing."""
     db = sqlite3.connect(cache / "index.sqlite")
     try:
-        return {t: sorted(map(tuple, db.execute(f"SELECT * FROM {t}"))) for t in ("models", "shards", "entries", "failures", "runs")}
+        return {
+            t: sorted(map(tuple, db.execute(f"SELECT * FROM {t}")))
+            for t in ("models", "shards", "entries", "failures", "runs")
+        }
     finally:
         db.close()
 
 
 def tensors(cache: Path, fingerprint: str | None = None) -> dict[str, torch.Tensor]:
     db = sqlite3.connect(cache / "index.sqlite")
-    keys = [r[0] for r in db.execute("SELECT key FROM entries WHERE fingerprint=coalesce(?, fingerprint)", (fingerprint,))]
+    keys = [
+        r[0] for r in db.execute("SELECT key FROM entries WHERE fingerprint=coalesce(?, fingerprint)", (fingerprint,))
+    ]
     db.close()
     with EmbeddingCache(cache, model=fingerprint, memory_bytes=0) as reader:
         return {key: entry.embeddings for key, entry in zip(keys, reader.get_keys(keys))}
@@ -97,7 +102,9 @@ def test_merged_shard_halves_equal_one_single_run(job, halves, tmp_path):
 
     expected, got = tensors(whole), tensors(merged)
     copied = {**tensors(halves[0]), **tensors(halves[1])}
-    assert set(got) == set(expected) == set(copied) == {cache_key(str(job.parent / f"{i}.png")) for i in range(N_IMAGES)}
+    assert (
+        set(got) == set(expected) == set(copied) == {cache_key(str(job.parent / f"{i}.png")) for i in range(N_IMAGES)}
+    )
     for key in expected:
         # Merge copies tensors bit for bit. The single run batched the rows differently, and CPU
         # GEMMs are not bitwise batch-invariant, so against it the match is to float32 rounding.
@@ -126,7 +133,11 @@ def test_merged_shard_halves_equal_one_single_run(job, halves, tmp_path):
 def test_move_hard_links_shards_and_leaves_sources_valid(halves, tmp_path):
     merged = tmp_path / "merged"
     code, report = merge(merged, *halves, move=True)
-    assert code == 0 and report["shards_copied"] == 0 and report["shards_linked"] == len(dump(halves[0])["shards"]) + len(dump(halves[1])["shards"])
+    assert (
+        code == 0
+        and report["shards_copied"] == 0
+        and report["shards_linked"] == len(dump(halves[0])["shards"]) + len(dump(halves[1])["shards"])
+    )
     for shard in dump(merged)["shards"]:
         source = next(h for h in halves if (h / "shards" / shard[0]).exists())
         assert (merged / "shards" / shard[0]).stat().st_ino == (source / "shards" / shard[0]).stat().st_ino

@@ -66,7 +66,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # -- fidelity: the stored tensors equal a direct transformers forward, image by image ------------
 
 
-@pytest.mark.parametrize(("key", "model_class"), [("clip", "CLIPModel"), ("siglip", "SiglipModel"), ("siglip2", "Siglip2Model")])
+@pytest.mark.parametrize(
+    ("key", "model_class"), [("clip", "CLIPModel"), ("siglip", "SiglipModel"), ("siglip2", "Siglip2Model")]
+)
 def test_pooled_matches_direct_forward(models: dict[str, Path], key: str, model_class: str) -> None:
     import transformers
     from transformers import AutoImageProcessor
@@ -88,7 +90,10 @@ def test_pooled_matches_direct_forward(models: dict[str, Path], key: str, model_
     assert not torch.allclose(outputs[0]["embeddings"], outputs[1]["embeddings"])  # the images really differ
 
 
-@pytest.mark.parametrize(("key", "model_class"), [("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")])
+@pytest.mark.parametrize(
+    ("key", "model_class"),
+    [("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")],
+)
 def test_qwen2_vl_matches_direct_forward_with_mixed_sizes(models: dict[str, Path], key: str, model_class: str) -> None:
     import transformers
     from transformers import AutoImageProcessor
@@ -197,7 +202,9 @@ def test_llava_checkpoint_without_projector_weights_fails_to_load(models: dict[s
     name = next(k for k in weights if "multi_modal_projector.linear_2.weight" in k)
     del weights[name]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="lacks vision-tower or projector weights: multi_modal_projector.linear_2.weight"):
+    with pytest.raises(
+        ModelLoadError, match="lacks vision-tower or projector weights: multi_modal_projector.linear_2.weight"
+    ):
         load(broken)
 
 
@@ -285,7 +292,9 @@ def test_builtin_is_created_once_and_loads_like_a_directory(name: str, caplog: p
     assert all(torch.isfinite(out["embeddings"]).all() for out in outputs)
 
 
-def test_builtin_concurrent_first_use_yields_one_complete_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builtin_concurrent_first_use_yields_one_complete_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MMPREP_HOME", str(tmp_path))
     found: list[Path] = []
     threads = [threading.Thread(target=lambda: found.append(builtin_model_dir("tiny-clip"))) for _ in range(3)]
@@ -371,10 +380,16 @@ def test_hub_model_is_pinned_to_its_commit_and_fingerprints_match_across_process
     shutil.copytree(models["clip"], repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(
+        os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1])
+    )
     run = subprocess.run(
         [sys.executable, "-c", _IN_FRESH_PROCESS, str(models["clip"]), COMMIT],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])

@@ -144,7 +144,9 @@ def test_resized_window_uses_pillow_when_switched_off_or_not_mirrored(monkeypatc
     np.testing.assert_array_equal(resized_window(image, (45, 33), Image.Resampling.BICUBIC, window), expected)
     monkeypatch.setenv("MMPREP_NATIVE_RESAMPLE", "0")
     assert not native_enabled(Image.Resampling.BICUBIC)
-    monkeypatch.setattr(resample, "_native", lambda *args: pytest.fail("the native resampler ran although switched off"))
+    monkeypatch.setattr(
+        resample, "_native", lambda *args: pytest.fail("the native resampler ran although switched off")
+    )
     np.testing.assert_array_equal(resized_window(image, (45, 33), Image.Resampling.BICUBIC, window), expected)
     monkeypatch.delenv("MMPREP_NATIVE_RESAMPLE")
     assert not native_enabled(Image.Resampling.NEAREST)
@@ -244,7 +246,9 @@ def test_value_planes_copies_the_table_entries_native_and_numpy_alike(monkeypatc
     table = rng.standard_normal((3, 256)).astype(np.float32)
     for shape in [(224, 224, 3), (1, 1, 3), (0, 4, 3), (37, 5, 3)]:
         pixels = rng.integers(0, 256, shape, dtype=np.uint8)
-        expected = np.stack([table[c][pixels[..., c]] for c in range(3)]) if shape[0] else np.empty((3, 0, 4), np.float32)
+        expected = (
+            np.stack([table[c][pixels[..., c]] for c in range(3)]) if shape[0] else np.empty((3, 0, 4), np.float32)
+        )
         got = _native.planes(pixels, table)
         assert got.dtype == np.float32 and got.shape == (3, shape[0], shape[1])
         assert np.array_equal(got, expected)

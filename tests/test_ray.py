@@ -37,7 +37,9 @@ DEADLINE = 300  # seconds: far beyond any run here; a run still going then is on
 @pytest.fixture(scope="module", autouse=True)
 def local_ray(mmprep_home):
     """One local Ray for the module; workers get the repository on their path and the test environment."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}
+    )
     yield
     ray.shutdown()
 
@@ -48,7 +50,12 @@ def manifest(tmp_path, image_server) -> Path:
     rows: list[object] = []
     for i in range(N_GOOD):
         fmt, ctype = [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")][i % 3]
-        rows.append({"url": image_server.add(f"/{i}.img", image_bytes("RGB", (30 + i, 26 + i % 4), fmt, i), ctype), "id": f"i{i}"})
+        rows.append(
+            {
+                "url": image_server.add(f"/{i}.img", image_bytes("RGB", (30 + i, 26 + i % 4), fmt, i), ctype),
+                "id": f"i{i}",
+            }
+        )
     rows += [
         {"url": image_server.url("/0.img")},  # duplicate
         {"url": image_server.url("/missing.png")},  # http_status 404
@@ -62,7 +69,9 @@ def manifest(tmp_path, image_server) -> Path:
 
 
 def encode(manifest: Path, out: Path, *extra: str) -> tuple[int, dict]:
-    return encode_json(str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), *NET, "--batch-size", "4", *extra)
+    return encode_json(
+        str(manifest), "--model", "builtin:tiny-clip", "--out", str(out), *NET, "--batch-size", "4", *extra
+    )
 
 
 def cache_contents(cache: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +94,17 @@ def test_ray_engine_makes_the_local_engines_cache_and_reruns_fetch_nothing(manif
     ray_code, remote = encode(manifest, tmp_path / "ray", "--engine", "ray", "--workers", "1")
 
     assert ray_code == code == 1
-    same = ("rows", "encoded", "cached", "duplicates", "failed", "skipped_failed", "failures_by_kind", "exit_code", "status")
+    same = (
+        "rows",
+        "encoded",
+        "cached",
+        "duplicates",
+        "failed",
+        "skipped_failed",
+        "failures_by_kind",
+        "exit_code",
+        "status",
+    )
     assert {k: remote[k] for k in same} == {k: local[k] for k in same}
     assert remote["encoded"] == N_GOOD and remote["bytes_fetched"] == local["bytes_fetched"]
     assert set(remote["failures_by_kind"]) == {
@@ -115,7 +134,9 @@ def test_ray_engine_reads_a_parquet_manifest_with_custom_columns_like_the_local_
     urls = [image_server.add(f"/pq{i}.png", image_bytes("RGB", (22 + i, 22), "PNG", 50 + i)) for i in range(4)]
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"link": urls[:2] + [None] + urls[2:], "sku": list("abcde")}), path, row_group_size=2)
-    code, s = encode(path, tmp_path / "ray", "--engine", "ray", "--workers", "1", "--url-col", "link", "--id-col", "sku")
+    code, s = encode(
+        path, tmp_path / "ray", "--engine", "ray", "--workers", "1", "--url-col", "link", "--id-col", "sku"
+    )
     assert code == 1 and (s["rows"], s["encoded"], s["failures_by_kind"]) == (5, 4, {"bad_manifest_line": 1})
     [bad] = [json.loads(line) for line in Path(s["errors_file"]).read_text().splitlines()]
     assert (bad["source"], bad["line"], bad["message"]) == (str(path), 3, "column 'link' is null")
@@ -163,7 +184,9 @@ def test_ray_refresh_revalidates_like_the_local_engine(tmp_path, image_server):
 
 
 @pytest.mark.parametrize("fault", ["in_encode", "after_shard_write"])
-def test_a_killed_encoder_actor_is_retried_without_losing_or_duplicating_rows(fault, tmp_path, image_server, monkeypatch):
+def test_a_killed_encoder_actor_is_retried_without_losing_or_duplicating_rows(
+    fault, tmp_path, image_server, monkeypatch
+):
     urls = [image_server.add(f"/{i}.png", image_bytes("RGB", (24, 20 + i), "PNG", i)) for i in range(N_GOOD)]
     manifest = write_manifest(tmp_path / "m.jsonl", urls)
     fired = tmp_path / "fault-fired"
@@ -186,7 +209,9 @@ def test_an_actor_that_always_dies_fails_the_run_after_the_restart_budget(tmp_pa
     monkeypatch.setenv("MMPREP_FAULT", "in_encode")  # every actor dies on its first batch
     code, summary = encode(manifest, tmp_path / "cache", "--engine", "ray", "--workers", "1", "--worker-restarts", "1")
     assert code == summary["exit_code"] == 70 and summary["status"] == "failed"
-    assert "Ray pipeline failed" in summary["error"] and "ActorDiedError" in summary["error"] and summary["encoded"] == 0
+    assert (
+        "Ray pipeline failed" in summary["error"] and "ActorDiedError" in summary["error"] and summary["encoded"] == 0
+    )
     monkeypatch.delenv("MMPREP_FAULT")
     code, again = encode(manifest, tmp_path / "cache", "--engine", "ray")
     assert code == 0 and again["encoded"] == 4 and again["error"] is None

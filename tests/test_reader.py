@@ -33,7 +33,9 @@ def make_entry(url: str, qwen: bool = False) -> ShardEntry:
     )  # fmt: skip
 
 
-def write(layout: CacheLayout, urls: list[str], *, fp: str = POOLED, run: str = "run1", index: CacheIndex | None = None) -> None:
+def write(
+    layout: CacheLayout, urls: list[str], *, fp: str = POOLED, run: str = "run1", index: CacheIndex | None = None
+) -> None:
     own = index is None
     index = index or CacheIndex(layout.index)
     qwen = fp == QWEN
@@ -60,7 +62,9 @@ def test_get_and_get_many_hits_misses_and_exact_stats(layout: CacheLayout) -> No
         assert cache.fingerprint == POOLED and cache.family == "pooled"
         got = cache.get(URLS[0])
         assert got is not None and got.url == URLS[0] and got.key == cache_key(URLS[0]) and got.image_grid_thw is None
-        assert torch.equal(got.embeddings, make_entry(URLS[0]).embeddings) and got.shard.endswith("run1-00001.safetensors")
+        assert torch.equal(got.embeddings, make_entry(URLS[0]).embeddings) and got.shard.endswith(
+            "run1-00001.safetensors"
+        )
         assert cache.get("https://img.example/missing.png") is None
         many = cache.get_many([URLS[1], "https://nope/", URLS[7], URLS[1], URLS[2]])
         assert [m is None for m in many] == [False, True, False, False, False]
@@ -105,7 +109,10 @@ def test_threads_share_one_cache(layout: CacheLayout) -> None:
             t.join()
         s = cache.stats
         assert errors == []
-        assert (s.hits, s.misses) == (1600, 0) and s.bytes_in_memory == s.entries_in_memory * ENTRY_BYTES <= 4 * ENTRY_BYTES
+        assert (s.hits, s.misses) == (
+            1600,
+            0,
+        ) and s.bytes_in_memory == s.entries_in_memory * ENTRY_BYTES <= 4 * ENTRY_BYTES
         assert 0 < s.memory_hits < 1600 and s.evictions > 0
 
 
@@ -118,7 +125,10 @@ def test_qwen_entry_and_vllm_input(layout: CacheLayout) -> None:
         mm = to_vllm(got)
         assert mm["image_embeds"].shape == (16, 8) and mm["image_grid_thw"].shape == (1, 3)
         assert cache.stats.bytes_in_memory == 16 * 8 * 2 + 3 * 8
-    with EmbeddingCache(layout.root, model="tiny-clip") as cache, pytest.raises(ValueError, match="no precomputed-embedding"):
+    with (
+        EmbeddingCache(layout.root, model="tiny-clip") as cache,
+        pytest.raises(ValueError, match="no precomputed-embedding"),
+    ):
         to_vllm(cache.get(URLS[0]))
 
 
@@ -156,7 +166,9 @@ def test_show_and_export(layout: CacheLayout, tmp_path: Path) -> None:
     write(layout, ["https://q/1"], fp=QWEN, run="runq")
     index = CacheIndex(layout.index)
     bad = "https://img.example/broken.png"
-    index.record_failures(POOLED, "run2", [FailureRecord(cache_key(bad), bad, None, "m.jsonl", 3, "decode_error", "truncated", False, 1)])
+    index.record_failures(
+        POOLED, "run2", [FailureRecord(cache_key(bad), bad, None, "m.jsonl", 3, "decode_error", "truncated", False, 1)]
+    )
     index.close()
 
     info = show_entry(layout.root, "https://q/1")
@@ -164,7 +176,10 @@ def test_show_and_export(layout: CacheLayout, tmp_path: Path) -> None:
     (row,) = info["entries"]
     assert row["model"] == "tiny-qwen" and row["shape"] == [16, 8] and row["dtype"] == "bfloat16"
     grid = cache_key("https://q/1") + ".image_grid_thw"
-    assert row["stored"] == {cache_key("https://q/1"): {"dtype": "BF16", "shape": [16, 8]}, grid: {"dtype": "I64", "shape": [1, 3]}}
+    assert row["stored"] == {
+        cache_key("https://q/1"): {"dtype": "BF16", "shape": [16, 8]},
+        grid: {"dtype": "I64", "shape": [1, 3]},
+    }
     assert show_entry(layout.root, cache_key(URLS[3]), model="tiny-clip")["entries"][0]["url"] == URLS[3]
     assert show_entry(layout.root, URLS[3], model="tiny-qwen")["entries"] == []
     failed = show_entry(layout.root, bad)
@@ -174,7 +189,9 @@ def test_show_and_export(layout: CacheLayout, tmp_path: Path) -> None:
         entry = cache.get("https://q/1")
     (st,) = export_entry(entry, tmp_path / "out" / "e.safetensors")
     loaded = load_file(st)
-    assert torch.equal(loaded["embeddings"], entry.embeddings) and torch.equal(loaded["image_grid_thw"], entry.image_grid_thw)
+    assert torch.equal(loaded["embeddings"], entry.embeddings) and torch.equal(
+        loaded["image_grid_thw"], entry.image_grid_thw
+    )
     emb, grid_npy = export_entry(entry, tmp_path / "e.npy")
     assert np.load(emb).dtype == np.float32 and np.array_equal(np.load(emb), entry.embeddings.float().numpy())
     assert grid_npy.name == "e.image_grid_thw.npy" and np.load(grid_npy).tolist() == [[1, 8, 8]]

@@ -81,7 +81,9 @@ def test_vllm_part_of_a_qwen2_vl_entry_round_trips(world: dict[str, Path]) -> No
     assert grid.shape == (3,) and grid.dtype == torch.int64  # vLLM: "size_per_item should be a 1-D tensor"
     assert torch.equal(grid, e.image_grid_thw.reshape(-1))
     assert embeds.shape[0] * 4 == int(grid.prod())  # merge 2x2: the rows fill the image's placeholders
-    assert embeds.abs().max() > 0 and not torch.equal(embeds, loads_b64(to_vllm_part(entry(world, "qwen", 0))["image_embeds"]["image_embeds"]))
+    assert embeds.abs().max() > 0 and not torch.equal(
+        embeds, loads_b64(to_vllm_part(entry(world, "qwen", 0))["image_embeds"]["image_embeds"])
+    )
 
 
 def test_vllm_part_of_a_llava_entry_is_one_2d_tensor(world: dict[str, Path]) -> None:
@@ -137,13 +139,17 @@ def test_embedding_files_as_dynamo_reads_them(world: dict[str, Path], tmp_path: 
     q, lv = entry(world, "qwen", 1), entry(world, "llava", 1)
     tensors = load_file(str(save_pt(q, tmp_path / "q.safetensors")))
     assert set(tensors) == {"mm_embeddings", "image_grid_thw"}  # several keys: the worker takes mm_embeddings
-    assert torch.equal(tensors["mm_embeddings"], q.embeddings.unsqueeze(0)) and torch.equal(tensors["image_grid_thw"], q.image_grid_thw)
+    assert torch.equal(tensors["mm_embeddings"], q.embeddings.unsqueeze(0)) and torch.equal(
+        tensors["image_grid_thw"], q.image_grid_thw
+    )
     single = load_file(str(save_pt(lv, tmp_path / "l.safetensors")))
     assert list(single) == ["mm_embeddings"] and single["mm_embeddings"].shape == (1, *lv.embeddings.shape)
     plain = torch.load(save_pt(lv, tmp_path / "l.pt"), weights_only=True)  # older Dynamo: a bare tensor
     assert isinstance(plain, torch.Tensor) and torch.equal(plain, lv.embeddings.unsqueeze(0))
     as_dict = torch.load(save_pt(q, tmp_path / "q.pth"), weights_only=True)
-    assert torch.equal(as_dict["mm_embeddings"][0], q.embeddings) and torch.equal(as_dict["image_grid_thw"], q.image_grid_thw)
+    assert torch.equal(as_dict["mm_embeddings"][0], q.embeddings) and torch.equal(
+        as_dict["image_grid_thw"], q.image_grid_thw
+    )
     with pytest.raises(ServingFormatError, match="suffix"):
         save_pt(q, tmp_path / "q.npy")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.pt", "l.safetensors", "q.pth", "q.safetensors"]
@@ -162,16 +168,37 @@ def batch_file(world: dict[str, Path], path: Path) -> list[str]:
         return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
     lines = [
-        line("one", [{"type": "text", "text": "Décris l'image ✓"}, {"type": "image_url", "image_url": {"url": u[0], "detail": "auto"}}]),
-        line("two", [{"type": "image_url", "image_url": {"url": u[1]}}, {"type": "text", "text": "and"},
-                     {"type": "input_image", "image_url": "  " + u[2]}], temperature=0),  # fmt: skip
-        line("miss", [{"type": "image_url", "image_url": {"url": u[2]}}, {"type": "image_url", "image_url": {"url": u[3]}}]),
+        line(
+            "one",
+            [
+                {"type": "text", "text": "Décris l'image ✓"},
+                {"type": "image_url", "image_url": {"url": u[0], "detail": "auto"}},
+            ],
+        ),
+        line(
+            "two",
+            [
+                {"type": "image_url", "image_url": {"url": u[1]}},
+                {"type": "text", "text": "and"},
+                {"type": "input_image", "image_url": "  " + u[2]},
+            ],
+            temperature=0,
+        ),  # fmt: skip
+        line(
+            "miss",
+            [{"type": "image_url", "image_url": {"url": u[2]}}, {"type": "image_url", "image_url": {"url": u[3]}}],
+        ),
         line("text-only", "no image here"),
         "",
-        json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": u[1]}]}]}),
+        json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": u[1]}]}]}
+        ),
         '{"custom_id": "broken", "body": ',
-        json.dumps({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": u[0]}]}]}),
-        '{"custom_id":"crlf","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"%s"}}]}]}}\r' % u[0],
+        json.dumps(
+            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": u[0]}]}]}
+        ),
+        '{"custom_id":"crlf","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"%s"}}]}]}}\r'
+        % u[0],
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return lines
@@ -191,7 +218,10 @@ def test_rewrite_a_batch_file(world: dict[str, Path], tmp_path: Path) -> None:
     assert code == 1 and stdout == ""  # a miss: exit 1
     assert (s["lines"], s["requests"], s["images"], s["replaced"], s["misses"], s["kept"]) == (9, 7, 7, 5, 1, 1)
     assert s["skipped_lines"] == 2 and len(s["problems"]) == 2
-    assert "batch.jsonl:7: invalid JSON" in s["problems"][0] and "batch.jsonl:8: a Responses API request" in s["problems"][1]
+    assert (
+        "batch.jsonl:7: invalid JSON" in s["problems"][0]
+        and "batch.jsonl:8: a Responses API request" in s["problems"][1]
+    )
     assert s["bytes_in"] == src.stat().st_size and s["bytes_out"] == out.stat().st_size
 
     written = out.read_bytes().split(b"\n")
@@ -239,7 +269,10 @@ def test_rewrite_exit_0_when_every_image_is_cached_gz_and_stdin(world: dict[str,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary file was renamed
     # stdin to stdout, cache from the environment
     result = cli("rewrite", "-", input=json.dumps(rows[0]) + "\n", env={"MMPREP_CACHE_DIR": str(world["qwen"])})
-    assert result.exit_code == 0 and json.loads(result.stdout)["body"]["messages"][0]["content"][0]["type"] == "image_embeds"
+    assert (
+        result.exit_code == 0
+        and json.loads(result.stdout)["body"]["messages"][0]["content"][0]["type"] == "image_embeds"
+    )
 
 
 def test_uuid_only_adds_the_entry_key_and_nothing_else(world: dict[str, Path], tmp_path: Path) -> None:
@@ -266,7 +299,9 @@ def test_uuid_only_adds_the_entry_key_and_nothing_else(world: dict[str, Path], t
                     assert a == b
 
 
-def test_rewrite_usage_errors_and_bounded_lines(world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rewrite_usage_errors_and_bounded_lines(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "b.jsonl"
     batch_file(world, src)
     pooled = cli("rewrite", str(src), "--cache", str(world["clip"]))

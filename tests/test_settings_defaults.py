@@ -20,7 +20,9 @@ def defaults(command: str) -> dict:
 
 def test_load_settings_takes_keywords_and_defaults_to_load_settings() -> None:
     assert load_settings() == LoadSettings()
-    assert load_settings(max_bytes="1MiB", allow_host=["a.example"]) == LoadSettings(max_bytes=1 << 20, allow_hosts=("a.example",))
+    assert load_settings(max_bytes="1MiB", allow_host=["a.example"]) == LoadSettings(
+        max_bytes=1 << 20, allow_hosts=("a.example",)
+    )
 
 
 def test_encode_and_check_options_default_to_the_settings() -> None:

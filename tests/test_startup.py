@@ -25,7 +25,9 @@ print("MODULES=" + json.dumps(sorted(m for m in heavy if m in sys.modules)), fil
 
 
 def heavy_modules(*args: str, cwd) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], check=False, capture_output=True, text=True, cwd=cwd, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], check=False, capture_output=True, text=True, cwd=cwd, timeout=300
+    )
     line = [x for x in done.stderr.splitlines() if x.startswith("MODULES=")]
     assert line, done.stderr[-2000:]
     return json.loads(line[-1].removeprefix("MODULES="))

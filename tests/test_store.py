@@ -19,7 +19,10 @@ def entry(url: str, n: int = 4, grid: bool = False) -> ShardEntry:
         key=cache_key(url),
         url=url,
         caller_id="id-" + url[-1],
-        tensors={"embeddings": torch.randn(n, 8, generator=g), **({"image_grid_thw": torch.tensor([[1, 2, 2]])} if grid else {})},
+        tensors={
+            "embeddings": torch.randn(n, 8, generator=g),
+            **({"image_grid_thw": torch.tensor([[1, 2, 2]])} if grid else {}),
+        },
         content_sha256="c" * 64,
         created=1.0,
         etag='"v1"',

@@ -43,7 +43,12 @@ def make_entry(url: str, *, grid: bool = False, created: float = 1.0) -> ShardEn
 
 
 def add_shard(
-    layout: CacheLayout, urls: list[str], *, fp: str = POOLED, run: str = "r1", created: float | list[float] = 1.0,
+    layout: CacheLayout,
+    urls: list[str],
+    *,
+    fp: str = POOLED,
+    run: str = "r1",
+    created: float | list[float] = 1.0,
     commit: bool = True,
 ) -> WrittenShard:
     """Write one shard of `urls` (and index it unless commit=False, i.e. a crash before the commit)."""
@@ -80,7 +85,11 @@ def cache(tmp_path: Path) -> CacheLayout:
     add_shard(layout, [f"https://h/q{i}" for i in range(3, 5)], fp=QWEN, run="rq2", created=20.0)
     add_shard(layout, [f"https://h/p{i}" for i in range(4)], fp=POOLED, run="rp1", created=30.0)
     index = CacheIndex(layout.index)
-    index.record_failures(POOLED, "rp1", [FailureRecord(cache_key("https://h/bad"), "https://h/bad", None, "m", 7, "timeout", "slow", True, 1)])
+    index.record_failures(
+        POOLED,
+        "rp1",
+        [FailureRecord(cache_key("https://h/bad"), "https://h/bad", None, "m", 7, "timeout", "slow", True, 1)],
+    )
     index.close()
     return layout
 
@@ -192,7 +201,11 @@ def test_rebuild_needs_the_writer_lock(cache: CacheLayout) -> None:
 def test_adopt_orphans_after_a_crash_between_rename_and_commit(cache: CacheLayout) -> None:
     lost = add_shard(cache, ["https://h/p9", "https://h/p0"], run="rp2", created=50.0, commit=False)
     index = CacheIndex(cache.index)
-    index.record_failures(POOLED, "rp2", [FailureRecord(cache_key("https://h/p9"), "https://h/p9", None, None, None, "timeout", "x", True, 1)])
+    index.record_failures(
+        POOLED,
+        "rp2",
+        [FailureRecord(cache_key("https://h/p9"), "https://h/p9", None, None, None, "timeout", "x", True, 1)],
+    )
     tmp = cache.shard_dir(POOLED) / "rp3-00001.safetensors.tmp"
     tmp.write_bytes(b"partial")
     assert index.entry(POOLED, cache_key("https://h/p9")) is None
@@ -296,12 +309,22 @@ def test_verify_skips_racy_checks_while_a_writer_runs(cache: CacheLayout) -> Non
 
 
 def snapshot(layout: CacheLayout) -> tuple:
-    return rows(layout, "entries", "1, 2"), rows(layout, "shards", "1"), rows(layout, "models", "1"), shard_names(layout)
+    return (
+        rows(layout, "entries", "1, 2"),
+        rows(layout, "shards", "1"),
+        rows(layout, "models", "1"),
+        shard_names(layout),
+    )
 
 
 def test_parse_duration() -> None:
     assert [parse_duration(t) for t in ("30d", "12h", "90m", "45s", "2w", "10")] == [
-        30 * DAY, 12 * 3600, 90 * 60, 45, 14 * DAY, 10
+        30 * DAY,
+        12 * 3600,
+        90 * 60,
+        45,
+        14 * DAY,
+        10,
     ]
     with pytest.raises(ValueError):
         parse_duration("soon")
@@ -317,7 +340,9 @@ def aged(tmp_path: Path) -> CacheLayout:
               created=[now - 9 * DAY] * 4 + [now - 60] * 2)  # fmt: skip
     add_shard(layout, ["https://h/q0", "https://h/q1"], fp=QWEN, run="rq", created=now - 60)
     db = sqlite3.connect(layout.index)
-    db.executemany("UPDATE runs SET started=? WHERE run_id=?", [(now - 10 * DAY, "r1"), (now - 9 * DAY, "r2"), (now - 60, "rq")])
+    db.executemany(
+        "UPDATE runs SET started=? WHERE run_id=?", [(now - 10 * DAY, "r1"), (now - 9 * DAY, "r2"), (now - 60, "rq")]
+    )
     db.commit()
     db.close()
     return layout

@@ -63,7 +63,11 @@ def gemma3_reference(path: Path, serving_kwargs: dict[str, Any]) -> Reference:
     processor = Gemma3Processor(AutoImageProcessor.from_pretrained(path, backend="pil"), tokenizer, image_seq_length=4)
     model = Gemma3ForConditionalGeneration.from_pretrained(path).eval()
     return Reference(
-        model, lambda image: dict(processor(images=image, text="w5 w6 <start_of_image> w7", return_tensors="pt", **serving_kwargs)), 4
+        model,
+        lambda image: dict(
+            processor(images=image, text="w5 w6 <start_of_image> w7", return_tensors="pt", **serving_kwargs)
+        ),
+        4,
     )
 
 
@@ -94,7 +98,9 @@ def llava_next_reference(path: Path) -> Reference:
         patch_size=8, vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
     )  # fmt: skip
     model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
-    return Reference(model, lambda image: dict(processor(images=image, text="w5 w6 <image> w7", return_tensors="pt")), 16)
+    return Reference(
+        model, lambda image: dict(processor(images=image, text="w5 w6 <image> w7", return_tensors="pt")), 16
+    )
 
 
 FAMILIES = ["gemma3", "gemma3_no_pan_and_scan", "internvl", "llava_next"]
@@ -183,7 +189,10 @@ def test_tensors_equal_transformers_processor_and_forward(
         inputs = reference.inputs(image)
         expected = reference.features(inputs)
         embeddings = out["embeddings"]
-        assert embeddings.dtype == torch.float32 and embeddings.shape == (int((inputs["input_ids"] == IMAGE_TOKEN).sum()), hidden)
+        assert embeddings.dtype == torch.float32 and embeddings.shape == (
+            int((inputs["input_ids"] == IMAGE_TOKEN).sum()),
+            hidden,
+        )
         assert embeddings.is_contiguous() and embeddings.untyped_storage().nbytes() == embeddings.numel() * 4
         torch.testing.assert_close(embeddings, expected, atol=ATOL, rtol=0)
         assert embeddings.std(dim=0).min() > 1e-3  # every channel varies across tokens: weights are not at zero
@@ -192,7 +201,9 @@ def test_tensors_equal_transformers_processor_and_forward(
         if family == "llava_next":
             assert torch.equal(out["image_sizes"], inputs["image_sizes"])
         counts.append(embeddings.shape[0])
-    assert not torch.allclose(batched[family][0]["embeddings"][:4], batched[family][3]["embeddings"][:4])  # images differ
+    assert not torch.allclose(
+        batched[family][0]["embeddings"][:4], batched[family][3]["embeddings"][:4]
+    )  # images differ
     if family == "gemma3_no_pan_and_scan":
         assert counts == [4] * len(IMAGES)  # hub default: one view per image, however wide
     else:
@@ -202,7 +213,9 @@ def test_tensors_equal_transformers_processor_and_forward(
 
 
 @pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
-def test_pipeline_stores_every_tensor_of_the_encoder(family: str, cached: dict[str, Any], batched: dict[str, Any]) -> None:
+def test_pipeline_stores_every_tensor_of_the_encoder(
+    family: str, cached: dict[str, Any], batched: dict[str, Any]
+) -> None:
     """Through `mmprep encode`, shards and EmbeddingCache: the family and every named tensor, as encoded."""
     for entry, encoded in zip(cached[family], batched[family], strict=True):
         assert entry is not None and entry.family == family
@@ -223,7 +236,9 @@ def test_to_vllm_layouts(cached: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_image_token_count_follows_the_image_size(family: str, checkpoints: dict[str, Path], batched: dict[str, Any]) -> None:
+def test_image_token_count_follows_the_image_size(
+    family: str, checkpoints: dict[str, Path], batched: dict[str, Any]
+) -> None:
     """The token count from (height, width) and the config alone (what vLLM reserves as placeholders, and what
     the vllm-ec export checks) equals the processor's, for every test image."""
     import importlib
@@ -338,7 +353,9 @@ def test_logits_from_cached_tokens_equal_logits_from_pixels(
     with torch.no_grad():
         from_pixels = reference.model(**inputs).logits
     assert from_pixels.std() > 1e-3
-    torch.testing.assert_close(logits_from_tokens(reference.model, inputs, tokens), from_pixels, atol=PROMPT_ATOL, rtol=0)
+    torch.testing.assert_close(
+        logits_from_tokens(reference.model, inputs, tokens), from_pixels, atol=PROMPT_ATOL, rtol=0
+    )
     for name, wrong in wrong_layouts(tokens, reference.view_tokens).items():
         diff = (logits_from_tokens(reference.model, inputs, wrong) - from_pixels).abs().max()
         assert diff > 100 * PROMPT_ATOL, f"{name}: a wrong layout went unnoticed ({diff})"
@@ -375,7 +392,9 @@ def test_checkpoint_missing_vision_weights_fails_at_load(
 
 
 @pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next"])
-def test_language_model_is_never_read(family: str, checkpoints: dict[str, Path], encoders: dict[str, Encoder], tmp_path: Path) -> None:
+def test_language_model_is_never_read(
+    family: str, checkpoints: dict[str, Path], encoders: dict[str, Encoder], tmp_path: Path
+) -> None:
     """A checkpoint stripped of every language-model tensor encodes exactly like the full one."""
     from safetensors.torch import load_file, save_file
 

@@ -87,8 +87,17 @@ def test_dotted_octal_is_refused_by_the_http_client_parser() -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["93.184.216.34", "[2606:2800:220:1::]", "example.com", "images.example.org.", "[64:ff9b::5db8:d822]",
-     "[2002:5db8:d822::1]", "xn--bcher-kva.example", "bücher.example", "1.1.1.1"],
+    [
+        "93.184.216.34",
+        "[2606:2800:220:1::]",
+        "example.com",
+        "images.example.org.",
+        "[64:ff9b::5db8:d822]",
+        "[2002:5db8:d822::1]",
+        "xn--bcher-kva.example",
+        "bücher.example",
+        "1.1.1.1",
+    ],
 )
 def test_public_destinations_pass(host: str) -> None:
     target = DEFAULT.check_url(f"https://{host}/cat.png")
@@ -145,7 +154,13 @@ def test_allow_hosts_opens_exactly_what_it_names() -> None:
     assert kind_of(policy, "http://127.0.0.1:8000/cat.png") is None
     assert kind_of(policy, "http://2130706433/cat.png") is None  # the same address, another notation
     assert kind_of(policy, "http://10.8.3.4/cat.png") is None
-    for url in ["http://127.0.0.2/", "http://[::1]/", "http://localhost/", "http://10.9.0.1/", "http://[::ffff:127.0.0.1]/"]:
+    for url in [
+        "http://127.0.0.2/",
+        "http://[::1]/",
+        "http://localhost/",
+        "http://10.9.0.1/",
+        "http://[::ffff:127.0.0.1]/",
+    ]:
         assert kind_of(policy, url) is ErrorKind.BLOCKED_URL, url
     policy.check_address("images.internal", ipaddress.ip_address("10.0.0.5"))  # an allowed name may resolve privately
     with pytest.raises(RowError, match=r"other.internal resolves to 10.0.0.5, which is private"):
@@ -159,8 +174,13 @@ def test_deny_hosts_wins_over_everything() -> None:
         allow_hosts=("evil.example", "10.0.0.1"),
         deny_hosts=("Evil.Example.", "10.0.0.1", "203.0.113.0/24"),
     )
-    for url in ["https://evil.example/x", "https://EVIL.example./x", "http://10.0.0.1/", "http://[::ffff:10.0.0.1]/",
-                "http://203.0.113.9/"]:
+    for url in [
+        "https://evil.example/x",
+        "https://EVIL.example./x",
+        "http://10.0.0.1/",
+        "http://[::ffff:10.0.0.1]/",
+        "http://203.0.113.9/",
+    ]:
         error = pytest.raises(RowError, policy.check_url, url).value
         assert (error.kind, "deny list" in error.message) == (ErrorKind.BLOCKED_URL, True), url
     with pytest.raises(RowError, match="deny list"):

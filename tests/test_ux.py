@@ -67,7 +67,10 @@ def test_settings_dependent_failures_are_retried_when_those_settings_change(tmp_
     manifest = write_rows(tmp_path / "m.jsonl", [str(images["png0"]), str(images["bmp"])])
     code, first = encode(manifest, out)
     assert code == 1 and first["failures_by_kind"] == {"bad_path": 2} and first["new_failures"] == 2
-    assert all(depends == json.dumps({"allow_local_dirs": []}, separators=(",", ":")) for _, depends in failure_rows(out).values())
+    assert all(
+        depends == json.dumps({"allow_local_dirs": []}, separators=(",", ":"))
+        for _, depends in failure_rows(out).values()
+    )
 
     allow = ["--allow-local-dir", str(images["png0"].parent)]
     more = write_rows(tmp_path / "more.jsonl", [str(images["png0"]), str(images["bmp"]), str(images["png2"])])
@@ -325,7 +328,9 @@ def slow_image(h: Handler) -> None:
         server.served += 1  # type: ignore[attr-defined]
         if server.served == server.interrupt_after:  # type: ignore[attr-defined]
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the encode running in this process receives it
-    h.reply(200, image_bytes("RGB", (32, 32), "PNG", int(h.path.strip("/").split(".")[0])), {"Content-Type": "image/png"})
+    h.reply(
+        200, image_bytes("RGB", (32, 32), "PNG", int(h.path.strip("/").split(".")[0])), {"Content-Type": "image/png"}
+    )
 
 
 def counts(line: str) -> dict[str, int]:
@@ -340,8 +345,24 @@ def slow_run(tmp_path: Path, rows: int, interrupt_after: int = 0, *args: str):
             server.routes[f"/{i}.png"] = slow_image
         manifest = write_rows(tmp_path / "m.jsonl", [server.url(f"/{i}.png") for i in range(rows)])
         net = ["--allow-http", "--allow-host", "127.0.0.1"]
-        result = cli("encode", str(manifest), "--out", str(tmp_path / "cache"), "--model", "builtin:tiny-clip", *net,
-                     "--concurrency", "2", "--batch-size", "2", "--progress", "log", "--progress-interval", "0.1", *args)
+        result = cli(
+            "encode",
+            str(manifest),
+            "--out",
+            str(tmp_path / "cache"),
+            "--model",
+            "builtin:tiny-clip",
+            *net,
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "2",
+            "--progress",
+            "log",
+            "--progress-interval",
+            "0.1",
+            *args,
+        )
         if interrupt_after:
             again = encode(manifest, tmp_path / "cache", *net)
             return result, again

@@ -143,7 +143,9 @@ def vllm_consumes(family: str, config: Any, mm: dict[str, torch.Tensor]) -> Any:
     levels = len(config.vision_config.deepstack_visual_indexes)
     main, multiscale = torch.split(embeds, [visual_dim, visual_dim * levels], dim=-1)
     multiscale = multiscale.reshape(embeds.shape[0], levels, visual_dim).permute(1, 0, 2)
-    return BaseModelOutputWithDeepstackFeatures(pooler_output=[main], deepstack_features=[[level] for level in multiscale])
+    return BaseModelOutputWithDeepstackFeatures(
+        pooler_output=[main], deepstack_features=[[level] for level in multiscale]
+    )
 
 
 def logits(model: Any, grid: torch.Tensor, n_tokens: int, **image: Any) -> torch.Tensor:
@@ -183,7 +185,9 @@ def test_to_vllm_substitutes_for_the_encoder(checkpoints: dict[str, Path], cache
     if family == "qwen3_vl":
         merged, level0, level1 = mm["image_embeds"].split(64, dim=-1)
         wrong.append({**mm, "image_embeds": torch.cat([merged, level1, level0], dim=-1)})
-        wrong.append({**mm, "image_embeds": torch.cat([merged, torch.zeros_like(level0), torch.zeros_like(level1)], dim=-1)})
+        wrong.append(
+            {**mm, "image_embeds": torch.cat([merged, torch.zeros_like(level0), torch.zeros_like(level1)], dim=-1)}
+        )
     for bad in wrong:
         off = logits(model, grid, n, mm_encoder_outputs={"image": vllm_consumes(family, model.config, bad)})
         assert torch.max(torch.abs(from_pixels - off)).item() > 100 * LOGITS_ATOL
@@ -214,7 +218,9 @@ def test_vision_only_loading_never_reads_the_language_model(checkpoints: dict[st
     shutil.copytree(checkpoints["qwen3_vl"], broken)
     del weights["model.visual.deepstack_merger_list.1.linear_fc2.weight"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"lacks vision-tower weights: deepstack_merger_list\.1\.linear_fc2\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"lacks vision-tower weights: deepstack_merger_list\.1\.linear_fc2\.weight"
+    ):
         load(broken)
 
 

@@ -15,7 +15,16 @@ from rich.table import Table
 
 from mmprep.version import __version__
 from mmprep.cli.common import (
-    CACHE_DIR_ENV, CacheDirArg, age_text, app, cache_dir_of, err, fail, human_bytes, model_label, parse_duration_option,
+    CACHE_DIR_ENV,
+    CacheDirArg,
+    age_text,
+    app,
+    cache_dir_of,
+    err,
+    fail,
+    human_bytes,
+    model_label,
+    parse_duration_option,
 )
 from mmprep.errors import MmprepError, UsageError
 from mmprep.report import plural, print_unpadded
@@ -37,23 +46,33 @@ def stats(
         print(json.dumps(data, indent=2))
         return
     out = Console(soft_wrap=True)  # a terminal wraps at its width; logs and pipes get LOG_WIDTH, unpadded
-    out.print(f"[bold]{escape(str(data['cache_dir']))}[/bold]: {plural(data['entries'], 'entry', 'entries')}, {human_bytes(data['bytes_on_disk'])} on disk")
+    out.print(
+        f"[bold]{escape(str(data['cache_dir']))}[/bold]: {plural(data['entries'], 'entry', 'entries')}, {human_bytes(data['bytes_on_disk'])} on disk"
+    )
     if data["models"]:
         out.print("[bold]models[/bold]")
     for m in data["models"]:  # one model on two lines: name, family, fingerprint; then its counts
         shapes = ", ".join(f"{s['dtype']}{s['shape']}×{s['entries']}" for s in m["shapes"])
         live = "" if m["live_fraction"] is None else f" · {m['live_fraction']:.0%} live"
         extra = ", ".join(
-            f"{n} {t.get('dtype')}[{', '.join(map(str, t.get('shape') or []))}]" for n, t in m["tensors"].items() if n != "embeddings"
+            f"{n} {t.get('dtype')}[{', '.join(map(str, t.get('shape') or []))}]"
+            for n, t in m["tensors"].items()
+            if n != "embeddings"
         )
         out.print(f"  {escape(model_label(m))}  {m['family']}  {m['fingerprint'][:16]}", highlight=False)
         out.print(
             f"    {plural(m['entries'], 'entry', 'entries')} in {plural(m['shards'], 'shard')}, {human_bytes(m['shard_bytes'])}"
             f"{live} · {shapes}" + (f" · also stored: {extra}" if extra else ""), highlight=False,
         )  # fmt: skip
-    for title, counts in (("failing rows by kind", data["failures_by_kind"]), ("failing rows by host", data["failures_by_host"])):
+    for title, counts in (
+        ("failing rows by kind", data["failures_by_kind"]),
+        ("failing rows by host", data["failures_by_host"]),
+    ):
         if counts:
-            out.print(f"[bold]{title}[/bold]: " + ", ".join(f"{escape(str(name))} {n}" for name, n in counts.items()), highlight=False)
+            out.print(
+                f"[bold]{title}[/bold]: " + ", ".join(f"{escape(str(name))} {n}" for name, n in counts.items()),
+                highlight=False,
+            )
     if data["runs"]:
         runs = Table(title="recent runs", title_justify="left", box=None, pad_edge=False, header_style="bold")
         for col in ("run (started, UTC)", "status", "exit", "rows", "encoded", "cached", "failed", "hit rate", "img/s"):
@@ -69,12 +88,17 @@ def stats(
     out.print("last completed run: " + ("never" if age is None else f"{age_text(age)} ago"))
 
 
-
 @app.command()
 def verify(
     cache_dir: CacheDirArg = None,
     deep: Annotated[bool, typer.Option("--deep", help="Also re-hash every shard against its recorded sha256.")] = False,
-    repair: Annotated[bool, typer.Option("--repair", help="Drop dangling index rows, adopt valid orphan shards, move damaged shards to quarantine/, delete temp files.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Drop dangling index rows, adopt valid orphan shards, move damaged shards to quarantine/, delete temp files.",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check that the index and the shards agree; exit 0 clean, 1 problems found (even if repaired)."""
@@ -134,11 +158,37 @@ def index_rebuild(cache_dir: CacheDirArg = None) -> None:
 @app.command()
 def gc(
     cache_dir: CacheDirArg = None,
-    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Only entries (or failures) of this model (name or fingerprint).")] = None,
-    older_than: Annotated[Optional[str], typer.Option("--older-than", metavar="AGE", help="Only entries created (failures last seen) before this age (30d, 12h, 90m).")] = None,
-    keep_last_runs: Annotated[Optional[int], typer.Option("--keep-last-runs", metavar="N", help="Only entries not written by the model's last N runs.", min=0)] = None,
-    failures: Annotated[bool, typer.Option("--failures", help="Forget failure records instead of dropping entries: the next run tries those rows again.")] = False,
-    kind: Annotated[Optional[str], typer.Option("--kind", metavar="KIND", help="With --failures: only failures of this kind (e.g. http_status).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model", metavar="MODEL", help="Only entries (or failures) of this model (name or fingerprint)."
+        ),
+    ] = None,
+    older_than: Annotated[
+        Optional[str],
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            help="Only entries created (failures last seen) before this age (30d, 12h, 90m).",
+        ),
+    ] = None,
+    keep_last_runs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--keep-last-runs", metavar="N", help="Only entries not written by the model's last N runs.", min=0
+        ),
+    ] = None,
+    failures: Annotated[
+        bool,
+        typer.Option(
+            "--failures",
+            help="Forget failure records instead of dropping entries: the next run tries those rows again.",
+        ),
+    ] = False,
+    kind: Annotated[
+        Optional[str],
+        typer.Option("--kind", metavar="KIND", help="With --failures: only failures of this kind (e.g. http_status)."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would happen; change nothing.")] = False,
 ) -> None:
     """Drop entries matching every filter given, then compact shards that are mostly dead (or, with --failures,
@@ -153,7 +203,11 @@ def gc(
                 raise UsageError("--keep-last-runs drops entries; it does not go with --failures")
             n = forget_failures(root, model=model, kind=kind, older_than=age, dry_run=dry_run)
             records = plural(n, "failure record")
-            err.print(f"gc: would forget {records} (dry run)" if dry_run else f"gc: forgot {records}; the next run tries those rows again")
+            err.print(
+                f"gc: would forget {records} (dry run)"
+                if dry_run
+                else f"gc: forgot {records}; the next run tries those rows again"
+            )
             return
         if kind is not None:
             raise UsageError("--kind filters failure records: add --failures")
@@ -180,7 +234,12 @@ def gc(
 def merge(
     dest: Annotated[Path, typer.Argument(metavar="DEST", help="Cache directory to merge into (created if missing).")],
     sources: Annotated[list[Path], typer.Argument(metavar="SRC", help="Cache directories to merge from (only read).")],
-    move: Annotated[bool, typer.Option("--move", help="Hard-link shards instead of copying them (same file system; falls back to a copy).")] = False,
+    move: Annotated[
+        bool,
+        typer.Option(
+            "--move", help="Hard-link shards instead of copying them (same file system; falls back to a copy)."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Merge caches (the parts of --shard I/N runs, say) into DEST; exit 0, or 1 when keys conflicted."""
@@ -203,16 +262,36 @@ def merge(
     for name in r.missing_shards:
         err.print(f"[yellow]skipped[/yellow] {name}: listed by its index but missing (run mmprep verify there)")
     for c in r.conflicts:
-        err.print(f"[red]conflict[/red] {c.fingerprint[:16]} {c.key} {c.url}: kept {c.kept_shard}, not {c.source}/{c.source_shard}")
+        err.print(
+            f"[red]conflict[/red] {c.fingerprint[:16]} {c.key} {c.url}: kept {c.kept_shard}, not {c.source}/{c.source_shard}"
+        )
     raise typer.Exit(report.exit_code)
 
 
 @app.command(no_args_is_help=True)
 def show(
-    targets: Annotated[list[str], typer.Argument(metavar="[DIR] URL_OR_KEY", help=f"The cache directory (default: ${CACHE_DIR_ENV}, else ./mmprep-cache), then the URL as given in the manifest or its 64-hex key.", show_default=False)] = None,  # type: ignore[assignment]  # typer gives None when no argument is given
-    caller_id: Annotated[Optional[str], typer.Option("--id", metavar="ID", help="Look the entry up by the manifest's id instead of its URL (scans the index).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model name or fingerprint.", show_default="every model")] = None,
-    export: Annotated[Optional[Path], typer.Option("--export", metavar="FILE", help="Write the tensors to a .safetensors or .npy file.")] = None,
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[DIR] URL_OR_KEY",
+            help=f"The cache directory (default: ${CACHE_DIR_ENV}, else ./mmprep-cache), then the URL as given in the manifest or its 64-hex key.",
+            show_default=False,
+        ),
+    ] = None,  # type: ignore[assignment]  # typer gives None when no argument is given
+    caller_id: Annotated[
+        Optional[str],
+        typer.Option(
+            "--id", metavar="ID", help="Look the entry up by the manifest's id instead of its URL (scans the index)."
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", metavar="MODEL", help="Model name or fingerprint.", show_default="every model"),
+    ] = None,
+    export: Annotated[
+        Optional[Path],
+        typer.Option("--export", metavar="FILE", help="Write the tensors to a .safetensors or .npy file."),
+    ] = None,
 ) -> None:
     """Show what is cached (or failed) for one entry as JSON; exit 0 when cached, 1 when not."""
     from mmprep.store.reader import EmbeddingCache, export_entry, show_entry
@@ -228,7 +307,9 @@ def show(
         info = show_entry(cache_dir, query, model=model, caller_id=caller_id)
         if export is not None and info["cached"]:
             if info["key"] is None:
-                raise UsageError(f"--id {caller_id} names {len(info['keys'])} entries; --export takes one (pass its key)")
+                raise UsageError(
+                    f"--id {caller_id} names {len(info['keys'])} entries; --export takes one (pass its key)"
+                )
             with EmbeddingCache(cache_dir, model=info["entries"][-1]["fingerprint"], memory_bytes=0) as cache:
                 entry = cache.get_key(info["key"])
             if entry is None:
@@ -249,4 +330,3 @@ def show(
 def version() -> None:
     """Print mmprep's version."""
     print(__version__)
-

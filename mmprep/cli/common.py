@@ -184,9 +184,10 @@ def parse_formats(text: str) -> tuple[str, ...]:
     names = tuple(f.strip().upper() for f in text.split(",") if f.strip())
     unknown = [n for n in names if n not in Image.OPEN]
     if not names or unknown:
-        raise UsageError(f"--formats: unknown image format(s) {', '.join(unknown) or repr(text)}; Pillow knows e.g. JPEG, PNG, WEBP, GIF")
+        raise UsageError(
+            f"--formats: unknown image format(s) {', '.join(unknown) or repr(text)}; Pillow knows e.g. JPEG, PNG, WEBP, GIF"
+        )
     return names
-
 
 
 def parse_shard(text: str | None) -> ShardSpec | None:
@@ -225,8 +226,9 @@ def cache_dir_of(path: Path | None) -> Path:
 
 
 CACHE_DIR_HELP = f"Cache directory [default: ./{DEFAULT_CACHE_DIR}]."
-CacheDirArg = Annotated[Optional[Path], typer.Argument(help=CACHE_DIR_HELP, metavar="DIR", envvar=CACHE_DIR_ENV, show_default=False)]
-
+CacheDirArg = Annotated[
+    Optional[Path], typer.Argument(help=CACHE_DIR_HELP, metavar="DIR", envvar=CACHE_DIR_ENV, show_default=False)
+]
 
 
 def hide_transformers_progress_bars() -> None:
@@ -252,10 +254,7 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-
-
 def fail(exc: MmprepError) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # [brackets] in messages; one line for logs
     codes = {CacheLockedError: EXIT_LOCKED, CacheWriteError: EXIT_RUN_FAILED, EmptyManifestError: EXIT_EMPTY}
     raise typer.Exit(codes.get(type(exc), EXIT_USAGE))
-

@@ -29,16 +29,56 @@ _D = ExportSettings(Path(), Path(), "npy")  # defaults shown in --help come from
 @app.command()
 def export(
     cache_dir: CacheDirArg = None,
-    out: Annotated[Path, typer.Option("--out", metavar="OUT", help="Output directory (npy, parquet) or vLLM EC store (vllm-ec).")] = ...,  # type: ignore[assignment]  # `...`: typer's mark of a required option
-    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help=f"{' | '.join(EXPORT_FORMATS)}.", callback=lambda v: check_choice(v, "--format", EXPORT_FORMATS))] = _D.format,
-    model: Annotated[str | None, option("model", "Model name or fingerprint (needed when the cache holds several).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", help="float16 | float32 (default: the stored dtype; bfloat16 becomes float32).")] = None,
-    rows_per_file: Annotated[int, typer.Option("--rows-per-file", metavar="N", help="npy / parquet: rows per output file.", min=1)] = _D.rows_per_file,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="npy / parquet: replace a non-empty --out (an earlier export).")] = _D.overwrite,
-    key: Annotated[str, typer.Option("--key", metavar="KEY", help="vllm-ec: entry directory names: url (sha256 of the URL; clients send it as the uuid) or vllm (vLLM's own image hash).", callback=lambda v: check_choice(v, "--key", EC_KEYS))] = _D.key,
-    vllm_model_id: Annotated[str | None, typer.Option("--vllm-model-id", metavar="NAME", help="vllm-ec --key vllm: the vLLM server's --model string (as given to `encode --vllm-model-id`).")] = None,
-    prune_empty: Annotated[bool, typer.Option("--prune-empty", help="vllm-ec: remove the empty directories vLLM leaves behind on misses.")] = _D.prune_empty,
-    progress: Annotated[str, option("progress", "auto | bar | log | none.", callback=lambda v: check_choice(v, "--progress", PROGRESS))] = _D.progress,
+    out: Annotated[
+        Path, typer.Option("--out", metavar="OUT", help="Output directory (npy, parquet) or vLLM EC store (vllm-ec).")
+    ] = ...,  # type: ignore[assignment]  # `...`: typer's mark of a required option
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help=f"{' | '.join(EXPORT_FORMATS)}.",
+            callback=lambda v: check_choice(v, "--format", EXPORT_FORMATS),
+        ),
+    ] = _D.format,
+    model: Annotated[
+        str | None, option("model", "Model name or fingerprint (needed when the cache holds several).")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", metavar="DTYPE", help="float16 | float32 (default: the stored dtype; bfloat16 becomes float32)."
+        ),
+    ] = None,
+    rows_per_file: Annotated[
+        int, typer.Option("--rows-per-file", metavar="N", help="npy / parquet: rows per output file.", min=1)
+    ] = _D.rows_per_file,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="npy / parquet: replace a non-empty --out (an earlier export).")
+    ] = _D.overwrite,
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key",
+            metavar="KEY",
+            help="vllm-ec: entry directory names: url (sha256 of the URL; clients send it as the uuid) or vllm (vLLM's own image hash).",
+            callback=lambda v: check_choice(v, "--key", EC_KEYS),
+        ),
+    ] = _D.key,
+    vllm_model_id: Annotated[
+        str | None,
+        typer.Option(
+            "--vllm-model-id",
+            metavar="NAME",
+            help="vllm-ec --key vllm: the vLLM server's --model string (as given to `encode --vllm-model-id`).",
+        ),
+    ] = None,
+    prune_empty: Annotated[
+        bool, typer.Option("--prune-empty", help="vllm-ec: remove the empty directories vLLM leaves behind on misses.")
+    ] = _D.prune_empty,
+    progress: Annotated[
+        str, option("progress", "auto | bar | log | none.", callback=lambda v: check_choice(v, "--progress", PROGRESS))
+    ] = _D.progress,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Export one model's entries: npy / parquet vectors for retrieval, or a vLLM encoder-cache store."""
@@ -47,7 +87,19 @@ def export(
     from mmprep.serving.vllm_ec import export_vllm_ec
 
     try:
-        settings = _settings(cache_dir_of(cache_dir), out, fmt, model, dtype, rows_per_file, overwrite, key, vllm_model_id, prune_empty, progress)
+        settings = _settings(
+            cache_dir_of(cache_dir),
+            out,
+            fmt,
+            model,
+            dtype,
+            rows_per_file,
+            overwrite,
+            key,
+            vllm_model_id,
+            prune_empty,
+            progress,
+        )
         run = export_vllm_ec if settings.format == "vllm-ec" else export_tabular
         report = run(settings, ExportReporter(settings.progress))
     except MmprepError as exc:

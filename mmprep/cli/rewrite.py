@@ -17,13 +17,56 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`mmprep
 
 @app.command()
 def rewrite(
-    requests: Annotated[list[str], typer.Argument(metavar="REQUESTS", help="OpenAI chat request files: bare bodies or Batch API lines (.gz ok); '-' reads stdin.")],
-    out: Annotated[Optional[str], typer.Option("-o", "--out", metavar="OUT", help="Where to write the requests (.gz compresses) (default: stdout).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", envvar="MMPREP_MODEL", metavar="M", help="Model name or fingerprint (default: the cache's only model).")] = None,
-    cache: Annotated[Optional[Path], typer.Option("--cache", metavar="DIR", help=f"Cache directory (env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR}).")] = None,
-    target: Annotated[str, typer.Option("--target", metavar="TARGET", help="vllm: image_embeds parts with the tensors; vllm-ec: metadata-only parts + uuid (Qwen-VL families) or image_url + uuid, for a vLLM serving the cache through MmprepECConnector.", callback=lambda v: check_choice(v, "--target", ("vllm", "vllm-ec")))] = "vllm",
-    uuid_only: Annotated[bool, typer.Option("--uuid-only", help="Only add \"uuid\": <entry key> to cached image parts (for a server reading an encoder-cache store).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", envvar="MMPREP_JSON", help="Print the summary as JSON (on stderr: stdout may carry the requests).")] = False,
+    requests: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="REQUESTS",
+            help="OpenAI chat request files: bare bodies or Batch API lines (.gz ok); '-' reads stdin.",
+        ),
+    ],
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            "-o", "--out", metavar="OUT", help="Where to write the requests (.gz compresses) (default: stdout)."
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            envvar="MMPREP_MODEL",
+            metavar="M",
+            help="Model name or fingerprint (default: the cache's only model).",
+        ),
+    ] = None,
+    cache: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--cache", metavar="DIR", help=f"Cache directory (env MMPREP_CACHE_DIR, default ./{DEFAULT_CACHE_DIR})."
+        ),
+    ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            metavar="TARGET",
+            help="vllm: image_embeds parts with the tensors; vllm-ec: metadata-only parts + uuid (Qwen-VL families) or image_url + uuid, for a vLLM serving the cache through MmprepECConnector.",
+            callback=lambda v: check_choice(v, "--target", ("vllm", "vllm-ec")),
+        ),
+    ] = "vllm",
+    uuid_only: Annotated[
+        bool,
+        typer.Option(
+            "--uuid-only",
+            help='Only add "uuid": <entry key> to cached image parts (for a server reading an encoder-cache store).',
+        ),
+    ] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json", envvar="MMPREP_JSON", help="Print the summary as JSON (on stderr: stdout may carry the requests)."
+        ),
+    ] = False,
 ) -> None:
     """Rewrite requests so the server gets cached images as embeddings; exit 0 when every image was replaced, 1 when not."""
     from mmprep.manifest import check_readable, manifest_format
@@ -35,7 +78,9 @@ def rewrite(
         check_readable(requests)
         for path in requests:
             if manifest_format(path) != "jsonl":
-                raise UsageError(f"{path}: rewrite reads JSONL request files (one request a line), not {manifest_format(path)}")
+                raise UsageError(
+                    f"{path}: rewrite reads JSONL request files (one request a line), not {manifest_format(path)}"
+                )
         if out not in (None, "-") and not Path(out).parent.is_dir():
             raise UsageError(f"cannot write {out}: its directory does not exist")
         try:
@@ -71,4 +116,3 @@ def rewrite(
         for problem in s.problems:
             err.print(f"  {problem}", soft_wrap=True, markup=False)
     raise typer.Exit(summary.exit_code)
-

@@ -12,8 +12,25 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mmprep.cli.common import (
-    _D, _S, CACHE_DIR_ENV, PROGRESS, app, cache_dir_of, check_choice, env_name, err, fail, human_bytes, option,
-    parse_duration_option, parse_formats, parse_rgb, parse_shard, parse_size, parse_wxh, hide_transformers_progress_bars,
+    _D,
+    _S,
+    CACHE_DIR_ENV,
+    PROGRESS,
+    app,
+    cache_dir_of,
+    check_choice,
+    env_name,
+    err,
+    fail,
+    human_bytes,
+    option,
+    parse_duration_option,
+    parse_formats,
+    parse_rgb,
+    parse_shard,
+    parse_size,
+    parse_wxh,
+    hide_transformers_progress_bars,
 )
 from mmprep.errors import EXIT_EMPTY, CacheLockedError, EmptyManifestError, MmprepError, ModelLoadError, UsageError
 from mmprep.manifest import check_readable, rowless_manifests
@@ -52,32 +69,110 @@ def resolve_model(model: str | None, out: Path) -> str:
 # Loading options, declared once and shared by `encode` and `check`.
 ConcurrencyOpt = Annotated[int, option("concurrency", "Rows loading at once (also the HTTP pool size).", "N", min=1)]
 PerHostOpt = Annotated[int, option("per-host", "Concurrent requests to one host.", "N", min=1)]
-TimeoutOpt = Annotated[float, option("timeout", "Total deadline per row and attempt, in seconds.", "SECONDS", min=0.001, max=86400)]
+TimeoutOpt = Annotated[
+    float, option("timeout", "Total deadline per row and attempt, in seconds.", "SECONDS", min=0.001, max=86400)
+]
 MaxBytesOpt = Annotated[str, option("max-bytes", "Largest body accepted (e.g. 20MiB).", "SIZE")]
 MaxRedirectsOpt = Annotated[int, option("max-redirects", "Redirect hops followed.", "N", min=0)]
 RetriesOpt = Annotated[int, option("retries", "Extra attempts for timeouts, connection errors, 429, 5xx.", "N", min=0)]
 AllowHttpOpt = Annotated[bool, option("allow-http", "Allow plain http:// URLs.")]
-AllowLocalOpt = Annotated[Optional[list[Path]], option("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).", "DIR")]
+AllowLocalOpt = Annotated[
+    Optional[list[Path]], option("allow-local-dir", "Allow local paths / file:// under DIR (repeatable).", "DIR")
+]
 AllowPrivateOpt = Annotated[bool, option("allow-private-network", "Allow loopback/private/link-local destinations.")]
-AllowHostOpt = Annotated[Optional[list[str]], option("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).", "HOST")]
-DenyHostOpt = Annotated[Optional[list[str]], option("deny-host", "Always refuse this host, IP or CIDR (repeatable).", "HOST")]
+AllowHostOpt = Annotated[
+    Optional[list[str]],
+    option("allow-host", "Allow this host, IP or CIDR even in a blocked range (repeatable).", "HOST"),
+]
+DenyHostOpt = Annotated[
+    Optional[list[str]], option("deny-host", "Always refuse this host, IP or CIDR (repeatable).", "HOST")
+]
 FormatsOpt = Annotated[str, option("formats", "Allowed image formats, comma-separated.", "LIST")]
-DecodeAsOpt = Annotated[str, option("decode-as", "Decode like vllm (EXIF, alpha on white), hf (convert_to_rgb) or pil (convert('RGB'), caches made before profiles).", "PROFILE", callback=lambda v: check_choice(v, "--decode-as", DECODE_PROFILES))]
-AlphaOpt = Annotated[Optional[str], option("alpha-background", "Composite transparency onto R,G,B.", "R,G,B", show_default="the profile's: white, pil: dropped")]
-ExifOpt = Annotated[Optional[bool], typer.Option("--exif-transpose/--no-exif-transpose", envvar=env_name("exif-transpose"), show_default="the profile's: on for vllm", help="Apply EXIF orientation, or not.")]
-FastDecodeOpt = Annotated[bool, option("fast-decode", "Decode large JPEGs at a reduced DCT scale (>= 2x the model input; not bit-exact).")]
+DecodeAsOpt = Annotated[
+    str,
+    option(
+        "decode-as",
+        "Decode like vllm (EXIF, alpha on white), hf (convert_to_rgb) or pil (convert('RGB'), caches made before profiles).",
+        "PROFILE",
+        callback=lambda v: check_choice(v, "--decode-as", DECODE_PROFILES),
+    ),
+]
+AlphaOpt = Annotated[
+    Optional[str],
+    option(
+        "alpha-background",
+        "Composite transparency onto R,G,B.",
+        "R,G,B",
+        show_default="the profile's: white, pil: dropped",
+    ),
+]
+ExifOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--exif-transpose/--no-exif-transpose",
+        envvar=env_name("exif-transpose"),
+        show_default="the profile's: on for vllm",
+        help="Apply EXIF orientation, or not.",
+    ),
+]
+FastDecodeOpt = Annotated[
+    bool, option("fast-decode", "Decode large JPEGs at a reduced DCT scale (>= 2x the model input; not bit-exact).")
+]
 MaxPixelsOpt = Annotated[int, option("max-pixels", "Largest image (width x height) decoded.", "N", min=1)]
-MaxSideOpt = Annotated[Optional[int], option("max-side", "Largest width or height decoded.", "N", min=1, show_default="none")]
-DecodeWorkersOpt = Annotated[Optional[int], option("decode-workers", "Decode threads.", "N", min=1, show_default="CPU count")]
-ShardOpt = Annotated[Optional[str], option("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.", "I/N", show_default="every row")]
-ProgressOpt = Annotated[str, option("progress", "auto (bar on a terminal, else log), bar, log or none.", "MODE", callback=lambda v: check_choice(v, "--progress", PROGRESS))]
-ProgressIntervalOpt = Annotated[float, option("progress-interval", "Seconds between two log lines (--progress log).", "SECONDS", min=0.01)]
-ManifestsArg = Annotated[list[str], typer.Argument(metavar="MANIFEST", help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.")]
+MaxSideOpt = Annotated[
+    Optional[int], option("max-side", "Largest width or height decoded.", "N", min=1, show_default="none")
+]
+DecodeWorkersOpt = Annotated[
+    Optional[int], option("decode-workers", "Decode threads.", "N", min=1, show_default="CPU count")
+]
+ShardOpt = Annotated[
+    Optional[str],
+    option("shard", "Process only part I of N (e.g. 2/4), split by entry-key hash.", "I/N", show_default="every row"),
+]
+ProgressOpt = Annotated[
+    str,
+    option(
+        "progress",
+        "auto (bar on a terminal, else log), bar, log or none.",
+        "MODE",
+        callback=lambda v: check_choice(v, "--progress", PROGRESS),
+    ),
+]
+ProgressIntervalOpt = Annotated[
+    float, option("progress-interval", "Seconds between two log lines (--progress log).", "SECONDS", min=0.01)
+]
+ManifestsArg = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="MANIFEST",
+        help="Manifests by extension: JSONL (default; '-' reads stdin), .parquet, .csv, .tsv, .txt (one URL a line); .gz ok except parquet.",
+    ),
+]
 UrlColOpt = Annotated[str, option("url-col", "Parquet/CSV/TSV manifests: the column holding the image URL.", "COLUMN")]
-IdColOpt = Annotated[Optional[str], option("id-col", "Parquet/CSV/TSV manifests: the column holding your id.", "COLUMN", show_default="'id' when there is one")]
-ModelOpt = Annotated[Optional[str], option("model", f"Hugging Face id, local directory, or a builtin smoke-test model (random weights): {', '.join('builtin:' + n for n in BUILTIN_MODELS)}.", "MODEL", show_default="the cache's only model")]
-AllowEmptyOpt = Annotated[bool, option("allow-empty", "A manifest without rows (empty file, header alone) is fine: exit 0, not 66.")]
-RevisionOpt = Annotated[Optional[str], option("revision", "Hub revision (branch, tag or commit).", "REV", show_default="main")]
+IdColOpt = Annotated[
+    Optional[str],
+    option(
+        "id-col",
+        "Parquet/CSV/TSV manifests: the column holding your id.",
+        "COLUMN",
+        show_default="'id' when there is one",
+    ),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    option(
+        "model",
+        f"Hugging Face id, local directory, or a builtin smoke-test model (random weights): {', '.join('builtin:' + n for n in BUILTIN_MODELS)}.",
+        "MODEL",
+        show_default="the cache's only model",
+    ),
+]
+AllowEmptyOpt = Annotated[
+    bool, option("allow-empty", "A manifest without rows (empty file, header alone) is fine: exit 0, not 66.")
+]
+RevisionOpt = Annotated[
+    Optional[str], option("revision", "Hub revision (branch, tag or commit).", "REV", show_default="main")
+]
 
 
 def load_settings(
@@ -130,10 +225,17 @@ def loading_options(arguments: dict[str, Any]) -> LoadSettings:
 def encode(
     manifests: ManifestsArg,
     model: ModelOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", envvar=CACHE_DIR_ENV, metavar="DIR", help="Cache directory.", show_default=f"./{DEFAULT_CACHE_DIR}")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out", envvar=CACHE_DIR_ENV, metavar="DIR", help="Cache directory.", show_default=f"./{DEFAULT_CACHE_DIR}"
+        ),
+    ] = None,
     revision: RevisionOpt = None,
     device: Annotated[str, option("device", "auto, cpu, cuda or cuda:N.", "DEVICE")] = _S.model.device,
-    dtype: Annotated[str, option("dtype", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16 or bfloat16.", "DTYPE")] = _S.model.dtype,
+    dtype: Annotated[
+        str, option("dtype", "auto (fp16/bf16 on CUDA, fp32 on CPU), float32, float16 or bfloat16.", "DTYPE")
+    ] = _S.model.dtype,
     batch_size: Annotated[int, option("batch-size", "Images per forward pass.", "N", min=1)] = _S.model.batch_size,
     concurrency: ConcurrencyOpt = _D.concurrency,
     per_host: PerHostOpt = _D.per_host,
@@ -157,20 +259,77 @@ def encode(
     shard: ShardOpt = None,
     url_col: UrlColOpt = _D.manifest.url_col,
     id_col: IdColOpt = _D.manifest.id_col,
-    shard_size: Annotated[str, option("shard-size", f"Close a shard at this many tensor bytes (or after {_S.flush_seconds:g} s).", "SIZE")] = size_text(_S.shard_bytes),
-    refresh_older_than: Annotated[Optional[str], option("refresh-older-than", "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.", "AGE", show_default="off")] = None,
-    wait_lock: Annotated[float, option("wait-lock", "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.", "SECONDS", min=0)] = _S.wait_lock or 0.0,
-    retry_failed: Annotated[bool, option("retry-failed", "Only retry earlier failures this run might change (retryable, settings changed, expired); nothing new.")] = _S.retry_failed,
-    retry_permanent_after: Annotated[str, option("retry-permanent-after", "Try a permanently failed row again once its failure is this old (7d, 12h; 0: now; never: keep skipping it).", "AGE")] = duration_text(RETRY_PERMANENT_AFTER),
+    shard_size: Annotated[
+        str, option("shard-size", f"Close a shard at this many tensor bytes (or after {_S.flush_seconds:g} s).", "SIZE")
+    ] = size_text(_S.shard_bytes),
+    refresh_older_than: Annotated[
+        Optional[str],
+        option(
+            "refresh-older-than",
+            "Re-validate cached entries last checked before this age (30d, 12h): 304 or same bytes keeps them, new bytes re-encode.",
+            "AGE",
+            show_default="off",
+        ),
+    ] = None,
+    wait_lock: Annotated[
+        float,
+        option(
+            "wait-lock",
+            "Seconds to wait while another run writes the cache (inf: forever) instead of exiting 75.",
+            "SECONDS",
+            min=0,
+        ),
+    ] = _S.wait_lock or 0.0,
+    retry_failed: Annotated[
+        bool,
+        option(
+            "retry-failed",
+            "Only retry earlier failures this run might change (retryable, settings changed, expired); nothing new.",
+        ),
+    ] = _S.retry_failed,
+    retry_permanent_after: Annotated[
+        str,
+        option(
+            "retry-permanent-after",
+            "Try a permanently failed row again once its failure is this old (7d, 12h; 0: now; never: keep skipping it).",
+            "AGE",
+        ),
+    ] = duration_text(RETRY_PERMANENT_AFTER),
     progress: ProgressOpt = _S.progress,
     progress_interval: ProgressIntervalOpt = _S.log_every,
-    engine: Annotated[str, option("engine", "local (this process) or ray (a Ray Data pipeline; pip install 'mmprep[ray]').", "ENGINE")] = "local",
-    ray_address: Annotated[Optional[str], option("ray-address", "Ray engine: cluster to join.", "ADDRESS", show_default="$RAY_ADDRESS, else a local Ray")] = None,
-    workers: Annotated[Optional[int], option("workers", "Ray engine: encoder actors.", "N", min=1, show_default="GPUs / --gpus-per-worker, else 1")] = None,
-    gpus_per_worker: Annotated[float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", "G", min=0)] = 0,
-    worker_restarts: Annotated[int, option("worker-restarts", "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).", "N", min=0)] = RAY_WORKER_RESTARTS,
+    engine: Annotated[
+        str, option("engine", "local (this process) or ray (a Ray Data pipeline; pip install 'mmprep[ray]').", "ENGINE")
+    ] = "local",
+    ray_address: Annotated[
+        Optional[str],
+        option("ray-address", "Ray engine: cluster to join.", "ADDRESS", show_default="$RAY_ADDRESS, else a local Ray"),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        option("workers", "Ray engine: encoder actors.", "N", min=1, show_default="GPUs / --gpus-per-worker, else 1"),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float, option("gpus-per-worker", "Ray engine: GPUs per encoder actor (0: CPU actors).", "G", min=0)
+    ] = 0,
+    worker_restarts: Annotated[
+        int,
+        option(
+            "worker-restarts",
+            "Ray engine: restarts of a dead encoder actor before the run fails (exit 70).",
+            "N",
+            min=0,
+        ),
+    ] = RAY_WORKER_RESTARTS,
     allow_empty: AllowEmptyOpt = False,
-    vllm_model_id: Annotated[Optional[str], option("vllm-model-id", "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).", "NAME", show_default="off")] = None,
+    vllm_model_id: Annotated[
+        Optional[str],
+        option(
+            "vllm-model-id",
+            "Also record vLLM's identifier of each image for a server started with --model NAME (for export --format vllm-ec --key vllm).",
+            "NAME",
+            show_default="off",
+        ),
+    ] = None,
     json_out: Annotated[bool, option("json", "Print the run summary as JSON on stdout.")] = _S.json,
 ) -> None:
     """Encode every image of the manifests into the cache directory (already cached rows are skipped).
@@ -197,9 +356,12 @@ def encode(
             model=ModelSettings(name=model_name, revision=revision, device=device, dtype=dtype, batch_size=batch_size),
             load=load,
             shard_bytes=parse_size(shard_size, "--shard-size"),
-            refresh_older_than=parse_duration_option(refresh_older_than, "--refresh-older-than") if refresh_older_than else None,
+            refresh_older_than=parse_duration_option(refresh_older_than, "--refresh-older-than")
+            if refresh_older_than
+            else None,
             retry_failed=retry_failed,
-            retry_permanent_after=None if retry_permanent_after.strip().lower() == "never"
+            retry_permanent_after=None
+            if retry_permanent_after.strip().lower() == "never"
             else parse_duration_option(retry_permanent_after, "--retry-permanent-after"),
             wait_lock=None if wait_lock == float("inf") else wait_lock,
             json=json_out,
@@ -225,7 +387,9 @@ def encode(
             encoder = open_encoder(settings.model, pixel_options(load))  # config, processor, fingerprint
             encoder.start()  # the weights load behind while the run reads, fetches and preprocesses rows
             if load.fast_decode:
-                settings = dataclasses.replace(settings, load=dataclasses.replace(load, draft_size=encoder.input_size()))
+                settings = dataclasses.replace(
+                    settings, load=dataclasses.replace(load, draft_size=encoder.input_size())
+                )
             summary = EncodeRun(manifests, settings, encoder, reporter, lock=lock, started=started).run()
     except MmprepError as exc:
         fail(with_model_hint(exc, model))
@@ -286,8 +450,13 @@ def check(
     manifests: ManifestsArg,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
-    size: Annotated[Optional[str], option("size", "Instead of a model's processor, resize to WxH.", "WxH", show_default="decode only")] = None,
-    errors: Annotated[Path, option("errors", "Where to write the error records (JSONL).", "FILE")] = Path("mmprep-check-errors.jsonl"),
+    size: Annotated[
+        Optional[str],
+        option("size", "Instead of a model's processor, resize to WxH.", "WxH", show_default="decode only"),
+    ] = None,
+    errors: Annotated[Path, option("errors", "Where to write the error records (JSONL).", "FILE")] = Path(
+        "mmprep-check-errors.jsonl"
+    ),
     concurrency: ConcurrencyOpt = _D.concurrency,
     per_host: PerHostOpt = _D.per_host,
     timeout: TimeoutOpt = _D.timeout,
@@ -337,7 +506,9 @@ def check(
         from mmprep.pipeline import CheckRun
         from mmprep.report import Reporter
 
-        summary = CheckRun(manifests, load, errors, prepare, Reporter(progress, progress_interval, done_word="ok")).run()
+        summary = CheckRun(
+            manifests, load, errors, prepare, Reporter(progress, progress_interval, done_word="ok")
+        ).run()
     except MmprepError as exc:
         fail(exc)
     if json_out:
@@ -361,4 +532,3 @@ def print_check_summary(s: Any) -> None:
     )
     if s.failed:
         print_errors(s.errors_file, s.failed, err)
-

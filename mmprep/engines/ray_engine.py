@@ -349,7 +349,9 @@ class RayEncodeRun:
         try:
             self._commit_results(dataset)
         except ray.exceptions.RayError as exc:  # an actor died past worker_restarts, or a load task past Ray's retries
-            self.run_error = f"the Ray pipeline failed (after up to {self.worker_restarts} restarts): {_first_line(exc)}"
+            self.run_error = (
+                f"the Ray pipeline failed (after up to {self.worker_restarts} restarts): {_first_line(exc)}"
+            )
         except (OSError, sqlite3.Error) as exc:  # the driver cannot write the index: disk full, I/O error, ...
             self.run_error = cache_write_message(exc)
 
@@ -527,7 +529,12 @@ class EncodeActor:
     """Holds one model; encodes the loaded rows and writes them as shards under the cache dir."""
 
     def __init__(
-        self, model: ModelSettings, decode_options: dict[str, object], out: str, fingerprint: str, run_id: str,
+        self,
+        model: ModelSettings,
+        decode_options: dict[str, object],
+        out: str,
+        fingerprint: str,
+        run_id: str,
         shard_bytes: int,
     ) -> None:
         self.encoder = load_encoder(model, decode_options)
@@ -539,7 +546,11 @@ class EncodeActor:
         self.shard_bytes = shard_bytes
         # one writer per actor, under a name of its own: shard names never collide across actors
         self.shards = ShardWriter(
-            CacheLayout(Path(out)), fingerprint, self.encoder.name, f"{run_id}-{uuid.uuid4().hex[:6]}", self.encoder.family
+            CacheLayout(Path(out)),
+            fingerprint,
+            self.encoder.name,
+            f"{run_id}-{uuid.uuid4().hex[:6]}",
+            self.encoder.family,
         )
 
     def __call__(self, batch: Any) -> Any:

@@ -85,7 +85,9 @@ class CacheSource:
         """Every entry's metadata, `batch_rows` at a time, in shard order. With `vllm_model_id`, only the
         entries whose vLLM identifier for that model id is recorded, with it."""
         if vllm_model_id is None:
-            sql = "SELECT e.key, e.url, e.caller_id, e.content_sha256, e.shard, NULL FROM entries e WHERE e.fingerprint=?"
+            sql = (
+                "SELECT e.key, e.url, e.caller_id, e.content_sha256, e.shard, NULL FROM entries e WHERE e.fingerprint=?"
+            )
             params: tuple[Any, ...] = (self.fingerprint,)
         else:
             sql = (
@@ -115,7 +117,9 @@ class CacheSource:
     def load(self, listed: list[ListedRow]) -> list[ExportRow]:
         """The listed entries with their tensors (one batched lookup); entries gone meanwhile are counted, not returned."""
         found = self._cache.get_keys([r.key for r in listed])
-        rows = [ExportRow(r.key, r.url, r.caller_id, r.content_sha256, e) for r, e in zip(listed, found) if e is not None]
+        rows = [
+            ExportRow(r.key, r.url, r.caller_id, r.content_sha256, e) for r, e in zip(listed, found) if e is not None
+        ]
         self.vanished += len(listed) - len(rows)
         return rows
 

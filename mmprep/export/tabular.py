@@ -31,7 +31,9 @@ def vector_layout(source: CacheSource, fmt: str, dtype: str | None) -> tuple[int
         )
     dims = sorted({shape[0] for _dtype, shape, _n in shapes})
     if len(dims) > 1:
-        raise ExportFormatError(f"model {source.model_name} has vectors of several sizes ({dims}); cannot write one matrix")
+        raise ExportFormatError(
+            f"model {source.model_name} has vectors of several sizes ({dims}); cannot write one matrix"
+        )
     stored = shapes[0][0] if shapes else "float32"
     chosen = dtype or ("float32" if stored == "bfloat16" else stored)  # numpy has no bfloat16: widen, losslessly
     if chosen not in OUT_DTYPES:

@@ -31,9 +31,7 @@ PRIVATE_NETWORK = frozenset({LOOPBACK, PRIVATE, LINK_LOCAL, SHARED})
 _SHARED_NET = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64_NET = ipaddress.IPv6Network("64:ff9b::/96")
 _COMPATIBLE_NET = ipaddress.IPv6Network("::/96")
-_METADATA_ADDRESSES = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-)
+_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _METADATA_NAMES = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
 _IPV4_CHARS = re.compile(r"[0-9a-fA-FxX.]+")
 

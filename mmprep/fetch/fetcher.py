@@ -32,7 +32,9 @@ MAX_RETRY_AFTER = 60.0  # seconds (and at most settings.timeout); a server askin
 SNIFF_BYTES = 512  # how much of an error page / text body is read for the message
 FETCH_OVERHEAD = MiB  # decoder pieces and zlib windows, the parser's buffers, the request's own objects
 MAX_VALIDATOR_CHARS = 1024  # longer ETag / Last-Modified values are not kept: each is stored with the entry
-HEADER_OVERHEAD = 4 * MAX_HEADERS * MAX_FIELD_SIZE  # the largest header block the parser takes, held raw and parsed (~4 MiB)
+HEADER_OVERHEAD = (
+    4 * MAX_HEADERS * MAX_FIELD_SIZE
+)  # the largest header block the parser takes, held raw and parsed (~4 MiB)
 _NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
 
 
@@ -101,7 +103,10 @@ class Fetcher:
                 transport=self._transport,
                 follow_redirects=False,  # we follow them, re-checking every hop
                 timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
-                headers={"User-Agent": settings.user_agent or f"mmprep/{__version__}", "Accept-Encoding": ACCEPT_ENCODING},
+                headers={
+                    "User-Agent": settings.user_agent or f"mmprep/{__version__}",
+                    "Accept-Encoding": ACCEPT_ENCODING,
+                },
                 event_hooks={"response": [self._vet_redirect]},
                 cookies=_NoCookies(),
                 trust_env=False,  # no proxies from the environment: the policy must see the real peer

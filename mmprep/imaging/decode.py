@@ -167,9 +167,7 @@ def _check_size(size: tuple[int, int], settings: LoadSettings) -> None:
             f"{width}x{height} is {pixels} pixels, over max_pixels={settings.max_pixels}",
         )
     if settings.max_side is not None and max(width, height) > settings.max_side:
-        raise RowError(
-            ErrorKind.IMAGE_TOO_LARGE, f"{width}x{height} has a side over max_side={settings.max_side}"
-        )
+        raise RowError(ErrorKind.IMAGE_TOO_LARGE, f"{width}x{height} has a side over max_side={settings.max_side}")
     # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; treat it as a bomb here.
     bomb_limit = Image.MAX_IMAGE_PIXELS
     if bomb_limit is not None and pixels > bomb_limit:
@@ -275,9 +273,7 @@ def _unidentified(data: bytes, formats: list[str]) -> RowError:
     text = _sniff_text(data)
     if text is not None:
         return RowError(ErrorKind.NOT_AN_IMAGE, f"body looks like {text}, not an image")
-    return RowError(
-        ErrorKind.UNSUPPORTED_FORMAT, f"not a {allowed} image (starts with {data[:8].hex(' ')})"
-    )
+    return RowError(ErrorKind.UNSUPPORTED_FORMAT, f"not a {allowed} image (starts with {data[:8].hex(' ')})")
 
 
 def _sniff_format(data: bytes) -> str | None:

@@ -142,7 +142,9 @@ def _common_options(options: dict[str, Any], extra: frozenset[str]) -> dict[str,
     if not (options.get("do_rescale") or options.get("do_normalize")):
         return None  # uint8 output: rare, left to transformers
     resample = options.get("resample")
-    if options.get("do_resize") and (resample is None or not isinstance(resample, int) or int(resample) not in _PIL_FILTERS):
+    if options.get("do_resize") and (
+        resample is None or not isinstance(resample, int) or int(resample) not in _PIL_FILTERS
+    ):
         return None
     return options
 

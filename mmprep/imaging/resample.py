@@ -42,7 +42,9 @@ _verified: dict[int, bool] = {}
 _verify_lock = threading.Lock()
 
 
-def resized_window(image: Image.Image, size: tuple[int, int], resample: int, window: Window | None = None) -> np.ndarray:
+def resized_window(
+    image: Image.Image, size: tuple[int, int], resample: int, window: Window | None = None
+) -> np.ndarray:
     """`np.asarray(image.resize(size, resample, reducing_gap=None))[top:bottom, left:right]`, bit for bit."""
     if image.mode == "RGB" and native_enabled(resample) and max(*image.size, *size) <= _resample.MAX_SIDE:
         return _native(image, size, int(resample), window)

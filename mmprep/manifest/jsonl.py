@@ -27,9 +27,7 @@ from mmprep.manifest.source import numbered_lines, open_text
 # rerun of millions of rows spends most of its time here); anything else takes the full path.
 _STRING = r'"([^"\\\x00-\x1f]*)"'
 _WS = r"[ \t\n\r]*"
-_PLAIN_LINE = re.compile(
-    rf'\{{{_WS}"url"{_WS}:{_WS}{_STRING}{_WS}(?:,{_WS}"id"{_WS}:{_WS}{_STRING}{_WS})?\}}'
-)
+_PLAIN_LINE = re.compile(rf'\{{{_WS}"url"{_WS}:{_WS}{_STRING}{_WS}(?:,{_WS}"id"{_WS}:{_WS}{_STRING}{_WS})?\}}')
 
 
 def read_jsonl(path: str) -> Iterator[Record | BadLine]:

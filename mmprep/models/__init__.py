@@ -81,7 +81,9 @@ def load_preprocessor(settings: ModelSettings) -> ImagePreprocessor:
     except ModelLoadError:  # an image processor without a model config: preprocess as configured
         return ImagePreprocessor(image_processor)
     family = FAMILIES.get(_architecture_of(config))
-    return family.preprocessor_for(config, image_processor) if family is not None else ImagePreprocessor(image_processor)
+    return (
+        family.preprocessor_for(config, image_processor) if family is not None else ImagePreprocessor(image_processor)
+    )
 
 
 def open_encoder(settings: ModelSettings, decode_options: dict[str, object] | None = None) -> EncoderHandle:

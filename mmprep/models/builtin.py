@@ -144,11 +144,23 @@ def _build_tiny_clip(directory: Path) -> None:
 
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         ),
         vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
         ),
         projection_dim=16,
     )
@@ -202,22 +214,48 @@ def _build_tiny_qwen3_vl(directory: Path) -> None:
     ids = save_tokenizer(directory)
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6], "mrope_interleaved": True},
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=2048,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 6, 6],
+                "mrope_interleaved": True,
+            },
         ),
         vision_config=dict(
-            depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
         ),
-        **_vision_token_ids(ids), tie_word_embeddings=False,
+        **_vision_token_ids(ids),
+        tie_word_embeddings=False,
     )
     torch.manual_seed(SEED)
     Qwen3VLForConditionalGeneration(config).eval().save_pretrained(directory)
     Qwen2VLImageProcessor(
-        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=32 * 32 * 4,
+        max_pixels=32 * 32 * 64,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     ).save_pretrained(directory)
 
 

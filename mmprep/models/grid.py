@@ -37,7 +37,13 @@ class GridTowerEncoder(Encoder):
 
     @classmethod
     def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+        cls,
+        source: ModelSource,
+        config: Any,
+        image_processor: Any,
+        architecture: str,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> GridTowerEncoder:
         visual = load_vision_tower(source, config, cls.VISION_TOWERS[architecture], dtype).to(device).eval()
         return cls.assemble(source, config, image_processor, architecture, device, dtype, visual=visual)
@@ -92,7 +98,9 @@ class GridTowerEncoder(Encoder):
 def load_vision_tower(source: ModelSource, config: Any, tower: tuple[str, str], dtype: torch.dtype) -> torch.nn.Module:
     """Load just the vision tower's weights from the full checkpoint; any missing tower weight is an error."""
     module_name, class_name = tower
-    tower_class = getattr(importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), class_name)
+    tower_class = getattr(
+        importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), class_name
+    )
     with transformers_errors_only():  # the language model's weights are "unexpected" here, by design
         visual, info = tower_class.from_pretrained(
             source.location,

@@ -25,7 +25,7 @@ class LlavaNextEncoder(VisionPartsEncoder):
     family = "llava_next"
 
     SHELL = ("llava_next", "LlavaNextModel")
-    PARTS = ('multi_modal_projector', 'image_newline')
+    PARTS = ("multi_modal_projector", "image_newline")
 
     @classmethod
     def image_options_for(cls, config: Any, image_processor: Any) -> ImageOptions:
@@ -43,7 +43,9 @@ class LlavaNextEncoder(VisionPartsEncoder):
         sizes = [item["image_sizes"].to(torch.int64).reshape(1, 2) for item in items]
         patches = []
         for item, size in zip(items, sizes):  # as get_image_features slices a padded batch
-            count = image_size_to_num_patches(size[0], self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            count = image_size_to_num_patches(
+                size[0], self.config.image_grid_pinpoints, self.config.vision_config.image_size
+            )
             patches.append(item["pixel_values"].reshape(-1, *item["pixel_values"].shape[-3:])[:count])
         pixel_values = self.to_device(patches, self.dtype)
         with torch.inference_mode():

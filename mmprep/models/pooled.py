@@ -28,7 +28,13 @@ class PooledEncoder(Encoder):
 
     @classmethod
     def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+        cls,
+        source: ModelSource,
+        config: Any,
+        image_processor: Any,
+        architecture: str,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> PooledEncoder:
         import transformers
 

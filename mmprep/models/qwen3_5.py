@@ -28,7 +28,13 @@ class Qwen3_5Encoder(GridTowerEncoder):
 
     @classmethod
     def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+        cls,
+        source: ModelSource,
+        config: Any,
+        image_processor: Any,
+        architecture: str,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> GridTowerEncoder:
         if getattr(config.vision_config, "deepstack_visual_indexes", None):
             raise ModelLoadError(

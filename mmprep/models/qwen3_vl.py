@@ -38,7 +38,10 @@ class Qwen3VLEncoder(GridTowerEncoder):
     def extra_outputs(self) -> dict[str, dict[str, object]]:
         outputs = super().extra_outputs()
         if self.levels:
-            outputs["deepstack"] = {"shape": [self.levels, "n_tokens", self.hidden_size], "dtype": dtype_name(self.dtype)}
+            outputs["deepstack"] = {
+                "shape": [self.levels, "n_tokens", self.hidden_size],
+                "dtype": dtype_name(self.dtype),
+            }
         return outputs
 
 

@@ -142,7 +142,13 @@ class VisionPartsEncoder(Encoder):
 
     @classmethod
     def load(
-        cls, source: ModelSource, config: Any, image_processor: Any, architecture: str, device: torch.device, dtype: torch.dtype
+        cls,
+        source: ModelSource,
+        config: Any,
+        image_processor: Any,
+        architecture: str,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> VisionPartsEncoder:
         module, name = cls.SHELL
         shell = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)

@@ -113,7 +113,10 @@ class EncodeRun(LoadingRun):
         with contextlib.nullcontext() if held else WriterLock(self.layout.root, wait=self.settings.wait_lock):
             try:
                 summary = self._run_locked()
-            except (OSError, sqlite3.Error) as exc:  # a full disk at start-up (later, the writer ends the run as failed)
+            except (
+                OSError,
+                sqlite3.Error,
+            ) as exc:  # a full disk at start-up (later, the writer ends the run as failed)
                 raise CacheWriteError(cache_write_message(exc)) from exc
         if self.model_error is not None:
             raise self.model_error

@@ -60,4 +60,8 @@ class FailurePolicy:
         current = self.depends.get(state.failed_kind or "")
         if current is not None and state.failed_depends != current:
             return True
-        return self.expired_before is not None and state.failed_seen is not None and state.failed_seen <= self.expired_before
+        return (
+            self.expired_before is not None
+            and state.failed_seen is not None
+            and state.failed_seen <= self.expired_before
+        )

@@ -194,9 +194,7 @@ def _ec_qwen2_vl(config: Any) -> EcLayout:
     `_process_image_input`'s split of the merged tokens, one [tokens, hidden] tensor per image.
     """
     merge = int(config.vision_config.spatial_merge_size)
-    return EcLayout(
-        "qwen2_vl", lambda e: e.embeddings, lambda e: int(_need(e, "image_grid_thw").prod()) // merge**2
-    )
+    return EcLayout("qwen2_vl", lambda e: e.embeddings, lambda e: int(_need(e, "image_grid_thw").prod()) // merge**2)
 
 
 def _ec_merged_grid(family: str, config: Any) -> EcLayout:

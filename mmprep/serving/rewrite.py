@@ -193,7 +193,9 @@ class RequestRewriter:
         if not found:
             return None
         if not is_chat:
-            return self._problem(path, number, "a Responses API request (input): only Chat Completions requests are rewritten")
+            return self._problem(
+                path, number, "a Responses API request (input): only Chat Completions requests are rewritten"
+            )
         self.summary.images += len(found)
         return _Request(obj, [part for part, _ in found], [cache_key(url) for _, url in found], path, number)
 

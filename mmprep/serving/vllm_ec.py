@@ -124,7 +124,12 @@ def export_vllm_ec(settings: ExportSettings, reporter: ProgressReporter | None =
 
 
 def _export_batch(
-    source: CacheSource, layout: EcLayout, store: Path, listed: list[ListedRow], report: EcReport, counters: ExportCounters
+    source: CacheSource,
+    layout: EcLayout,
+    store: Path,
+    listed: list[ListedRow],
+    report: EcReport,
+    counters: ExportCounters,
 ) -> None:
     """Skip the listed entries the store holds unchanged (header read only); read and write the others."""
     todo: list[ListedRow] = []

@@ -36,6 +36,7 @@ from mmprep.store.reader import resolve_model
 from mmprep.store.rebuild import ShardInfo, ShardUnreadable, adopt_orphans, read_shard, shard_files
 from mmprep.store.shards import fsync_dir, write_atomic
 
+
 @dataclass
 class GcReport:
     """What `collect_garbage` did (or, with dry_run, would do)."""
@@ -172,9 +173,7 @@ def _select(
         ):
             ranked.setdefault(fp, []).append((started, run_id))
         kept = {(fp, run) for fp, runs in ranked.items() for _t, run in sorted(runs, reverse=True)[:keep_last_runs]}
-    rows = index.conn.execute(
-        f"SELECT fingerprint, key, shard, run_id FROM entries WHERE {' AND '.join(where)}", args
-    )
+    rows = index.conn.execute(f"SELECT fingerprint, key, shard, run_id FROM entries WHERE {' AND '.join(where)}", args)
     return [_Doomed(fp, key, shard) for fp, key, shard, run in rows if kept is None or (fp, run) not in kept]
 
 
@@ -228,9 +227,7 @@ def _compact(
     with safe_open(str(info.path), "pt") as f:
         meta = dict(f.metadata())
         tensors = {t: f.get_tensor(t) for d in keep for t in d["tensors"]}  # type: ignore[attr-defined]  # safe_open's "pt" handle: untyped
-    meta.update(
-        entries=json.dumps(keep, separators=(",", ":")), compacted_from=info.name, mmprep_version=__version__
-    )
+    meta.update(entries=json.dumps(keep, separators=(",", ":")), compacted_from=info.name, mmprep_version=__version__)
     blob = save(tensors, metadata=meta)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
     new = f"{layout.shard_dir(info.fingerprint).name}/{run_id}-gc{stamp}{SHARD_SUFFIX}"

@@ -33,9 +33,7 @@ SCHEMA_VERSION = 2  # 2: failures.depends_on (the settings a failure depended on
 LOOKUP_BATCH = 2048  # keys per lookup query (SQLite allows 32766 parameters)
 
 # The columns every writer fills (`checked` is only set by refresh).
-ENTRY_COLUMNS = (
-    "fingerprint, key, url, caller_id, shard, tensors, dtype, shape, content_sha256, etag, last_modified, run_id, created"
-)
+ENTRY_COLUMNS = "fingerprint, key, url, caller_id, shard, tensors, dtype, shape, content_sha256, etag, last_modified, run_id, created"
 ENTRY_INSERT = f"INTO entries ({ENTRY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 _SCHEMA = """
@@ -427,17 +425,20 @@ class CacheIndex:
         variants = []
         for row in self.models():
             info = json.loads(row["info"])
-            if row["fingerprint"] == fingerprint or base_fingerprint not in (row["fingerprint"], info.get("base_fingerprint")):
+            if row["fingerprint"] == fingerprint or base_fingerprint not in (
+                row["fingerprint"],
+                info.get("base_fingerprint"),
+            ):
                 continue
-            (count,) = self.conn.execute("SELECT COUNT(*) FROM entries WHERE fingerprint=?", (row["fingerprint"],)).fetchone()
+            (count,) = self.conn.execute(
+                "SELECT COUNT(*) FROM entries WHERE fingerprint=?", (row["fingerprint"],)
+            ).fetchone()
             if count:
                 variants.append((info.get("decode") or {}, count))
         return variants
 
     def entry(self, fingerprint: str, key: str) -> sqlite3.Row | None:
-        return self.conn.execute(
-            "SELECT * FROM entries WHERE fingerprint=? AND key=?", (fingerprint, key)
-        ).fetchone()
+        return self.conn.execute("SELECT * FROM entries WHERE fingerprint=? AND key=?", (fingerprint, key)).fetchone()
 
     # -- writes (one writer thread) --------------------------------------------------------
 
@@ -464,7 +465,9 @@ class CacheIndex:
 
     def commit_shard(self, shard: WrittenShard, fingerprint: str, run_id: str) -> None:
         """Index a durable shard's entries in one transaction; healed failures are dropped."""
-        self.commit_rows(shard.name, fingerprint, run_id, shard.nbytes, shard.sha256, entry_rows(shard, fingerprint, run_id))
+        self.commit_rows(
+            shard.name, fingerprint, run_id, shard.nbytes, shard.sha256, entry_rows(shard, fingerprint, run_id)
+        )
 
     def commit_rows(
         self, name: str, fingerprint: str, run_id: str, nbytes: int, sha256: str, rows: Sequence[tuple[Any, ...]]
@@ -501,8 +504,21 @@ class CacheIndex:
         depends = depends or {}
         rows = [
             (
-                fingerprint, f.key, f.url, f.caller_id, f.source, f.line, f.kind, f.message, f.status,
-                int(f.retryable), f.attempts, run_id, now, now, depends.get(f.kind),
+                fingerprint,
+                f.key,
+                f.url,
+                f.caller_id,
+                f.source,
+                f.line,
+                f.kind,
+                f.message,
+                f.status,
+                int(f.retryable),
+                f.attempts,
+                run_id,
+                now,
+                now,
+                depends.get(f.kind),
             )
             for f in failures
         ]
@@ -525,7 +541,6 @@ class CacheIndex:
                 rows,
             )
         return sum(before.get(f.key) != f.kind for f in failures)
-
 
     def record_vllm_identifiers(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Store (content_sha256, model_id, identifier) rows; the identifier depends on nothing else."""

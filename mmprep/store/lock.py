@@ -66,8 +66,12 @@ class WriterLock:
                     if deadline is None or time.monotonic() >= deadline:
                         raise CacheLockedError(_locked_message(self.root, _read_holder(fd))) from None
                     time.sleep(_POLL_S)
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                      "command": " ".join(sys.argv)[:200]}
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "command": " ".join(sys.argv)[:200],
+            }
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -104,7 +108,13 @@ def read_only_part(root: Path) -> Path | None:
     or None; a read-only mount makes them all read-only."""
     layout = CacheLayout(root)
     index = layout.index
-    for path in (root, index, index.with_name(f"{index.name}-wal"), index.with_name(f"{index.name}-shm"), layout.shards):
+    for path in (
+        root,
+        index,
+        index.with_name(f"{index.name}-wal"),
+        index.with_name(f"{index.name}-shm"),
+        layout.shards,
+    ):
         if path.exists() and not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
             return path
     return None

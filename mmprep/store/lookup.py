@@ -107,7 +107,9 @@ class KeyLookup:
             self._looked_up += len(keys)
             self._consider_snapshot()
         if self.snapshot is None:
-            known = self.index.key_states(self.fingerprint, [key for key in keys if key is not None], detail=self.detail)
+            known = self.index.key_states(
+                self.fingerprint, [key for key in keys if key is not None], detail=self.detail
+            )
             return [None if key is None else known.get(key) for key in keys]
         hits = self.snapshot.contains(keys)
         misses = [key for key, hit in zip(keys, hits) if not hit and key is not None]

@@ -83,7 +83,9 @@ def merge_caches(
         if layout.root.exists() and src.root.resolve() == layout.root.resolve():
             raise UsageError(f"cannot merge {src.root} into itself")
         if layout.root.resolve().is_relative_to(src.root.resolve()):  # its shards would be the source's orphans
-            raise UsageError(f"DEST {layout.root} lies inside the source cache {src.root}; choose a directory outside it")
+            raise UsageError(
+                f"DEST {layout.root} lies inside the source cache {src.root}; choose a directory outside it"
+            )
         connect(src.index, readonly=True).close()  # a corrupt or newer source is refused before DEST is made
     report = MergeReport(dest=str(layout.root), sources=[str(s.root) for s in source_layouts])
     with WriterLock(layout.root, wait):

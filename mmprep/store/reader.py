@@ -108,12 +108,16 @@ class _Row:
 def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
     """The models row meant by `model` (fingerprint, fingerprint prefix or name); None = the only
     model that has entries. ValueError, listing the models, when that is not exactly one."""
-    rows = list(
-        conn.execute(
-            "SELECT fingerprint, name, family, info, EXISTS (SELECT 1 FROM entries e "
-            "WHERE e.fingerprint = models.fingerprint) AS used FROM models ORDER BY created"
+    rows = (
+        list(
+            conn.execute(
+                "SELECT fingerprint, name, family, info, EXISTS (SELECT 1 FROM entries e "
+                "WHERE e.fingerprint = models.fingerprint) AS used FROM models ORDER BY created"
+            )
         )
-    ) if index_created(conn) else []
+        if index_created(conn)
+        else []
+    )
     if model is None:
         matches = [r for r in rows if r["used"]] or rows
     else:
@@ -132,7 +136,7 @@ def resolve_model(conn: sqlite3.Connection, model: str | None) -> sqlite3.Row:
 
 
 def _decode_note(info: str) -> str:
-    """", decoded with fast_decode, ..." for a model entry made with pixel-changing decode options."""
+    """ ", decoded with fast_decode, ..." for a model entry made with pixel-changing decode options."""
     options = json.loads(info).get("decode") or {}
     return ", decoded with " + ", ".join(f"{k}={v}" for k, v in options.items()) if options else ""
 
@@ -160,7 +164,9 @@ class EmbeddingCache:
         self.fingerprint: str = row["fingerprint"]
         self.model_name: str = row["name"]
         self.family: str = row["family"]
-        self.model_info: dict[str, Any] = json.loads(row["info"])  # Encoder.describe(): architecture, output shapes, ...
+        self.model_info: dict[str, Any] = json.loads(
+            row["info"]
+        )  # Encoder.describe(): architecture, output shapes, ...
         self.capacity = max(0, memory_bytes)
         self._memory: OrderedDict[str, CachedEmbedding] = OrderedDict()
         self._memory_bytes = 0
@@ -466,4 +472,3 @@ def export_entry(entry: CachedEmbedding, path: Path | str) -> list[Path]:
     }  # fmt: skip
     save_file(tensors, str(path), metadata=meta)
     return [path]
-

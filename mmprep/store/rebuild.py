@@ -259,7 +259,9 @@ def _read_old_index(path: Path) -> tuple[str, dict[str, list[tuple[Any, ...]]]]:
         conn = connect(path, readonly=True)
         try:
             selects = {"models": "*", "runs": "*", "failures": failure_columns(conn)}
-            return "readable", {t: [tuple(r) for r in conn.execute(f"SELECT {cols} FROM {t}")] for t, cols in selects.items()}
+            return "readable", {
+                t: [tuple(r) for r in conn.execute(f"SELECT {cols} FROM {t}")] for t, cols in selects.items()
+            }
         finally:
             conn.close()
     except (sqlite3.DatabaseError, IndexUnreadableError):

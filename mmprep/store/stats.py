@@ -29,7 +29,10 @@ def cache_stats(root: Path) -> dict[str, Any]:
         db = index.conn
         if not index_created(db):  # an index a run never got to write: an empty cache
             return _summary(root, [], {}, Counter(), [], None, None)
-        models = [_model_stats(db, layout, m) for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created")]
+        models = [
+            _model_stats(db, layout, m)
+            for m in db.execute("SELECT fingerprint, name, family, info FROM models ORDER BY created")
+        ]
         failures = {r[0]: r[1] for r in db.execute("SELECT kind, count(*) FROM failures GROUP BY kind ORDER BY 2 DESC")}
         hosts: Counter[str] = Counter(_host(r[0]) for r in db.execute("SELECT url FROM failures"))
         runs = [_run_stats(r) for r in db.execute(
@@ -44,8 +47,13 @@ def cache_stats(root: Path) -> dict[str, Any]:
 
 
 def _summary(
-    root: Path, models: list[dict[str, Any]], failures: dict[str, int], hosts: Counter[str], runs: list[dict[str, Any]],
-    last_completed: float | None, last_clean: float | None,
+    root: Path,
+    models: list[dict[str, Any]],
+    failures: dict[str, int],
+    hosts: Counter[str],
+    runs: list[dict[str, Any]],
+    last_completed: float | None,
+    last_clean: float | None,
 ) -> dict[str, Any]:
     now = time.time()
     return {
@@ -106,7 +114,10 @@ def _tensors(db: Any, layout: CacheLayout, fingerprint: str, info: dict[str, Any
     found = {}
     for name, t in zip(names, stored):
         h = header.get(t) or {}
-        found[name] = declared.get(name) or {"shape": h.get("shape"), "dtype": _DTYPE_NAMES.get(h.get("dtype"), h.get("dtype"))}
+        found[name] = declared.get(name) or {
+            "shape": h.get("shape"),
+            "dtype": _DTYPE_NAMES.get(h.get("dtype"), h.get("dtype")),
+        }
     return found
 
 

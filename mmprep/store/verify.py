@@ -73,9 +73,7 @@ class VerifyReport:
         return ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
 
 
-def verify_cache(
-    root: Path | str, *, deep: bool = False, repair: bool = False, wait: float | None = 0
-) -> VerifyReport:
+def verify_cache(root: Path | str, *, deep: bool = False, repair: bool = False, wait: float | None = 0) -> VerifyReport:
     """Compare the index with the shard files; `deep` re-hashes every shard; `repair` fixes what it
     can (it takes the writer lock; a plain check does not and skips checks a live writer makes racy)."""
     layout = CacheLayout(Path(root))

@@ -37,7 +37,10 @@ def vllm_python() -> str:
     """The vLLM venv's python, or skip the calling module, printing why."""
     python = os.environ.get("MMPREP_VLLM_PYTHON")
     if not python:
-        reason = os.environ.get("MMPREP_VLLM_UNAVAILABLE") or "MMPREP_VLLM_PYTHON is unset (bash .ci/run creates the vLLM venv and sets it)"
+        reason = (
+            os.environ.get("MMPREP_VLLM_UNAVAILABLE")
+            or "MMPREP_VLLM_PYTHON is unset (bash .ci/run creates the vLLM venv and sets it)"
+        )
         print(f"vLLM interop tier skipped: {reason}", file=sys.stderr)
         pytest.skip(f"vLLM interop tier: {reason}")
     if not os.access(python, os.X_OK):

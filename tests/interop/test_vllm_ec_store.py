@@ -33,7 +33,10 @@ IMAGES = {  # 12, 35, 4 and 20 merged tokens; the grayscale JPEG is converted by
 }
 SCALED = "s.png"  # exported, then its url-keyed entry replaced by the same tensor times 2
 MISSING = "m.png"  # encoded by nobody: not in the store
-EXTRA = {SCALED: encode_image(noise((84, 84), seed=6), "PNG"), MISSING: encode_image(pattern_image((98, 70), seed=7), "PNG")}
+EXTRA = {
+    SCALED: encode_image(noise((84, 84), seed=6), "PNG"),
+    MISSING: encode_image(pattern_image((98, 70), seed=7), "PNG"),
+}
 HIT = re.compile(r"Success load encoder cache for hash (\S+)")
 ENTRY = "encoder_cache.safetensors"
 
@@ -111,7 +114,9 @@ def test_consumer_on_the_store_generates_what_the_encoder_does(store: Store, key
     for name in IMAGES:
         reason = mismatch(store.run[f"encoder:{name}"], store.run[f"{key}:{name}"])
         assert reason is None, (key, name, reason)
-        print(f"{key} {name}: logprobs within {max_logprob_gap(store.run[f'encoder:{name}'], store.run[f'{key}:{name}']):.2g}")
+        print(
+            f"{key} {name}: logprobs within {max_logprob_gap(store.run[f'encoder:{name}'], store.run[f'{key}:{name}']):.2g}"
+        )
     generations = {tuple(store.run[f"encoder:{name}"].token_ids) for name in IMAGES}
     assert len(generations) == len(IMAGES)  # the images drive the output
 

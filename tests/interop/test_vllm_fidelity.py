@@ -59,7 +59,9 @@ BATCH = {"one": ["a.png"], "other": ["b.jpg"], "two-in-one-message": ["a.png", "
 def batch_lines(urls: dict[str, str]) -> list[dict]:
     lines = []
     for custom_id, names in BATCH.items():
-        content = [{"type": "image_url", "image_url": {"url": urls[n]}} for n in names] + [{"type": "text", "text": QUESTION}]
+        content = [{"type": "image_url", "image_url": {"url": urls[n]}} for n in names] + [
+            {"type": "text", "text": QUESTION}
+        ]
         body = {"model": "tiny-qwen2-vl", "max_tokens": 8,
                 "messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": content}]}  # fmt: skip
         lines.append({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
@@ -94,23 +96,36 @@ def run(root: Path) -> Iterator[VllmRun]:
                 save_file({k: v.contiguous() for k, v in mm.items()}, str(embeds / f"{name}.safetensors"))
                 requests += [
                     {"id": f"image:{name}", "prompt": IMAGE_PROMPT, "image_urls": [url]},
-                    {"id": f"embeds:{name}", "prompt": IMAGE_PROMPT, "embeds_files": [str(embeds / f"{name}.safetensors")]},
+                    {
+                        "id": f"embeds:{name}",
+                        "prompt": IMAGE_PROMPT,
+                        "embeds_files": [str(embeds / f"{name}.safetensors")],
+                    },
                 ]
                 if name == "a.png":
-                    scaled = {"image_embeds": (mm["image_embeds"] * SCALE).contiguous(), "image_grid_thw": mm["image_grid_thw"]}
+                    scaled = {
+                        "image_embeds": (mm["image_embeds"] * SCALE).contiguous(),
+                        "image_grid_thw": mm["image_grid_thw"],
+                    }
                     save_file(scaled, str(embeds / "a.scaled.safetensors"))
         for profile, cache_dir in (("vllm", root / "cache"), ("pil", root / "cache-pil")):
             with EmbeddingCache(cache_dir) as cache:
                 for name in DECODE_CASES:
                     path = embeds / f"{name}.{profile}.safetensors"
                     save_file({k: v.contiguous() for k, v in to_vllm(cache.get(urls[name])).items()}, str(path))
-                    requests.append({"id": f"{profile}-profile:{name}", "prompt": IMAGE_PROMPT, "embeds_files": [str(path)]})
-        requests += [{"id": f"image:{name}", "prompt": IMAGE_PROMPT, "image_urls": [urls[name]]} for name in DECODE_CASES]
+                    requests.append(
+                        {"id": f"{profile}-profile:{name}", "prompt": IMAGE_PROMPT, "embeds_files": [str(path)]}
+                    )
+        requests += [
+            {"id": f"image:{name}", "prompt": IMAGE_PROMPT, "image_urls": [urls[name]]} for name in DECODE_CASES
+        ]
 
         batch, rewritten = root / "batch.jsonl", root / "batch.rewritten.jsonl"
         batch.write_text("".join(json.dumps(line) + "\n" for line in batch_lines(urls)))
         summary = encode_manifest(batch, model, root / "cache")  # the batch file as a manifest: its body's images
-        assert (summary["cached"], summary["encoded"]) == (sum(map(len, BATCH.values())), 0), summary  # every image part
+        assert (summary["cached"], summary["encoded"]) == (sum(map(len, BATCH.values())), 0), (
+            summary
+        )  # every image part
         done = mmprep("rewrite", str(batch), "-o", str(rewritten), "--cache", str(root / "cache"), "--json")
         assert done.returncode == 0, done.stderr
         requests += [{"batch_file": str(batch), "id_prefix": "batch-image:"},
@@ -151,7 +166,9 @@ def test_the_vllm_decode_profile_reproduces_vllms_own_generation(run: VllmRun, n
     assert mismatch(from_image, run[f"vllm-profile:{name}"]) is None, mismatch(from_image, run[f"vllm-profile:{name}"])
     reason = mismatch(from_image, run[f"pil-profile:{name}"])
     assert reason is not None
-    print(f"{name}: vllm profile within {max_logprob_gap(from_image, run[f'vllm-profile:{name}']):.2g}; pil profile: {reason}")
+    print(
+        f"{name}: vllm profile within {max_logprob_gap(from_image, run[f'vllm-profile:{name}']):.2g}; pil profile: {reason}"
+    )
 
 
 def test_mmprep_rewrite_of_a_batch_file_generates_what_the_images_do(run: VllmRun) -> None:

@@ -100,6 +100,10 @@ def test_encode_records_vllms_identifiers(answer: dict) -> None:
                  "--vllm-model-id", model_id)  # fmt: skip
     assert result.exit_code == 0, result.output
     with sqlite3.connect(root / "cache" / "index.sqlite") as db:
-        recorded = dict(db.execute("SELECT content_sha256, identifier FROM vllm_identifiers WHERE model_id=?", (model_id,)))
-    expected = {hashlib.sha256(Path(f).read_bytes()).hexdigest(): h for f, h in zip(answer["files"], answer["hashes"][0])}
+        recorded = dict(
+            db.execute("SELECT content_sha256, identifier FROM vllm_identifiers WHERE model_id=?", (model_id,))
+        )
+    expected = {
+        hashlib.sha256(Path(f).read_bytes()).hexdigest(): h for f, h in zip(answer["files"], answer["hashes"][0])
+    }
     assert recorded == expected
