@@ -47,6 +47,19 @@ def drip_server() -> Iterator[LocalServer]:
         yield server
 
 
+def model_registered(out: Path) -> bool:
+    """Whether the run has written its models row (it does once the weights have loaded)."""
+    if not (out / "index.sqlite").exists():
+        return False
+    db = sqlite3.connect(f"file:{out / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM models").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # not created yet
+        return False
+    finally:
+        db.close()
+
+
 def column(out: Path, table: str) -> list[str]:
     """The url column of an index table."""
     db = sqlite3.connect(out / "index.sqlite")
@@ -80,7 +93,9 @@ def test_signal_cancels_dripping_fetches_and_commits_the_fetched_rows(
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while len(drip_server.seen) < CONCURRENCY:  # every slot holds a dripping fetch
+        # every slot holds a dripping fetch, and the weights have loaded (the models row is written once
+        # they have): a signal during the load stops without encoding, which is another test's case
+        while len(drip_server.seen) < CONCURRENCY or not model_registered(out):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.05)
         time.sleep(1.0)  # a couple of bytes in: the fetches are reading bodies, not connecting
