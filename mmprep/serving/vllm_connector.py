@@ -70,7 +70,7 @@ class MmprepECStats(ECConnectorStats):
     """Hits, misses and rejected entries since the last report, in vLLM's EC connector stats."""
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
 
     def aggregate(self, other: ECConnectorStats) -> ECConnectorStats:
         for name, value in other.data.items():
