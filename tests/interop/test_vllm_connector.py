@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,8 +89,8 @@ def write_entry_by_hand(cache: Path, url: str, tensors: dict[str, torch.Tensor])
 class Served:
     """The engine's answers, with each request's hits, misses and rejections from the connector's INFO lines."""
 
-    def __init__(self, run: VllmRun, urls: dict[str, str]) -> None:
-        self.run, self.urls = run, urls
+    def __init__(self, run: VllmRun, urls: dict[str, str], read_only: Path | None) -> None:
+        self.run, self.urls, self.read_only = run, urls, read_only
         self.counts: dict[str, tuple[int, int, int]] = {}
         before = (0, 0, 0)
         marks = list(MARKER.finditer(run.log))
@@ -105,6 +107,21 @@ class Served:
         print(
             f"{request}: same tokens as {reference}, logprobs within {max_logprob_gap(self.run[reference], self.run[request]):.2g}"
         )
+
+
+@contextmanager
+def read_only_view(cache: Path, view: Path) -> Iterator[Path | None]:
+    """`view`: a read-only bind mount of `cache`, as a serving node mounts the cache (writers keep writing
+    `cache`, the mount shows their commits); None where this process cannot mount."""
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(cache), str(view)], capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], capture_output=True)
+        yield view if remount.returncode == 0 and not os.access(view, os.W_OK) else None
+    finally:
+        subprocess.run(["umount", "--lazy", str(view)], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +197,16 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             {"id": "gone-meta:b.jpg", "messages": chat(meta_part(grids["b.jpg"], cache_key(urls["b.jpg"])))},
             {"id": f"after-gc:{LATE}", "messages": chat(url_part(urls[LATE], cache_key(urls[LATE])))},
         ]
-        ec_config = {
-            "ec_connector": "MmprepECConnector", "ec_connector_module_path": CONNECTOR, "ec_role": "ec_consumer",
-            "ec_connector_extra_config": {"cache_dir": str(cache), "log_interval_s": 0},
-        }  # fmt: skip
-        run = run_vllm(root / "vllm", model, requests, llm={"ec_transfer_config": ec_config}, with_mmprep=True)
-    print(f"vLLM {run.version}: engine up in {run.engine_seconds:.1f} s")
-    yield Served(run, urls)
+        with read_only_view(cache, root / "cache-ro") as read_only:  # the engine reads the mount, if there is one
+            ec_config = {
+                "ec_connector": "MmprepECConnector", "ec_connector_module_path": CONNECTOR, "ec_role": "ec_consumer",
+                "ec_connector_extra_config": {"cache_dir": str(read_only or cache), "log_interval_s": 0},
+            }  # fmt: skip
+            run = run_vllm(root / "vllm", model, requests, llm={"ec_transfer_config": ec_config}, with_mmprep=True)
+    print(
+        f"vLLM {run.version}: engine up in {run.engine_seconds:.1f} s; cache read {'through a read-only mount' if read_only else 'in place'}"
+    )
+    yield Served(run, urls, read_only)
 
 
 def test_the_connector_is_loaded_by_module_path_from_the_cache(served_run: Served) -> None:
@@ -194,6 +214,15 @@ def test_the_connector_is_loaded_by_module_path_from_the_cache(served_run: Serve
     assert "mmprep connector: serving" in log and "Creating connector with name: MmprepECConnector" in log
     assert served_run.run.version.split("+")[0] == "0.32.0"
     assert "proven with vLLM" not in log  # the proven version: no warning
+
+
+def test_every_answer_here_came_through_a_read_only_mount(served_run: Served) -> None:
+    """Serving nodes mount the cache read-only: this module's engine read it through such a mount (the hits,
+    the entry encoded after start and gc while serving were all seen through it)."""
+    if served_run.read_only is None:
+        pytest.skip("a read-only bind mount needs root and mount(2): the engine read the cache in place")
+    assert f" from {served_run.read_only}" in served_run.run.log  # the connector's "serving ... from DIR" line
+    assert sum(hits for hits, _, _ in served_run.counts.values()) > 0
 
 
 @pytest.mark.parametrize("path", ["meta", "uuid", "vllm-id"])
