@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
-import http.cookiejar
 import io
-import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
-
-import anyio
 import httpx
 
 from mmprep.version import __version__
@@ -35,7 +30,6 @@ MAX_VALIDATOR_CHARS = 1024  # longer ETag / Last-Modified values are not kept: e
 HEADER_OVERHEAD = (
     4 * MAX_HEADERS * MAX_FIELD_SIZE
 )  # the largest header block the parser takes, held raw and parsed (~4 MiB)
-_NEXT_URL = "mmprep.next_url"  # response extension: the vetted redirect target
 
 
 def fetch_memory_bound(max_bytes: int, *, header_flood: bool = False) -> int:
@@ -56,18 +50,6 @@ class Fetched:
     attempts: int  # 1 + retries used
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """A cookie jar that keeps nothing: rows are independent requests (as with curl or img2dataset), a
-    million hosts' cookies would pile up in memory, and parsing every response's headers for them cost
-    ~15% of a request's CPU."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
-
-    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
-        pass
-
-
 @dataclass
 class _HostSlot:
     """The per-host request cap, and how many requests hold or wait for it."""
@@ -77,41 +59,41 @@ class _HostSlot:
 
 
 class Fetcher:
-    """One per run: the shared httpx.AsyncClient, the URL policy, per-host limits, retries."""
+    """One per run: the URL policy, per-host limits, retries, and the transport every request goes through.
+
+    Requests are httpx Requests handed straight to `GuardedTransport`: the Fetcher follows redirects,
+    keeps no cookies and sets its own headers and deadline, so httpx's client layers (auth, redirects,
+    cookie extraction, hooks) would cost CPU for nothing: about 0.15 ms a request (BENCHMARKS.md).
+    """
 
     def __init__(self, settings: LoadSettings) -> None:
         self.settings = settings
         self.policy = UrlPolicy.from_settings(settings)
         self._host_slots: dict[str, _HostSlot] = {}  # only hosts with a request queued or in flight
-        self._http: httpx.AsyncClient | None = None  # made on the first fetch: a cached rerun never pays for TLS setup
-        self._transport: GuardedTransport | None = None
+        self._transport: GuardedTransport | None = None  # made on the first fetch: a cached rerun never pays for TLS
+        self._headers = {
+            "User-Agent": settings.user_agent or f"mmprep/{__version__}",
+            "Accept-Encoding": ACCEPT_ENCODING,
+        }
+        self._timeouts = {  # per request, as httpx's client would pass them (the row's deadline is _attempt's)
+            "connect": settings.connect_timeout,
+            "read": settings.read_timeout,
+            "write": settings.read_timeout,
+            "pool": None,
+        }
 
     @property
     def requests_sent(self) -> int:
         """HTTP requests that reached a connection (their headers went out), over the Fetcher's life."""
         return 0 if self._transport is None else self._transport.requests_sent
 
-    @property
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            settings = self.settings
+    def _transport_now(self) -> GuardedTransport:
+        if self._transport is None:
             # The pool is as wide as the pipeline's fan-out, so a fetch never waits for a connection.
             self._transport = GuardedTransport(
-                self.policy, max_connections=settings.concurrency, connect_timeout=settings.connect_timeout
+                self.policy, max_connections=self.settings.concurrency, connect_timeout=self.settings.connect_timeout
             )
-            self._http = httpx.AsyncClient(
-                transport=self._transport,
-                follow_redirects=False,  # we follow them, re-checking every hop
-                timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
-                headers={
-                    "User-Agent": settings.user_agent or f"mmprep/{__version__}",
-                    "Accept-Encoding": ACCEPT_ENCODING,
-                },
-                event_hooks={"response": [self._vet_redirect]},
-                cookies=_NoCookies(),
-                trust_env=False,  # no proxies from the environment: the policy must see the real peer
-            )
-        return self._http
+        return self._transport
 
     async def __aenter__(self) -> Fetcher:
         return self
@@ -120,10 +102,10 @@ class Fetcher:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP client and its connections (if a fetch ever made them)."""
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        """Close the transport and its connections (if a fetch ever made them)."""
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
 
     async def fetch(self, url: str, *, etag: str | None = None, last_modified: str | None = None) -> Fetched | None:
         """Load `url`; None only when `etag`/`last_modified` were given and the server said 304.
@@ -171,7 +153,7 @@ class Fetcher:
     async def _attempt(self, url: httpx.URL, headers: dict[str, str]) -> Fetched | None:
         """One try, redirects included, under one deadline a slow-drip server cannot stretch."""
         try:
-            with anyio.fail_after(None) as deadline:  # armed once the first host slot is ours
+            async with asyncio.timeout(None) as deadline:  # armed once the first host slot is ours
                 return await self._follow(url, headers, deadline)
         except TimeoutError:
             raise RowError(
@@ -180,52 +162,56 @@ class Fetcher:
         except httpx.RequestError as exc:
             raise self._request_error(exc) from None
 
-    async def _follow(self, url: httpx.URL, headers: dict[str, str], deadline: anyio.CancelScope) -> Fetched | None:
+    async def _follow(self, url: httpx.URL, headers: dict[str, str], deadline: asyncio.Timeout) -> Fetched | None:
+        transport = self._transport_now()
         for _ in range(self.settings.max_redirects + 1):
             async with self._host_slot(url.host):
-                if math.isinf(deadline.deadline):  # time spent queueing for the host is not the row's
-                    deadline.deadline = anyio.current_time() + self.settings.timeout
-                async with self._client.stream("GET", url, headers=headers) as response:
-                    next_url = response.extensions.get(_NEXT_URL)
+                if deadline.when() is None:  # time spent queueing for the host is not the row's
+                    deadline.reschedule(asyncio.get_running_loop().time() + self.settings.timeout)
+                request = httpx.Request(
+                    "GET", url, headers={**self._headers, **headers}, extensions={"timeout": self._timeouts}
+                )
+                response = await transport.handle_async_request(request)
+                response.request = request
+                try:
+                    fields = _fields(response)
+                    next_url = self._redirect_target(response, fields.get("location"))
                     if next_url is None:
-                        return await self._read(response, conditional=bool(headers))
+                        return await self._read(response, fields, conditional=bool(headers))
+                finally:
+                    await response.aclose()
             url = next_url
         raise RowError(
             ErrorKind.TOO_MANY_REDIRECTS,
             f"more than {self.settings.max_redirects} redirects (the last to {display_url(str(url))})",
         )
 
-    async def _vet_redirect(self, response: httpx.Response) -> None:
-        """Response hook: vet a redirect's target, and note it on the response for `_follow`.
-
-        It must be a hook: even with follow_redirects=False httpx parses the Location itself right
-        after the hooks (for `next_request`), and raises on junk; we refuse junk first.
-        """
-        location = response.headers.get("location")
+    def _redirect_target(self, response: httpx.Response, location: str | None) -> httpx.URL | None:
+        """A redirect's vetted target (None when `response` is no redirect); RowError for a target we refuse."""
         if response.status_code not in REDIRECT_STATUSES or location is None:
-            return
+            return None
         try:
             target = response.url.join(location)
         except (httpx.InvalidURL, ValueError):
             raise RowError(ErrorKind.BAD_SCHEME, f"redirected to an invalid URL {location[:200]!r}") from None
         try:
-            response.extensions[_NEXT_URL] = self.policy.check_http(target).url
+            return self.policy.check_http(target).url
         except RowError as error:
             raise RowError(error.kind, f"redirected to {display_url(str(target))}: {error.message}") from None
 
-    async def _read(self, response: httpx.Response, *, conditional: bool) -> Fetched | None:
+    async def _read(self, response: httpx.Response, fields: dict[str, str], *, conditional: bool) -> Fetched | None:
         """The body of a final response, if it is a success that may be an image."""
         if response.status_code == 304 and conditional:
             return None
         if not 200 <= response.status_code < 300:
             raise await _status_error(response, self.settings.max_bytes)
-        content_type = response.headers.get("content-type")
+        content_type = fields.get("content-type")
         media_type = _media_type(content_type)
         if _is_text_type(media_type):
             snippet = _snippet(await _read_prefix(response, self.settings.max_bytes))
             raise RowError(ErrorKind.NOT_AN_IMAGE, f"server sent {media_type} instead of an image: {snippet!r}")
         limit = self.settings.max_bytes
-        declared = _content_length(response)
+        declared = _content_length(fields.get("content-length"))
         if declared is not None and declared > limit:
             raise RowError(ErrorKind.TOO_LARGE, f"Content-Length {declared:,} is over max_bytes={limit:,}")
         data = await _read_capped(response, limit)
@@ -236,8 +222,8 @@ class Fetcher:
             data=data,
             url=str(response.url),
             content_type=content_type,
-            etag=_validator(response.headers.get("etag")),
-            last_modified=_validator(response.headers.get("last-modified")),
+            etag=_validator(fields.get("etag")),
+            last_modified=_validator(fields.get("last-modified")),
             attempts=1,
         )
 
@@ -376,8 +362,18 @@ def _snippet(body: bytes, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "")
+def _fields(response: httpx.Response) -> dict[str, str]:
+    """Header fields by lower-case name, repeated ones joined with ", " (as `Headers.get`), decoded in one pass."""
+    encoding = response.headers.encoding
+    fields: dict[str, str] = {}
+    for name, value in response.headers.raw:
+        key, text = name.decode(encoding).lower(), value.decode(encoding)
+        fields[key] = f"{fields[key]}, {text}" if key in fields else text
+    return fields
+
+
+def _content_length(value: str | None) -> int | None:
+    value = value or ""
     return int(value) if value.isascii() and value.isdigit() else None
 
 
