@@ -276,3 +276,13 @@ def test_value_planes_bad_arguments(pixels, table, error, message) -> None:
     with pytest.raises(error) as raised:
         _native.planes(pixels, table)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("source, size", [((640, 480), (224, 224)), ((97, 61), (224, 224)), ((300, 40), (32, 96))])
+def test_check_size_step_is_pillows_default_resize(source: tuple[int, int], size: tuple[int, int]) -> None:
+    """`check --size WxH` resizes with resize_to: `image.resize((W, H))` as Pillow computes it, natively."""
+    image = Image.fromarray(np.random.default_rng(7).integers(0, 256, (source[1], source[0], 3), dtype=np.uint8))
+    assert native_enabled(Image.Resampling.BICUBIC)  # the native resampler is what runs here
+    got = resample.resize_to(size)(image)
+    assert got.shape == (size[1], size[0], 3)
+    assert np.array_equal(got, np.asarray(image.resize(size)))

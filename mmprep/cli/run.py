@@ -501,7 +501,9 @@ def check(
             load = dataclasses.replace(load, draft_size=prepare.input_size())
         elif size:
             width, height = parse_wxh(size)
-            prepare = lambda image: image.resize((width, height))  # noqa: E731
+            from mmprep.imaging.resample import resize_to
+
+            prepare = resize_to((width, height))
             load = dataclasses.replace(load, draft_size=(width, height))
         from mmprep.pipeline import CheckRun
         from mmprep.report import Reporter

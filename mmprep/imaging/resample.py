@@ -51,6 +51,15 @@ def resized_window(
     return _pillow(image, size, resample, window)
 
 
+def resize_to(size: tuple[int, int]) -> Callable[[Image.Image], np.ndarray]:
+    """`check --size`'s step: Pillow's `image.resize(size)` (bicubic), as pixels, by the native resampler where exact."""
+
+    def resize(image: Image.Image) -> np.ndarray:
+        return resized_window(image, size, Image.Resampling.BICUBIC)
+
+    return resize
+
+
 def native_enabled(resample: int) -> bool:
     """True when the native resampler computes `resample` here: built, not switched off, equal to Pillow on probes."""
     if _resample is None or os.environ.get(NATIVE_SWITCH, "1").strip() == "0":
