@@ -88,3 +88,37 @@ def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
     return directory
+
+
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+
+
+def save_tiny_llava_next(directory: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT: the LLaVA tower (16 tokens per 56 px tile), anyres grids of up to 3 tiles, image_newline;
+    each image's token count depends on its size and aspect."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = save_tokenizer(directory)
+    config = LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
+        text_config=dict(model_type="llama", **_text(ids)),
+        image_token_index=ids[IMAGE_TOKEN], image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _redraw(model, seed)
+    with torch.no_grad():  # a 1-D parameter _redraw leaves alone; zeros would hide a wrong newline row
+        model.model.image_newline.copy_(torch.randn(64, generator=torch.Generator().manual_seed(seed)) * WEIGHT_STD)
+    model.save_pretrained(directory)
+    _hub_layout(directory, {"vision_tower.": "vision_tower.vision_model."})
+    LlavaNextImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
+    ).save_pretrained(directory)
+    _processor_config(
+        directory, processor_class="LlavaNextProcessor", image_token=IMAGE_TOKEN, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    return directory
