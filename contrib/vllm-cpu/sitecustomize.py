@@ -11,19 +11,9 @@ model-inspection subprocess, the engine core), hence sitecustomize:
    naming the PIL class, as transformers itself does when it falls back to PIL). The same holds for
    the other torchvision backends vLLM imports by module (`PIL_TWINS`): llava.py imports pixtral.py,
    which takes `_num_image_tokens` from `models.pixtral.image_processing_pixtral`.
-   interns1.py (transformers-format InternVL) takes `GotOcr2ImageProcessor` from
-   `models.got_ocr2.image_processing_got_ocr2`.
-2. `Qwen2VLProcessor` (and `InternVLProcessor`) also loads a video processor, which needs torchvision
-   and is never used for images: the processor loads without it and gets a stand-in that declares
-   the video kwargs vLLM asks about and refuses any video (vLLM is started with limit_mm_per_prompt
-   video=0). interns1.py imports `InternVLVideoProcessor` from a module that imports torchvision at
-   its top and loads it itself (`from_pretrained`): that module is served as the same stand-in.
-   vLLM filters that call's kwargs against `transformers.AutoVideoProcessor`, which transformers
-   exports as a placeholder that raises without torchvision: vllm/transformers_utils/processor.py
-   gets the real class (its `from_pretrained` signature is all that is read there).
-
-No model math runs here: the image processors are transformers' own PIL backends, and the stand-ins
-only refuse videos.
+2. `Qwen2VLProcessor` also loads a video processor, which needs torchvision and is never used for
+   images: the processor loads without it and gets a stand-in that declares the video kwargs vLLM
+   asks about and refuses any video (vLLM is started with limit_mm_per_prompt video=0).
 """
 
 from __future__ import annotations
@@ -36,15 +26,12 @@ import sys
 from types import ModuleType
 
 _QWEN2_VL = "transformers.models.qwen2_vl"
-_INTERNVL = "transformers.models.internvl"
 
 
 # torchvision image-processor module -> its PIL twin in transformers (same helpers, same preprocessing)
 PIL_TWINS = {
     f"{_QWEN2_VL}.image_processing_qwen2_vl": f"{_QWEN2_VL}.image_processing_pil_qwen2_vl",
     "transformers.models.pixtral.image_processing_pixtral": "transformers.models.pixtral.image_processing_pil_pixtral",
-    "transformers.models.got_ocr2.image_processing_got_ocr2": "transformers.models.got_ocr2.image_processing_pil_got_ocr2",
-    "transformers.models.glm4v.image_processing_glm4v": "transformers.models.glm4v.image_processing_pil_glm4v",
 }
 
 
@@ -65,63 +52,27 @@ def _serve_pil_twin(twin_name: str):  # noqa: ANN202
 
 
 class _NoVideoProcessor:
-    """Stands in for a video processor: declares the video kwargs vLLM asks about, refuses any video."""
+    """Stands in for Qwen2-VL's video processor: declares the video kwargs vLLM asks about, refuses any video."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self) -> None:
         from transformers.processing_utils import VideosKwargs
 
         self.valid_kwargs = VideosKwargs
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> _NoVideoProcessor:  # noqa: ANN002, ANN003
-        return cls()
 
     def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
         raise RuntimeError("videos need torchvision, which this venv lacks (images only)")
 
 
-def _drop_video_processor(class_name: str, *, stand_in: bool):  # noqa: ANN202
-    """Load `class_name`'s processor without its video processor; `stand_in`: the processor then serves a
-    `_NoVideoProcessor` (else vLLM sets its own, as interns1.py does)."""
+def _drop_video_processor(module: ModuleType) -> None:
+    processor = module.Qwen2VLProcessor
+    attributes = processor.get_attributes.__func__
+    stand_in = _NoVideoProcessor()
 
-    def patch(module: ModuleType) -> None:
-        processor = getattr(module, class_name)
-        attributes = processor.get_attributes.__func__
+    def get_attributes(cls: type) -> list[str]:
+        return [a for a in attributes(cls) if a != "video_processor"]
 
-        def get_attributes(cls: type) -> list[str]:
-            return [a for a in attributes(cls) if a != "video_processor"]
-
-        processor.get_attributes = classmethod(get_attributes)
-        if stand_in:
-            no_video = _NoVideoProcessor()
-            processor.video_processor = property(lambda self: no_video)  # a class attribute: not serialised
-
-    return patch
-
-
-def _serve_no_video_processor(class_name: str):  # noqa: ANN202
-    def build(module: ModuleType) -> None:
-        setattr(module, class_name, _NoVideoProcessor)
-        module.__all__ = [class_name]
-
-    return build
-
-
-def _real_auto_video_processor(module: ModuleType) -> None:
-    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
-
-    module.AutoVideoProcessor = AutoVideoProcessor
-
-
-# processor module -> (processor class, whether it gets the stand-in itself)
-PROCESSORS_WITHOUT_VIDEO = {
-    f"{_QWEN2_VL}.processing_qwen2_vl": ("Qwen2VLProcessor", True),
-    f"{_INTERNVL}.processing_internvl": ("InternVLProcessor", False),
-    "transformers.models.glm4v.processing_glm4v": ("Glm4vProcessor", True),
-}
-# video-processor module that imports torchvision at its top -> the class served as `_NoVideoProcessor`
-VIDEO_PROCESSORS = {f"{_INTERNVL}.video_processing_internvl": "InternVLVideoProcessor"}
-PATCHES = {"vllm.transformers_utils.processor": _real_auto_video_processor}  # module -> patch after it ran
+    processor.get_attributes = classmethod(get_attributes)
+    processor.video_processor = property(lambda self: stand_in)  # a class attribute: not serialised with the processor
 
 
 class _Replacement(importlib.abc.Loader):
@@ -155,17 +106,10 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001, ANN201
         if fullname in PIL_TWINS:
             return importlib.util.spec_from_loader(fullname, _Replacement(_serve_pil_twin(PIL_TWINS[fullname])))
-        if fullname in VIDEO_PROCESSORS:
-            return importlib.util.spec_from_loader(fullname, _Replacement(_serve_no_video_processor(VIDEO_PROCESSORS[fullname])))
-        if fullname in PROCESSORS_WITHOUT_VIDEO or fullname in PATCHES:
+        if fullname == f"{_QWEN2_VL}.processing_qwen2_vl":
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)
             if spec is not None and spec.loader is not None:
-                if fullname in PATCHES:
-                    patch = PATCHES[fullname]
-                else:
-                    class_name, stand_in = PROCESSORS_WITHOUT_VIDEO[fullname]
-                    patch = _drop_video_processor(class_name, stand_in=stand_in)
-                spec.loader = _Patched(spec.loader, patch)
+                spec.loader = _Patched(spec.loader, _drop_video_processor)
             return spec
         return None
 

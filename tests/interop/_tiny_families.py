@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmprep.models.builtin import CHAT_TEMPLATE, SPECIAL_TOKENS, VOCAB_SIZE, save_tokenizer
+from mmprep.models.builtin import VOCAB_SIZE, save_tokenizer
 
 WEIGHT_STD = 0.15
 IMAGE_TOKEN = "<|image_pad|>"
@@ -121,84 +121,4 @@ def save_tiny_llava_next(directory: Path, seed: int = 0) -> Path:
         directory, processor_class="LlavaNextProcessor", image_token=IMAGE_TOKEN, patch_size=14,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
-    return directory
-
-
-INTERNVL_TOKENS = {  # the InternVL tokenizer's named tokens (InternVLProcessor reads them off the tokenizer)
-    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}  # fmt: skip
-
-
-def _save_tokenizer_with(directory: Path, named: dict[str, str], image_text: str) -> dict[str, int]:
-    """mmprep's builtin byte-level tokenizer plus a family's `named` special tokens (attributes of the
-    tokenizer its processor reads), and a chat template writing `image_text` for each image; the ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tokens = [*SPECIAL_TOKENS, *named.values()]
-    tok.add_special_tokens(tokens)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=2048,
-        extra_special_tokens=named,
-    )  # fmt: skip
-    fast.chat_template = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", image_text)
-    fast.save_pretrained(directory)
-    ids = {token: tok.token_to_id(token) for token in tokens}
-    assert max(ids.values()) < VOCAB_SIZE, ids
-    return ids
-
-
-def save_tiny_internvl(directory: Path, seed: int = 0) -> Path:
-    """InternVL (transformers format, served by vLLM's interns1.py): 32 px tiles of 8 px patches, pixel
-    shuffle 0.5 (4 tokens per tile), 1..6 tiles + a thumbnail by aspect; a Qwen2 text side."""
-    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ids = _save_tokenizer_with(directory, INTERNVL_TOKENS, "<IMG_CONTEXT>")
-    config = InternVLConfig(
-        text_config=dict(model_type="qwen2", **_text(ids)),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=[32, 32], patch_size=[8, 8]),
-        image_token_id=ids["<IMG_CONTEXT>"], downsample_ratio=0.5, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    _redraw(InternVLForConditionalGeneration(config).eval(), seed).save_pretrained(directory)
-    GotOcr2ImageProcessor(size={"height": 32, "width": 32}, min_patches=1, max_patches=6).save_pretrained(directory)
-    _processor_config(directory, processor_class="InternVLProcessor", image_seq_length=4)
-    return directory
-
-
-GLM4V_TOKENS = {
-    "image_token": "<|image|>", "video_token": "<|video|>", "begin_of_image": "<|begin_of_image|>",
-    "end_of_image": "<|end_of_image|>", "begin_of_video": "<|begin_of_video|>", "end_of_video": "<|end_of_video|>",
-}  # fmt: skip
-
-
-def save_tiny_glm4v(directory: Path, seed: int = 0) -> Path:
-    """GLM-4.1V: a 2-block tower (14 px patches, merge 2), a 2-layer text side (2 heads of 32, half rotary)."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ids = _save_tokenizer_with(directory, GLM4V_TOKENS, "<|begin_of_image|><|image|><|end_of_image|>")
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]}
-    config = Glm4vConfig(
-        text_config=_text(ids, rope_parameters=rope),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, image_size=56, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
-        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
-        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    _redraw(Glm4vForConditionalGeneration(config).eval(), seed).save_pretrained(directory)
-    Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}, patch_size=14,
-                           merge_size=2, temporal_patch_size=2).save_pretrained(directory)  # fmt: skip
-    _processor_config(directory, processor_class="Glm4vProcessor")
     return directory

@@ -22,7 +22,7 @@ from PIL import Image
 from _image_corpus import encode as encode_image
 from _image_corpus import exif_jpeg, noise
 from _model_helpers import pattern_image
-from _tiny_families import save_tiny_glm4v, save_tiny_internvl, save_tiny_llava, save_tiny_llava_next
+from _tiny_families import save_tiny_llava, save_tiny_llava_next
 from _vllm import (
     QUESTION, VllmRun, connector_counts, encode, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python,
     write_entry_by_hand,
@@ -45,15 +45,9 @@ IMAGES = {  # different sizes and aspects: the tiled families give each its own 
 }
 TWO = ("a.png", "exif6.jpg")  # one request, two images
 WRONG = "wrong.png"  # a.png's bytes at another URL; its entry (written by hand) has one row too few
-FAMILIES: dict[str, Callable[[Path], Path]] = {
-    "llava": save_tiny_llava, "llava_next": save_tiny_llava_next, "internvl": save_tiny_internvl,
-    "glm4v": save_tiny_glm4v,
-}
+FAMILIES: dict[str, Callable[[Path], Path]] = {"llava": save_tiny_llava, "llava_next": save_tiny_llava_next}
 CONNECTOR = "mmprep.serving.vllm_connector"
-# The engine core and its worker in the driver's process (vLLM's single-device layout; the Qwen2-VL module runs
-# the multi-process one): 3 s to start instead of 25. No --enable-mm-embeds: these requests carry image_url only
-# (with it, vLLM profiles a dummy video for InternVL, which this venv cannot process without torchvision).
-ENGINE = {"distributed_executor_backend": "uni", "enable_mm_embeds": False}
+ENGINE_IN_PROCESS = {"distributed_executor_backend": "uni"}
 
 
 def url_part(url: str, uuid: str | None = None) -> dict[str, Any]:
@@ -126,7 +120,7 @@ def family_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
             "ec_connector_extra_config": {"cache_dir": str(cache), "log_interval_s": 0},
         }  # fmt: skip
         run = run_vllm(
-            root / "vllm", model, requests, llm={"ec_transfer_config": ec_config, **ENGINE}, max_tokens=4,
+            root / "vllm", model, requests, llm={"ec_transfer_config": ec_config, **ENGINE_IN_PROCESS}, max_tokens=4,
             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, with_mmprep=True,
         )  # fmt: skip
     print(f"{family}: vLLM {run.version}, engine up in {run.engine_seconds:.1f} s; rows per image {rows}")
