@@ -1,11 +1,15 @@
 """Issue #23 on a real vLLM for the families whose requests keep their image_url: `MmprepECConnector` serves
-LLaVA, LLaVA-NeXT, InternVL and GLM-4.1V embeddings straight from an mmprep cache.
+LLaVA and LLaVA-NeXT embeddings straight from an mmprep cache.
 
 vLLM's request parsers of these families publish no placeholder metadata, so `mmprep rewrite --target
 vllm-ec` adds the entry's uuid to each cached `image_url` part; a plain `image_url` part hits through vLLM's
 own identifier (recorded by `encode --vllm-model-id`). One engine per family (ec_consumer, the connector on
 the cache, totals logged after every check) answers all of that family's requests in one driver run. The
 reference is the same engine's vision encoder: a request whose uuid is in no cache (`nocache-*`).
+
+InternVL and GLM-4.1V are not here: an EC consumer always enables embedding inputs (vllm/config/vllm.py), so
+vLLM 0.32 profiles a dummy video for models that support video (interns1.py, glm4_1v.py), and their video
+processors need torchvision, which the interop venv cannot have beside the CPU torch (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ TWO = ("a.png", "exif6.jpg")  # one request, two images
 WRONG = "wrong.png"  # a.png's bytes at another URL; its entry (written by hand) has one row too few
 FAMILIES: dict[str, Callable[[Path], Path]] = {"llava": save_tiny_llava, "llava_next": save_tiny_llava_next}
 CONNECTOR = "mmprep.serving.vllm_connector"
+# The engine core and its worker in the driver's process (vLLM's single-device layout; the Qwen2-VL module runs
+# the multi-process one): about 3 s to start instead of 25.
 ENGINE_IN_PROCESS = {"distributed_executor_backend": "uni"}
 
 
