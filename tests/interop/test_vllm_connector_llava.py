@@ -186,5 +186,7 @@ def test_an_entry_with_a_row_too_few_is_rejected_and_the_encoder_answers(family_
     family_run.same_as_encoder("encoder:a.png", f"uuid:{WRONG}")
     assert family_run.counts[f"uuid:{WRONG}"] == (0, 0, 1)
     key = cache_key(family_run.urls[WRONG])
-    warnings = [line for line in family_run.run.log.splitlines() if "WARNING" in line and f"entry {key} rejected" in line]
+    warnings = [
+        line for line in family_run.run.log.splitlines() if "WARNING" in line and f"entry {key} rejected" in line
+    ]
     assert len(warnings) == 1, warnings
