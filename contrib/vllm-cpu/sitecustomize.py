@@ -8,7 +8,9 @@ model-inspection subprocess, the engine core), hence sitecustomize:
 1. vLLM's qwen2_vl.py imports `smart_resize` from `models.qwen2_vl.image_processing_qwen2_vl`, the
    torchvision backend. Its PIL twin, `image_processing_pil_qwen2_vl`, has the same `smart_resize`
    and preprocessing; it is served under the torchvision module's name (with `Qwen2VLImageProcessor`
-   naming the PIL class, as transformers itself does when it falls back to PIL).
+   naming the PIL class, as transformers itself does when it falls back to PIL). The same holds for
+   the other torchvision backends vLLM imports by module (`PIL_TWINS`): llava.py imports pixtral.py,
+   which takes `_num_image_tokens` from `models.pixtral.image_processing_pixtral`.
 2. `Qwen2VLProcessor` also loads a video processor, which needs torchvision and is never used for
    images: the processor loads without it and gets a stand-in that declares the video kwargs vLLM
    asks about and refuses any video (vLLM is started with limit_mm_per_prompt video=0).
@@ -26,11 +28,27 @@ from types import ModuleType
 _QWEN2_VL = "transformers.models.qwen2_vl"
 
 
-def _serve_pil_image_processor(module: ModuleType) -> None:
-    twin = importlib.import_module(f"{_QWEN2_VL}.image_processing_pil_qwen2_vl")
-    module.__dict__.update({k: v for k, v in vars(twin).items() if not k.startswith("__")})
-    module.Qwen2VLImageProcessor = twin.Qwen2VLImageProcessorPil
-    module.__all__ = ["Qwen2VLImageProcessor", "smart_resize"]
+# torchvision image-processor module -> its PIL twin in transformers (same helpers, same preprocessing)
+PIL_TWINS = {
+    f"{_QWEN2_VL}.image_processing_qwen2_vl": f"{_QWEN2_VL}.image_processing_pil_qwen2_vl",
+    "transformers.models.pixtral.image_processing_pixtral": "transformers.models.pixtral.image_processing_pil_pixtral",
+}
+
+
+def _serve_pil_twin(twin_name: str):  # noqa: ANN202
+    """Fill a torchvision module from its PIL twin; each `<Name>Pil` class is also served as `<Name>`."""
+
+    def build(module: ModuleType) -> None:
+        twin = importlib.import_module(twin_name)
+        module.__dict__.update({k: v for k, v in vars(twin).items() if not k.startswith("__")})
+        names = list(getattr(twin, "__all__", ()))
+        for name in list(names):
+            if name.endswith("Pil"):
+                setattr(module, name[: -len("Pil")], getattr(twin, name))
+                names.append(name[: -len("Pil")])
+        module.__all__ = names
+
+    return build
 
 
 class _NoVideoProcessor:
@@ -86,8 +104,8 @@ class _Patched(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001, ANN201
-        if fullname == f"{_QWEN2_VL}.image_processing_qwen2_vl":
-            return importlib.util.spec_from_loader(fullname, _Replacement(_serve_pil_image_processor))
+        if fullname in PIL_TWINS:
+            return importlib.util.spec_from_loader(fullname, _Replacement(_serve_pil_twin(PIL_TWINS[fullname])))
         if fullname == f"{_QWEN2_VL}.processing_qwen2_vl":
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)
             if spec is not None and spec.loader is not None:

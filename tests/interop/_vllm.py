@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,10 @@ from typing import Any
 import pytest
 
 from _http import image, serve
+from mmprep import cache_key
+from mmprep.store.index import CacheIndex
+from mmprep.store.layout import CacheLayout
+from mmprep.store.shards import ShardEntry, ShardWriter
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"
@@ -171,3 +176,35 @@ def encode_manifest(manifest: Path, model: Path, cache: Path, *options: str) -> 
     )  # fmt: skip
     assert done.returncode == 0, f"mmprep encode exited {done.returncode}:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
+
+
+CONNECTOR_TOTALS = re.compile(r"mmprep connector: (\d+) hits, (\d+) misses, (\d+) rejected")
+REQUEST_MARKER = re.compile(r"^mmprep-interop: (\S+)$", re.M)
+
+
+def connector_counts(log: str) -> dict[str, tuple[int, int, int]]:
+    """Each request's (hits, misses, rejected) from `MmprepECConnector`'s running totals in the driver's log
+    (the engine started with log_interval_s 0: the totals follow every check), keyed by request id."""
+    counts: dict[str, tuple[int, int, int]] = {}
+    before = (0, 0, 0)
+    marks = list(REQUEST_MARKER.finditer(log))
+    for mark, after in zip(marks, [*marks[1:], None]):
+        segment = log[mark.end() : after.start() if after else len(log)]
+        totals = [tuple(map(int, m.groups())) for m in CONNECTOR_TOTALS.finditer(segment)]
+        now = totals[-1] if totals else before
+        counts[mark[1]] = (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+        before = now
+    return counts
+
+
+def write_entry_by_hand(cache: Path, url: str, tensors: dict[str, Any]) -> None:
+    """An entry for `url` with the given tensors, written with the store's own writer (one shard, one run)."""
+    layout = CacheLayout(cache)
+    index = CacheIndex(layout.index)
+    try:
+        [model] = index.models()
+        writer = ShardWriter(layout, model["fingerprint"], model["name"], "by-hand", model["family"])
+        writer.add(ShardEntry(cache_key(url), url, None, tensors, "f" * 64, 1.0))
+        index.commit_shard(writer.flush(), model["fingerprint"], "by-hand")
+    finally:
+        index.close()

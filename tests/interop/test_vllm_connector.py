@@ -20,19 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 from _image_corpus import encode as encode_image
 from _image_corpus import exif_jpeg, noise
 from _model_helpers import pattern_image
 from _tiny_vlm import save_tiny_qwen2_vl
-from _vllm import QUESTION, VllmRun, encode, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python
+from _vllm import (
+    QUESTION, VllmRun, connector_counts, encode, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python,
+    write_entry_by_hand,
+)  # fmt: skip
 from mmprep import cache_key
-from mmprep.store.index import CacheIndex
-from mmprep.store.layout import CacheLayout
 from mmprep.store.reader import EmbeddingCache
-from mmprep.store.shards import ShardEntry, ShardWriter
 
 
 def transparent_png() -> bytes:
@@ -55,8 +54,6 @@ EXTRA = {
     WRONG: encode_image(noise((200, 150), seed=12), "PNG"),
     LATE: encode_image(pattern_image((98, 70), seed=7), "PNG"),
 }
-TOTALS = re.compile(r"mmprep connector: (\d+) hits, (\d+) misses, (\d+) rejected")
-MARKER = re.compile(r"^mmprep-interop: (\S+)$", re.M)
 CONNECTOR = "mmprep.serving.vllm_connector"
 
 
@@ -73,33 +70,12 @@ def chat(*parts: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}]
 
 
-def write_entry_by_hand(cache: Path, url: str, tensors: dict[str, torch.Tensor]) -> None:
-    """An entry for `url` with the given tensors, written with the store's own writer (one shard, one run)."""
-    layout = CacheLayout(cache)
-    index = CacheIndex(layout.index)
-    try:
-        [model] = index.models()
-        writer = ShardWriter(layout, model["fingerprint"], model["name"], "by-hand", model["family"])
-        writer.add(ShardEntry(cache_key(url), url, None, tensors, "f" * 64, 1.0))
-        index.commit_shard(writer.flush(), model["fingerprint"], "by-hand")
-    finally:
-        index.close()
-
-
 class Served:
     """The engine's answers, with each request's hits, misses and rejections from the connector's INFO lines."""
 
     def __init__(self, run: VllmRun, urls: dict[str, str], read_only: Path | None) -> None:
         self.run, self.urls, self.read_only = run, urls, read_only
-        self.counts: dict[str, tuple[int, int, int]] = {}
-        before = (0, 0, 0)
-        marks = list(MARKER.finditer(run.log))
-        for mark, after in zip(marks, [*marks[1:], None]):
-            segment = run.log[mark.end() : after.start() if after else len(run.log)]
-            totals = [tuple(map(int, m.groups())) for m in TOTALS.finditer(segment)]
-            now = totals[-1] if totals else before
-            self.counts[mark[1]] = tuple(n - b for n, b in zip(now, before))  # type: ignore[assignment]
-            before = now
+        self.counts = connector_counts(run.log)
 
     def same_as_encoder(self, reference: str, request: str) -> None:
         reason = mismatch(self.run[reference], self.run[request])
