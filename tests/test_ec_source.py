@@ -203,6 +203,28 @@ def test_rewrite_vllm_ec_adds_uuids_for_families_without_placeholder_metadata(
     assert "uuid" not in parts[1] and (summary["replaced"], summary["misses"]) == (1, 1)
 
 
+def test_rewrite_vllm_ec_leaves_an_entry_the_connector_would_refuse(world: dict[str, Path], tmp_path: Path) -> None:
+    """An image_url family (LLaVA): a hand-written entry one row short gets no uuid, is counted invalid and named."""
+    import shutil
+
+    cache = shutil.copytree(world["llava"], tmp_path / "llava")
+    with EmbeddingCache(cache) as reader:
+        good = reader.get(image(world, 0))
+        fingerprint, name = reader.fingerprint, reader.model_name
+    assert good is not None
+    short = {"embeddings": good.embeddings[:-1].clone()}  # the placeholder vLLM reserves has one more row
+    writer = ShardWriter(CacheLayout(cache), fingerprint, name, "by-hand", "llava")
+    writer.add(ShardEntry(cache_key(image(world, 3)), image(world, 3), None, short, "c" * 64, 1.0))
+    index = CacheIndex(CacheLayout(cache).index)
+    index.commit_shard(writer.flush(), fingerprint, "by-hand")  # type: ignore[arg-type]  # one entry: a shard
+    index.close()
+    code, out, summary = rewrite(cache, request_line("two", [image(world, 0), image(world, 3)]) + "\n", tmp_path)
+    parts = out[0]["body"]["messages"][0]["content"]
+    assert parts[0]["uuid"] == cache_key(image(world, 0)) and "uuid" not in parts[1]
+    assert (summary["replaced"], summary["invalid"], summary["misses"], code) == (1, 1, 0, 1)
+    assert f"entry {cache_key(image(world, 3))[:16]} has a [{good.embeddings.shape[0] - 1}, " in summary["problems"][0]
+
+
 def test_the_connectors_mmprep_side_imports_no_transformers() -> None:
     """vLLM's scheduler imports the connector: mmprep's part of it loads torch and the reader, never transformers."""
     import subprocess

@@ -42,10 +42,13 @@ from mmprep.manifest.source import MAX_LINE_CHARS, READ_ERRORS, open_text
 from mmprep.serving.formats import (
     EC_LAYOUTS,
     METADATA_ONLY_FAMILIES,
+    EcLayout,
     ServingFormatError,
+    check_rows,
     has_embedding_input,
     to_vllm_ec_part,
     to_vllm_part,
+    vllm_ec_layout,
 )
 from mmprep.store.reader import EmbeddingCache
 
@@ -54,6 +57,7 @@ __all__ = ["PART_MEMO_BYTES", "TARGETS", "RequestRewriter", "RewriteSummary", "o
 TARGETS = ("vllm", "vllm-ec")  # --target: vLLM's image_embeds part, or the MmprepECConnector's metadata-only part
 PART_MEMO_BYTES = 64 * 1024 * 1024  # parts kept (as JSON text) for images seen again
 MAX_PROBLEMS = 20  # problem lines named in the summary (all are counted)
+REFUSAL_MEMO = 65536  # entries whose vllm-ec verdict is remembered
 CHUNK_LINES = 1024  # lines whose image keys are looked up in one index query ...
 CHUNK_CHARS = 16 * 1024 * 1024  # ... unless they hold more characters than this first
 
@@ -114,6 +118,9 @@ class RequestRewriter:
         self.cache = cache
         self.target = target
         self.uuid_only = uuid_only or (target == "vllm-ec" and cache.family not in METADATA_ONLY_FAMILIES)
+        # vllm-ec: each entry is checked as the connector checks it (rows vs the placeholder vLLM reserves)
+        self._layout: EcLayout | None = vllm_ec_layout(cache.family, cache.model_info) if target == "vllm-ec" else None
+        self._refusals: OrderedDict[str, str | None] = OrderedDict()  # entry key -> why it cannot be served (memo)
         self.summary = RewriteSummary()
         self._parts: OrderedDict[str, str] = OrderedDict()  # entry key -> its part's JSON text
         self._part_bytes = 0
@@ -204,12 +211,20 @@ class RequestRewriter:
         s, keys = self.summary, request.keys
         hits = sum(key in cached for key in keys)
         if self.uuid_only:
+            served = 0
             for part, key in zip(request.parts, keys):
-                if key in cached:
+                refusal = self._refusal(key) if key in cached and self._layout is not None else None
+                if refusal is not None:  # the connector would refuse it: the image stays as it is
+                    s.invalid += 1
+                    self._problem(
+                        request.path, request.line, f"{refusal}; its image_url is left as it is", skipped=False
+                    )
+                elif key in cached:
                     part["uuid"] = key
-            s.replaced += hits
+                    served += 1
+            s.replaced += served
             s.misses += len(keys) - hits
-            return _dumps(request.obj) if hits else None
+            return _dumps(request.obj) if served else None
         if hits < len(keys):  # vLLM refuses a request mixing image_url and image_embeds parts
             s.misses += len(keys) - hits
             s.kept += hits
@@ -242,6 +257,8 @@ class RequestRewriter:
         entry = self.cache.get_key(key)
         if entry is None:
             return None
+        if self._layout is not None:
+            ec_check(self._layout, entry)
         text = _dumps(to_vllm_ec_part(entry) if self.target == "vllm-ec" else to_vllm_part(entry))
         if len(text) <= PART_MEMO_BYTES // 4:
             self._parts[key] = text
@@ -249,6 +266,25 @@ class RequestRewriter:
             while self._part_bytes > PART_MEMO_BYTES:
                 self._part_bytes -= len(self._parts.popitem(last=False)[1])
         return text
+
+    def _refusal(self, key: str) -> str | None:
+        """Why MmprepECConnector would refuse `key`'s entry, or None when it serves it (memoised per key)."""
+        if key in self._refusals:
+            self._refusals.move_to_end(key)
+            return self._refusals[key]
+        entry = self.cache.get_key(key)
+        assert self._layout is not None  # only for target vllm-ec
+        try:
+            if entry is None:
+                raise ServingFormatError(f"entry {key[:16]} left the cache during the rewrite")
+            ec_check(self._layout, entry)
+            refusal = None
+        except ServingFormatError as exc:
+            refusal = str(exc)
+        self._refusals[key] = refusal
+        if len(self._refusals) > REFUSAL_MEMO:
+            self._refusals.popitem(last=False)
+        return refusal
 
     def _problem(self, path: str, line: int, message: str, *, skipped: bool = True) -> None:
         """Record a line that is copied unchanged for a reason the user should see."""
@@ -262,6 +298,19 @@ class RequestRewriter:
 def _dumps(obj: Any) -> str:
     """A rewritten line: keys in their order, non-ASCII text as it was (not escaped)."""
     return json.dumps(obj, ensure_ascii=False)
+
+
+def ec_check(layout: EcLayout, entry: Any) -> None:
+    """ServingFormatError unless the connector would serve `entry`: its tensor fills the placeholder vLLM reserves."""
+    check_rows(entry)
+    tensor = layout.tensor(entry)
+    expected = layout.rows(entry)
+    if tensor.ndim != 2 or tensor.shape[0] != expected:
+        raise ServingFormatError(
+            f"entry {entry.key[:16]} has a {list(tensor.shape)} tensor for the {expected} placeholder tokens vLLM reserves"
+        )
+    if not tensor.dtype.is_floating_point:
+        raise ServingFormatError(f"entry {entry.key[:16]} has a {tensor.dtype} tensor, not floating point")
 
 
 class open_output:  # noqa: N801  (a context manager used like open())
