@@ -27,7 +27,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks import inputs
-from benchmarks.run import Row, check_rate, encode_rate, fetch_all, limit_rate, load_settings, model_only_rate, render
+from benchmarks.run import Row, check_rate, encode_rate, fetch_all, limit_rate, render
 
 SECTIONS = ("prep", "size", "model", "rss", "start")
 
@@ -228,14 +228,6 @@ def section_model(work: Path, server: Any, rows: int = 512) -> list[Row]:
             f"{name} {best[name] / best['limit']:.2f}x ({middle[name] / middle['limit']:.2f}x)" for name in over
         )
         ratio += f" of the limit, best runs (medians); HTTP − limit CPU {low['http'] - low['limit']:.2f} ms"
-        if with_encode:  # encode's loading half: its CPU less what the model stage alone spends on the same rows
-            from mmprep.imaging.decode import decode_image
-
-            items = [encoder.preprocess(decode_image(body, load_settings())) for body in bodies]
-            own = time.process_time()
-            model_only_rate(encoder, items, 64)
-            model_ms = (time.process_time() - own) / (rows + 64) * 1e3  # its warm-up batch included
-            ratio += f"; encode − model-only CPU {low['encode http'] - model_ms:.2f} ms (model {model_ms:.2f})"
         where = "nginx" if isinstance(server, inputs.NginxServer) else "Python server in another process"
         out.append(Row("model", f"640x480 JPEG → {label} processor (fast path), {rows} rows, in process, HTTP from {where}, load {os.getloadavg()[0]:.1f}",
                        f"{figures} img/s; CPU per image (ms, lowest): {costs}, + image server {min(server_cpu):.2f} for HTTP",
