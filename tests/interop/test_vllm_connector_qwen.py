@@ -78,7 +78,7 @@ IMAGES = {
 HELD, OTHER = "a.png", "exif6.jpg"  # sent together under HELD's uuid (12 and 15 merged tokens in each family)
 # The held request generates this many tokens: it is still running when the other one reaches the scheduler
 # (that one's image is fetched and processed meanwhile, in a few milliseconds; these are hundreds of steps).
-HOLD_TOKENS = 256
+HOLD_TOKENS = 128
 PATHS = ("meta", "uuid", "vllm-id")
 CONNECTOR = "mmprep.serving.vllm_connector"
 
