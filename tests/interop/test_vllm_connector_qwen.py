@@ -141,8 +141,9 @@ def served_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         requests: list[dict[str, Any]] = [{"batch_file": str(rewritten), "id_prefix": "meta:"}]
         with EmbeddingCache(cache) as reader:
             for image in IMAGES:  # the cached tensors inline, without a uuid: vLLM's identifier is their hash
-                inline = root / f"{image}.safetensors"
-                save_file({k: v.contiguous() for k, v in to_vllm(reader.get(urls[image])).items()}, str(inline))  # type: ignore[arg-type]
+                entry, inline = reader.get(urls[image]), root / f"{image}.safetensors"
+                assert entry is not None, image
+                save_file({k: v.contiguous() for k, v in to_vllm(entry).items()}, str(inline))
                 requests.append({"id": f"inline:{image}", "prompt": IMAGE_PROMPT, "embeds_files": [str(inline)]})
         for image in IMAGES:
             requests += [
