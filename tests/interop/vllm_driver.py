@@ -11,9 +11,9 @@ JOB: {"model": DIR, "llm": {extra LLM(...) kwargs}, "max_tokens": N,
   "messages": [...]                      LLM.chat with these OpenAI messages, as given
   "batch_file": FILE                     LLM.chat on body.messages of each OpenAI batch line (ids: the
                                          request's "id_prefix" + the line's custom_id)
-  "concurrent": [{"id", "messages", "max_tokens"?}...]  LLM.chat on these conversations in one call, each
-                                         with its own max_tokens if given (a long first one is still running
-                                         when the next ones reach the scheduler)
+  "concurrent": [{"id", "messages"}...] LLM.chat on these conversations in one call (with the engine core in
+                                         this process, VLLM_ENABLE_V1_MULTIPROCESSING=0, all are added before
+                                         the engine's first step: the scheduler sees them together)
   "command": [ARGV...], "env": {...}     not a request: a command run between two requests while the
                                          engine lives (e.g. `mmprep encode`, `mmprep gc`)
 OUT: {"vllm": version, "results": {ID: {"token_ids", "logprobs", "prompt_token_ids", "seconds"} or {"error"}},
@@ -109,10 +109,7 @@ def main(job_path: str, out_path: str) -> int:
             group = request["concurrent"]
             start = time.perf_counter()
             try:
-                each = [params.clone() for _ in group]
-                for member, member_params in zip(group, each):
-                    member_params.max_tokens = member.get("max_tokens", params.max_tokens)
-                outputs = llm.chat([r["messages"] for r in group], each, use_tqdm=False)
+                outputs = llm.chat([r["messages"] for r in group], params, use_tqdm=False)
                 for member, output in zip(group, outputs):
                     results[member["id"]] = _result(output, time.perf_counter() - start)
             except Exception as exc:
