@@ -117,7 +117,7 @@ def save_tokenizer(directory: Path) -> dict[str, int]:
     return ids
 
 
-def _vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
     """The config's image/video/vision-boundary token ids from the tokenizer's special tokens."""
     return dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -125,7 +125,7 @@ def _vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
     )  # fmt: skip
 
 
-def _redraw(model: Any, std: float) -> None:
+def redraw_weights(model: Any, std: float) -> None:
     """Re-draw linear and embedding weights with `std` (biases with std/3; norms stay at 1)."""
     import torch
 
@@ -193,24 +193,25 @@ def build_tiny_qwen2_vl(directory: Path, seed: int = SEED, weight_std: float | N
             depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2,
         ),
-        **_vision_token_ids(ids), tie_word_embeddings=False,
+        **vision_token_ids(ids), tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     if weight_std is not None:
-        _redraw(model, weight_std)
+        redraw_weights(model, weight_std)
     model.save_pretrained(directory)
     Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(directory)
     return directory
 
 
-def _build_tiny_qwen3_vl(directory: Path) -> None:
+def build_tiny_qwen3_vl(directory: Path, seed: int = SEED, weight_std: float | None = None) -> Path:
     """Qwen3-VL with a 3-block vision tower (16-pixel patches, output 64) and deepstack levels after
     blocks 0 and 1, a 2-layer text side (2 heads of 32, 1 KV head), 4..64 merged tokens per image;
-    tokenizer and chat template."""
+    tokenizer and chat template. `weight_std`: as for `build_tiny_qwen2_vl`."""
     import torch
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+    directory.mkdir(parents=True, exist_ok=True)
     ids = save_tokenizer(directory)
     config = Qwen3VLConfig(
         text_config=dict(
@@ -243,11 +244,14 @@ def _build_tiny_qwen3_vl(directory: Path) -> None:
             num_position_embeddings=64,
             deepstack_visual_indexes=[0, 1],
         ),
-        **_vision_token_ids(ids),
+        **vision_token_ids(ids),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(SEED)
-    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(directory)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    if weight_std is not None:
+        redraw_weights(model, weight_std)
+    model.save_pretrained(directory)
     Qwen2VLImageProcessor(
         patch_size=16,
         merge_size=2,
@@ -257,11 +261,12 @@ def _build_tiny_qwen3_vl(directory: Path) -> None:
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     ).save_pretrained(directory)
+    return directory
 
 
 # Named in settings.BUILTIN_MODELS too (so that --help lists them without importing torch); a test keeps both equal.
 BUILDERS: dict[str, Callable[[Path], object]] = {
     "tiny-clip": _build_tiny_clip,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
-    "tiny-qwen3-vl": _build_tiny_qwen3_vl,
+    "tiny-qwen3-vl": build_tiny_qwen3_vl,
 }

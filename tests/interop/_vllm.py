@@ -29,7 +29,7 @@ from mmprep.store.shards import ShardEntry, ShardWriter
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"
-VLLM_SITE = HERE.parent.parent / "contrib" / "vllm-cpu"  # sitecustomize: Qwen2-VL's processor without torchvision
+VLLM_SITE = HERE.parent.parent / "contrib" / "vllm-cpu"  # sitecustomize: the Qwen-VL processors without torchvision
 REPO = HERE.parent.parent  # on vLLM's PYTHONPATH with `with_mmprep`: vLLM imports mmprep's connector from there
 LOGPROB_TOLERANCE = 1e-3
 ENGINE_TIMEOUT_S = 900

@@ -11,6 +11,9 @@ JOB: {"model": DIR, "llm": {extra LLM(...) kwargs}, "max_tokens": N,
   "messages": [...]                      LLM.chat with these OpenAI messages, as given
   "batch_file": FILE                     LLM.chat on body.messages of each OpenAI batch line (ids: the
                                          request's "id_prefix" + the line's custom_id)
+  "concurrent": [{"id", "messages"}...] LLM.chat on these conversations in one call (with the engine core in
+                                         this process, VLLM_ENABLE_V1_MULTIPROCESSING=0, all are added before
+                                         the engine's first step: the scheduler sees them together)
   "command": [ARGV...], "env": {...}     not a request: a command run between two requests while the
                                          engine lives (e.g. `mmprep encode`, `mmprep gc`)
 OUT: {"vllm": version, "results": {ID: {"token_ids", "logprobs", "prompt_token_ids", "seconds"} or {"error"}},
@@ -19,7 +22,7 @@ Before each request or command the driver prints `mmprep-interop: <ID>` to its l
 tell which of vLLM's log lines belong to which request.
 
 Greedy, ignore_eos, one request at a time ("seconds" is its wall time: with max_tokens=1, its time to
-first token). It imports nothing from mmprep: what reaches vLLM is exactly what the files hold.
+first token), except the requests of one "concurrent" group. It imports nothing from mmprep: what reaches vLLM is exactly what the files hold.
 """
 
 from __future__ import annotations
@@ -101,6 +104,18 @@ def main(job_path: str, out_path: str) -> int:
                 request["command"], env=request.get("env"), capture_output=True, text=True, check=False
             )
             commands[request["id"]] = {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-4000:]}
+            continue
+        if "concurrent" in request:  # one LLM.chat call: vLLM schedules them together
+            group = request["concurrent"]
+            start = time.perf_counter()
+            try:
+                outputs = llm.chat([r["messages"] for r in group], params, use_tqdm=False)
+                for member, output in zip(group, outputs):
+                    results[member["id"]] = _result(output, time.perf_counter() - start)
+            except Exception as exc:
+                for member in group:
+                    results[member["id"]] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+                traceback.print_exc()
             continue
         try:
             kind, inputs = _inputs(request)
