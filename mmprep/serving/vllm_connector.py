@@ -48,9 +48,12 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-__all__ = ["PROVEN_VLLM_VERSIONS", "MmprepECConnector", "MmprepECMetadata", "MmprepECStats"]
+__all__ = ["PROVEN_FAMILIES", "PROVEN_VLLM_VERSIONS", "MmprepECConnector", "MmprepECMetadata", "MmprepECStats"]
 
-PROVEN_VLLM_VERSIONS = ("0.32.0",)  # the interop tier (tests/interop/test_vllm_connector.py) ran on these
+PROVEN_VLLM_VERSIONS = ("0.32.0",)  # the interop tier (tests/interop/test_vllm_connector*.py) ran on these
+# Families the interop tier serves through this connector on a real vLLM (docs/serving.md has the table);
+# InternVL and GLM-4.1V have layouts but vLLM's CPU build cannot start them without torchvision.
+PROVEN_FAMILIES = frozenset({"qwen2_vl", "qwen3_vl", "qwen3_5", "llava", "llava_next"})
 LOG_INTERVAL_S = 10.0
 
 # Under "vllm": vLLM configures that logger tree (handler, format, VLLM_LOGGING_LEVEL); a logger named after
@@ -147,6 +150,12 @@ class MmprepECConnector(ECConnectorBase):
             )  # fmt: skip
             if (note := self._source.identity_note) is not None:
                 logger.warning("mmprep connector: %s", note)
+            if cache.family not in PROVEN_FAMILIES:
+                logger.warning(
+                    "mmprep connector: %s entries are not proven on a real vLLM by mmprep's tests (proven: %s); "
+                    "check a few requests against the encoder before relying on it.",
+                    cache.family, ", ".join(sorted(PROVEN_FAMILIES)),
+                )  # fmt: skip
 
     # -- scheduler side ------------------------------------------------------------------------
 

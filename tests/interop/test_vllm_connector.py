@@ -190,6 +190,7 @@ def test_the_connector_is_loaded_by_module_path_from_the_cache(served_run: Serve
     assert "mmprep connector: serving" in log and "Creating connector with name: MmprepECConnector" in log
     assert served_run.run.version.split("+")[0] == "0.32.0"
     assert "proven with vLLM" not in log  # the proven version: no warning
+    assert "not proven on a real vLLM" not in log  # a proven family (PROVEN_FAMILIES): no warning either
 
 
 def test_every_answer_here_came_through_a_read_only_mount(served_run: Served) -> None:
