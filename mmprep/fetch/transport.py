@@ -1,8 +1,8 @@
 """The network layer: an httpx transport over aiohttp that connects only to addresses the policy allows.
 
-httpx stays the client API; beneath it `GuardedTransport` sends each request with one shared
-`aiohttp.ClientSession`, whose parser and pool cost a fifth of httpcore's per request and do not grow
-with the pool (httpcore's pool rescans every connection on every request; BENCHMARKS.md "HTTP transport").
+httpx stays the API (requests, responses, URLs, errors); beneath it `GuardedTransport` sends each
+request with one shared `aiohttp.ClientSession`, whose parser and pool cost a fifth of httpcore's per
+request and do not grow with the pool (httpcore's pool rescans every connection on every request; BENCHMARKS.md "HTTP transport").
 
 Every TCP connection is vetted on the address actually dialled, twice: `GuardedResolver` resolves a
 host name itself and runs `UrlPolicy.check_address` on every address before any is dialled (a mixed
