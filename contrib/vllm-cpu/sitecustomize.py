@@ -10,7 +10,8 @@ model-inspection subprocess, the engine core), hence sitecustomize:
    and preprocessing; it is served under the torchvision module's name (with `Qwen2VLImageProcessor`
    naming the PIL class, as transformers itself does when it falls back to PIL). The same holds for
    the other torchvision backends vLLM imports by module (`PIL_TWINS`): llava.py imports pixtral.py,
-   which takes `_num_image_tokens` from `models.pixtral.image_processing_pixtral`.
+   which takes `_num_image_tokens` from `models.pixtral.image_processing_pixtral`, and gemma3_mm.py imports
+   `Gemma3ImageProcessor` from `models.gemma3.image_processing_gemma3`.
 2. `Qwen2VLProcessor` also loads a video processor, which needs torchvision and is never used for
    images: the processor loads without it and gets a stand-in that declares the video kwargs vLLM
    asks about and refuses any video (vLLM is started with limit_mm_per_prompt video=0). The same for
@@ -49,6 +50,7 @@ _VIDEO_SETTINGS = ("size", "patch_size", "temporal_patch_size", "merge_size")
 PIL_TWINS = {
     f"{_QWEN2_VL}.image_processing_qwen2_vl": f"{_QWEN2_VL}.image_processing_pil_qwen2_vl",
     "transformers.models.pixtral.image_processing_pixtral": "transformers.models.pixtral.image_processing_pil_pixtral",
+    "transformers.models.gemma3.image_processing_gemma3": "transformers.models.gemma3.image_processing_pil_gemma3",
 }
 
 

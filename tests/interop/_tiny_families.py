@@ -1,5 +1,5 @@
-"""The interop tier's tiny non-Qwen VLMs (LLaVA, LLaVA-NeXT, InternVL, GLM-4.1V): model directories vLLM's CPU
-backend serves, for the connector proof (test_vllm_connector_llava.py).
+"""The interop tier's tiny non-Qwen VLMs (LLaVA, LLaVA-NeXT, Gemma 3): model directories vLLM's CPU backend
+serves, for the connector proof (test_vllm_connector_llava.py, test_vllm_connector_gemma.py).
 
 Each is a real transformers checkpoint with random weights re-drawn wider than the default init (so that a
 wrong image embedding moves the logprobs), two text layers (a one-layer pre-norm model cannot see an
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmprep.models.builtin import VOCAB_SIZE, save_tokenizer
+from mmprep.models.builtin import CHAT_TEMPLATE, VOCAB_SIZE, save_tokenizer
 
 WEIGHT_STD = 0.15
 IMAGE_TOKEN = "<|image_pad|>"
@@ -121,4 +121,60 @@ def save_tiny_llava_next(directory: Path, seed: int = 0) -> Path:
         directory, processor_class="LlavaNextProcessor", image_token=IMAGE_TOKEN, patch_size=14,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
+    return directory
+
+
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+# mmprep's builtin template, with Gemma 3's image placeholder: vLLM (gemma3_mm.py) replaces each
+# <start_of_image> with the image's full sequence ("\n\n<start_of_image>", its soft tokens, "<end_of_image>\n\n").
+GEMMA3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", GEMMA3_TOKENS["boi_token"])
+GEMMA3_PAN_AND_SCAN = dict(
+    do_pan_and_scan=True, pan_and_scan_min_crop_size=16, pan_and_scan_max_num_crops=3,
+    pan_and_scan_min_ratio_to_activate=1.2,
+)  # fmt: skip
+
+
+def _save_gemma3_tokenizer(directory: Path) -> dict[str, int]:
+    """mmprep's builtin byte-level tokenizer plus Gemma 3's three image tokens, which Gemma3Processor reads
+    as the tokenizer's boi_token / eoi_token / image_token, and runs of 1 to 4 newlines as single tokens, as in
+    Gemma's vocabulary (gemma3_mm.py merges the "\n\n" around each image with its neighbours by those ids);
+    the special tokens' ids."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    save_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=dict(GEMMA3_TOKENS))
+    tokenizer.add_tokens([AddedToken("\n" * n, normalized=False, special=False) for n in range(1, 5)])
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+    newlines = tokenizer.convert_tokens_to_ids(["\n" * n for n in range(1, 5)])
+    assert all(0 <= i < VOCAB_SIZE for i in [*ids.values(), *newlines]), (ids, newlines)
+    return ids
+
+
+def save_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
+    """Gemma 3: a 2-layer SigLIP tower (32 px, 8 px patches), the projector's 2x2 average pool and norm (4 soft
+    tokens per view), a 2-layer Gemma 3 text side (one sliding, one full attention layer); pan-and-scan crops
+    of at least 16 px, at most 3 (`GEMMA3_PAN_AND_SCAN`: vLLM needs them as mm_processor_kwargs)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = _save_gemma3_tokenizer(directory)
+    config = Gemma3Config(
+        text_config=dict(model_type="gemma3_text", **_text(ids), sliding_window=64,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
+        mm_tokens_per_image=4, boi_token_index=ids[GEMMA3_TOKENS["boi_token"]],
+        eoi_token_index=ids[GEMMA3_TOKENS["eoi_token"]], image_token_index=ids[GEMMA3_TOKENS["image_token"]],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    _redraw(Gemma3ForConditionalGeneration(config).eval(), seed).save_pretrained(directory)
+    _hub_layout(directory, {"vision_tower.": "vision_tower.vision_model."})
+    Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **GEMMA3_PAN_AND_SCAN).save_pretrained(directory)
+    _processor_config(directory, processor_class="Gemma3Processor", image_seq_length=4)
     return directory
