@@ -5,7 +5,7 @@ Each is a real transformers checkpoint with random weights re-drawn wider than t
 wrong image embedding moves the logprobs), two text layers (a one-layer pre-norm model cannot see an
 embedding scaled by a constant), text heads of 32 (vLLM's CPU attention), and mmprep's builtin byte-level
 tokenizer with its chat template: the image placeholder the template writes is `<|image_pad|>`, which each
-config names as its image token.
+config names as its image token (Gemma 3: `<start_of_image>`, which vLLM expands to its soft tokens).
 """
 
 from __future__ import annotations
@@ -165,12 +165,12 @@ def save_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
     ids = _save_gemma3_tokenizer(directory)
     config = Gemma3Config(
         text_config=dict(model_type="gemma3_text", **_text(ids), sliding_window=64,
-                         layer_types=["sliding_attention", "full_attention"]),
+                         layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
         mm_tokens_per_image=4, boi_token_index=ids[GEMMA3_TOKENS["boi_token"]],
         eoi_token_index=ids[GEMMA3_TOKENS["eoi_token"]], image_token_index=ids[GEMMA3_TOKENS["image_token"]],
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # tied (Gemma's default), the tiny model's logprobs barely see the image
     )  # fmt: skip
     torch.manual_seed(seed)
     _redraw(Gemma3ForConditionalGeneration(config).eval(), seed).save_pretrained(directory)
