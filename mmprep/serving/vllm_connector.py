@@ -53,7 +53,7 @@ __all__ = ["PROVEN_FAMILIES", "PROVEN_VLLM_VERSIONS", "MmprepECConnector", "Mmpr
 PROVEN_VLLM_VERSIONS = ("0.32.0",)  # the interop tier (tests/interop/test_vllm_connector*.py) ran on these
 # Families the interop tier serves through this connector on a real vLLM (docs/serving.md has the table);
 # InternVL and GLM-4.1V have layouts but vLLM's CPU build cannot start them without torchvision.
-PROVEN_FAMILIES = frozenset({"qwen2_vl", "qwen3_vl", "qwen3_5", "llava", "llava_next"})
+PROVEN_FAMILIES = frozenset({"qwen2_vl", "qwen3_vl", "qwen3_5", "llava", "llava_next", "gemma3"})
 LOG_INTERVAL_S = 10.0
 
 # Under "vllm": vLLM configures that logger tree (handler, format, VLLM_LOGGING_LEVEL); a logger named after

@@ -144,6 +144,7 @@ def test_the_connector_serves_the_gemma3_cache(gemma_run: GemmaRun) -> None:
     assert "Creating connector with name: MmprepECConnector" in log
     assert ", gemma3) from " in log  # the connector's "serving NAME (FP, FAMILY) from DIR" line
     assert "proven with vLLM" not in log  # the proven version: no warning
+    assert "not proven on a real vLLM" not in log  # a proven family (PROVEN_FAMILIES): no warning either
 
 
 def test_pan_and_scan_crops_are_in_the_cache(gemma_run: GemmaRun) -> None:
