@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,5 +188,7 @@ def test_an_entry_with_a_row_too_few_is_rejected_and_the_encoder_answers(gemma_r
     gemma_run.same_as_encoder("encoder:a.png", f"uuid:{WRONG}")
     assert gemma_run.counts[f"uuid:{WRONG}"] == (0, 0, 1)
     key = cache_key(gemma_run.urls[WRONG])
-    warnings = [line for line in gemma_run.run.log.splitlines() if "WARNING" in line and f"entry {key} rejected" in line]
+    warnings = [
+        line for line in gemma_run.run.log.splitlines() if "WARNING" in line and f"entry {key} rejected" in line
+    ]
     assert len(warnings) == 1, warnings
