@@ -186,6 +186,17 @@ class EcLayout:
     tensor: Callable[[CachedEmbedding], torch.Tensor]
     rows: Callable[[CachedEmbedding], int]
 
+    def checked(self, entry: CachedEmbedding) -> torch.Tensor:
+        """The entry's tensor if it fills the placeholder vLLM reserves for its image; ServingFormatError if not."""
+        tensor = self.tensor(entry)
+        expected = self.rows(entry)
+        if tensor.ndim != 2 or tensor.shape[0] != expected:
+            raise ServingFormatError(
+                f"entry {entry.key[:16]} has a {list(tensor.shape)} tensor for the {expected} placeholder tokens "
+                "vLLM reserves"
+            )
+        return tensor
+
 
 def _ec_qwen2_vl(config: Any) -> EcLayout:
     """Qwen2-VL / Qwen2.5-VL: the merged tokens [t*h*w / merge², hidden].

@@ -303,12 +303,7 @@ def _dumps(obj: Any) -> str:
 def ec_check(layout: EcLayout, entry: Any) -> None:
     """ServingFormatError unless the connector would serve `entry`: its tensor fills the placeholder vLLM reserves."""
     check_rows(entry)
-    tensor = layout.tensor(entry)
-    expected = layout.rows(entry)
-    if tensor.ndim != 2 or tensor.shape[0] != expected:
-        raise ServingFormatError(
-            f"entry {entry.key[:16]} has a {list(tensor.shape)} tensor for the {expected} placeholder tokens vLLM reserves"
-        )
+    tensor = layout.checked(entry)
     if not tensor.dtype.is_floating_point:
         raise ServingFormatError(f"entry {entry.key[:16]} has a {tensor.dtype} tensor, not floating point")
 

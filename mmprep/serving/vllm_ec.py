@@ -168,10 +168,10 @@ def _entry_blob(
     store: Path, identifier: str, row: ExportRow, layout: EcLayout, fingerprint: str, report: EcReport
 ) -> bytes | None:
     """The entry's file content, or None when it is refused (row count) or the store already has its tensor."""
-    tensor = layout.tensor(row.entry).contiguous()
-    expected = layout.rows(row.entry)
-    if tensor.dim() != 2 or tensor.shape[0] != expected:
-        report.refused.append(f"{row.url} ({row.key[:16]}): {list(tensor.shape)} for a grid of {expected} tokens")
+    try:
+        tensor = layout.checked(row.entry).contiguous()
+    except ServingFormatError as exc:
+        report.refused.append(f"{row.url}: {exc}")
         return None
     target = store / identifier / ENTRY_FILE
     if target.exists() and _same_tensor(target, tensor):

@@ -1,5 +1,5 @@
 """The interop tier's tiny non-Qwen VLMs (LLaVA, LLaVA-NeXT, Gemma 3): model directories vLLM's CPU backend
-serves, for the connector proof (test_vllm_connector_llava.py, test_vllm_connector_gemma.py).
+serves, for the connector proof (test_vllm_connector_image_url.py).
 
 Each is a real transformers checkpoint with random weights re-drawn wider than the default init (so that a
 wrong image embedding moves the logprobs), two text layers (a one-layer pre-norm model cannot see an

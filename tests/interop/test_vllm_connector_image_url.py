@@ -1,11 +1,14 @@
 """Issue #23 on a real vLLM for the families whose requests keep their image_url: `MmprepECConnector` serves
-LLaVA and LLaVA-NeXT embeddings straight from an mmprep cache.
+LLaVA, LLaVA-NeXT and Gemma 3 embeddings straight from an mmprep cache (for Gemma 3 the only way vLLM 0.32
+takes embeddings from outside: gemma3_mm.py asserts image_embeds is None).
 
 vLLM's request parsers of these families publish no placeholder metadata, so `mmprep rewrite --target
 vllm-ec` adds the entry's uuid to each cached `image_url` part; a plain `image_url` part hits through vLLM's
 own identifier (recorded by `encode --vllm-model-id`). One engine per family (ec_consumer, the connector on
 the cache, totals logged after every check) answers all of that family's requests in one driver run. The
-reference is the same engine's vision encoder: a request whose uuid is in no cache (`nocache-*`).
+reference is the same engine's vision encoder: a request whose uuid is in no cache (`nocache-*`). Gemma 3's
+engine gets the pan-and-scan settings mmprep encoded with as mm_processor_kwargs: Gemma3Processor turns
+pan-and-scan off and sets its own crop defaults on every call otherwise.
 
 InternVL and GLM-4.1V are not here: an EC consumer always enables embedding inputs (vllm/config/vllm.py), so
 vLLM 0.32 profiles a dummy video for models that support video (interns1.py, glm4_1v.py), and their video
@@ -26,7 +29,7 @@ from PIL import Image
 from _image_corpus import encode as encode_image
 from _image_corpus import exif_jpeg, noise
 from _model_helpers import pattern_image
-from _tiny_families import save_tiny_llava, save_tiny_llava_next
+from _tiny_families import GEMMA3_PAN_AND_SCAN, save_tiny_gemma3, save_tiny_llava, save_tiny_llava_next
 from _vllm import (
     QUESTION, VllmRun, connector_counts, encode, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python,
     write_entry_by_hand,
@@ -49,11 +52,31 @@ IMAGES = {  # different sizes and aspects: the tiled families give each its own 
 }
 TWO = ("a.png", "exif6.jpg")  # one request, two images
 WRONG = "wrong.png"  # a.png's bytes at another URL; its entry (written by hand) has one row too few
-FAMILIES: dict[str, Callable[[Path], Path]] = {"llava": save_tiny_llava, "llava_next": save_tiny_llava_next}
 CONNECTOR = "mmprep.serving.vllm_connector"
 # The engine core and its worker in the driver's process (vLLM's single-device layout; the Qwen2-VL module runs
 # the multi-process one): about 3 s to start instead of 25.
 ENGINE_IN_PROCESS = {"distributed_executor_backend": "uni"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build a family's tiny model, what its engine needs beyond the defaults, and its rows if fixed."""
+
+    build: Callable[[Path], Path]
+    engine: dict[str, Any]
+    rows: dict[str, int] | None = None  # image -> rows of its entry, where the test knows them
+
+
+FAMILIES = {
+    "llava": Family(save_tiny_llava, {}),
+    "llava_next": Family(save_tiny_llava_next, {}),
+    # pan-and-scan: 2 crops for the 4:3 and (after EXIF) 5:8 images, none for the 7:6 one; (1 + crops) * 4 rows
+    "gemma3": Family(
+        save_tiny_gemma3,
+        {"mm_processor_kwargs": GEMMA3_PAN_AND_SCAN},
+        {"a.png": 12, "b.jpg": 12, "exif6.jpg": 12, "alpha.png": 4},
+    ),
+}
 
 
 def url_part(url: str, uuid: str | None = None) -> dict[str, Any]:
@@ -94,7 +117,7 @@ def family_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     vllm_python()  # skip before building anything when there is no vLLM
     family = request.param
     root = tmp_path_factory.mktemp(f"vllm-connector-{family}")
-    model = FAMILIES[family](root / "model")
+    model = FAMILIES[family].build(root / "model")
     model_id = str(model)  # the string vLLM is started with: part of its identifiers
     cache = root / "cache"
     with served({**IMAGES, WRONG: IMAGES["a.png"]}) as urls:
@@ -131,9 +154,10 @@ def family_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
             "ec_connector": "MmprepECConnector", "ec_connector_module_path": CONNECTOR, "ec_role": "ec_consumer",
             "ec_connector_extra_config": {"cache_dir": str(cache), "log_interval_s": 0},
         }  # fmt: skip
+        engine = {"ec_transfer_config": ec_config, **ENGINE_IN_PROCESS, **FAMILIES[family].engine}
         run = run_vllm(
-            root / "vllm", model, requests, llm={"ec_transfer_config": ec_config, **ENGINE_IN_PROCESS}, max_tokens=4,
-            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, with_mmprep=True,
+            root / "vllm", model, requests, llm=engine, max_tokens=4, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            with_mmprep=True,
         )  # fmt: skip
     print(f"{family}: vLLM {run.version}, engine up in {run.engine_seconds:.1f} s; rows per image {rows}")
     yield FamilyRun(
@@ -147,6 +171,15 @@ def test_the_connector_serves_the_familys_cache(family_run: FamilyRun) -> None:
     assert "Creating connector with name: MmprepECConnector" in log
     assert f", {family_run.family}) from " in log  # the connector's "serving NAME (FP, FAMILY) from DIR" line
     assert "proven with vLLM" not in log  # the proven version: no warning
+    assert "not proven on a real vLLM" not in log  # a proven family (PROVEN_FAMILIES): no warning either
+
+
+def test_the_entries_have_the_rows_vllm_reserves(family_run: FamilyRun) -> None:
+    """Gemma 3: the entries carry the pan-and-scan crops' soft tokens, as vLLM reserves placeholders."""
+    expected = FAMILIES[family_run.family].rows
+    if expected is None:
+        pytest.skip(f"{family_run.family}: rows are checked by the hits (a wrong count is a rejection)")
+    assert family_run.rows == expected
 
 
 def test_rewrite_adds_the_entry_uuid_to_each_image_url(family_run: FamilyRun) -> None:
