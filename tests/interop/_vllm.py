@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from _http import image, serve
+from _image_corpus import encode as encode_image
+from _image_corpus import noise
+from _model_helpers import pattern_image
 from mmprep import cache_key
 from mmprep.store.index import CacheIndex
 from mmprep.store.layout import CacheLayout
@@ -208,3 +212,9 @@ def write_entry_by_hand(cache: Path, url: str, tensors: dict[str, Any]) -> None:
         index.commit_shard(writer.flush(), model["fingerprint"], "by-hand")
     finally:
         index.close()
+
+
+def transparent_png() -> bytes:
+    """RGBA, alpha from 0 to 255 across the image, colours under it far from white (vLLM composites on white)."""
+    alpha = pattern_image((98, 84), seed=9).convert("L")
+    return encode_image(Image.merge("RGBA", (*noise((98, 84), seed=8).split(), alpha)), "PNG")

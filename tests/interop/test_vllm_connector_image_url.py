@@ -24,24 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from _image_corpus import encode as encode_image
 from _image_corpus import exif_jpeg, noise
 from _model_helpers import pattern_image
 from _tiny_families import GEMMA3_PAN_AND_SCAN, save_tiny_gemma3, save_tiny_llava, save_tiny_llava_next
+from _vllm import transparent_png
 from _vllm import (
     QUESTION, VllmRun, connector_counts, encode, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python,
     write_entry_by_hand,
 )  # fmt: skip
 from mmprep import cache_key
 from mmprep.store.reader import EmbeddingCache
-
-
-def transparent_png() -> bytes:
-    """RGBA, alpha from 0 to 255 across the image, colours under it far from white (vLLM composites on white)."""
-    alpha = pattern_image((98, 84), seed=9).convert("L")
-    return encode_image(Image.merge("RGBA", (*noise((98, 84), seed=8).split(), alpha)), "PNG")
 
 
 IMAGES = {  # different sizes and aspects: the tiled families give each its own token count

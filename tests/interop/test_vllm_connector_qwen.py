@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 from safetensors.torch import save_file
 
 from _image_corpus import encode as encode_image
-from _image_corpus import exif_jpeg, noise
+from _image_corpus import exif_jpeg
 from _model_helpers import pattern_image
 from _tiny_vlm import save_tiny_qwen2_5_vl, save_tiny_qwen3_5, save_tiny_qwen3_vl
+from _vllm import transparent_png
 from _vllm import (
     IMAGE_PROMPT, LOGPROB_TOLERANCE, QUESTION, VllmRun, connector_counts, encode, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python,
 )  # fmt: skip
@@ -61,12 +61,6 @@ FAMILIES = {
         save_tiny_qwen3_5, "Qwen3_5ForConditionalGeneration", "qwen3_5", {"dtype": "bfloat16"}, encoder_tolerance=5e-2
     ),
 }
-
-
-def transparent_png() -> bytes:
-    """RGBA, alpha from 0 to 255 across the image, colours under it far from white (vLLM composites on white)."""
-    alpha = pattern_image((98, 84), seed=9).convert("L")
-    return encode_image(Image.merge("RGBA", (*noise((98, 84), seed=8).split(), alpha)), "PNG")
 
 
 IMAGES = {

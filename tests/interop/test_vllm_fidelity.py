@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from PIL import Image
 
 from _image_corpus import encode as encode_image
 from _image_corpus import exif_jpeg, noise
 from _model_helpers import pattern_image
 from _tiny_vlm import save_tiny_qwen2_vl
+from _vllm import transparent_png
 from _vllm import (
     IMAGE_PROMPT, QUESTION, VllmRun, encode, encode_manifest, max_logprob_gap, mismatch, mmprep, run_vllm, served, vllm_python,
 )  # fmt: skip
@@ -36,13 +36,6 @@ IMAGES = {
     "twin.png": encode_image(noise((112, 84), seed=4), "PNG"),
 }
 SCALE = 1.5  # a wrong embedding: the right one, scaled
-
-
-def transparent_png() -> bytes:
-    """RGBA, alpha from 0 to 255 across the image, colours under it far from white (vLLM composites on white)."""
-    rgb = noise((98, 84), seed=8)
-    alpha = pattern_image((98, 84), seed=9).convert("L")
-    return encode_image(Image.merge("RGBA", (*rgb.split(), alpha)), "PNG")
 
 
 # Pixels that depend on the decode profile: vLLM applies EXIF orientation and puts transparency on white
